@@ -1,0 +1,826 @@
+"""common.py: the small, boring things every script shares (no algorithm lives here).
+
+Sections, top to bottom:
+  1. setup       device / dtype / seed / DDP (torchrun) / one-line user errors
+  2. tasks       the embedded world: arithmetic with a checkable chain of thought, Countdown,
+                 verifiers, preference data, plus a GSM8K-style answer extractor for real data
+  3. data        local jsonl/parquet or hub datasets, with errors that name the row and field
+  4. models      load_model(): hub id, local folder, or the built-in ~0.8M-param char-level Llama
+  5. generation  batched sampling (left padding, EOS masks; static-cache fast path on CUDA)
+  6. log-probs   per-token log-probs without a float32 [batch, seq, vocab] blow-up; SFT helper
+  7. checkpoints atomic save / resume, metrics (stdout + jsonl + optional wandb) and plots
+"""
+import ast, contextlib, json, math, os, random, re, shutil, sys, time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- 1. setup
+
+class InputError(ValueError):
+    """Bad user input (flag, file, row). Scripts print it as one line and exit with status 2."""
+
+
+@contextlib.contextmanager
+def friendly_errors():
+    """Wrap a script's main(): InputError -> `error: ...` on stderr, exit 2, no traceback."""
+    try:
+        yield
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check(cond, msg):
+    if not cond:
+        raise InputError(msg)
+
+
+def set_seed(seed):
+    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+
+
+def get_device(name=None):
+    """cuda -> mps -> cpu unless `name` ('cpu', 'cuda:1', ...) is given."""
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def get_dtype(device):
+    """bf16 on GPUs that support it, else fp32 (CPU fp32 is the reproducible reference)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    master: bool = True
+
+    def shard(self, items):
+        """This rank's slice of a list (round robin, so every rank gets a near-equal share)."""
+        return items[self.rank::self.world_size]
+
+
+DIST = Dist()
+
+
+def setup(seed=0, device=None):
+    """Seed, pick the device and, when launched by torchrun (RANK/WORLD_SIZE set), join the
+    process group: nccl on CUDA, gloo elsewhere, one device per rank. Returns a Dist."""
+    global DIST
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        import torch.distributed as dist
+        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+        dev = get_device(device)
+        if dev.type == "cuda":
+            dev = torch.device("cuda", local); torch.cuda.set_device(dev)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        DIST = Dist(rank, local, world, dev, rank == 0)
+    else:
+        DIST = Dist(device=get_device(device))
+    set_seed(seed)  # same seed on every rank: identical initial weights and sampling streams
+    return DIST
+
+
+def print0(*args, **kw):
+    if DIST.master:
+        print(*args, **kw, flush=True)
+
+
+def all_reduce_mean(x):
+    """Mean of a float (or tensor) over ranks; identity without DDP."""
+    if DIST.world_size == 1:
+        return x
+    import torch.distributed as dist
+    t = torch.as_tensor(x, dtype=torch.float64, device=DIST.device).clone()
+    dist.all_reduce(t); t /= DIST.world_size
+    return t.item() if t.dim() == 0 else t
+
+
+def all_gather_list(items):
+    """Concatenate python lists from all ranks (in rank order); identity without DDP."""
+    if DIST.world_size == 1:
+        return list(items)
+    import torch.distributed as dist
+    out = [None] * DIST.world_size
+    dist.all_gather_object(out, list(items))
+    return [x for part in out for x in part]
+
+
+def cleanup():
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+# ----------------------------------------------------------------------------- 2. tasks
+# Every problem is a dict: prompt (str or chat messages), answer (str), solution (reference
+# chain of thought, a completion string), task (name), plus task fields (x/y, nums/target).
+# Arithmetic:  "Q: 347+285\nA: "  ->  "7+5+0=12;4+8+1=13;3+2+1=6;#### 632"
+#   one step per digit, right to left: digit_x + digit_y + carry_in = s (carry_out = s // 10).
+# Countdown:   "Q: make 24 from 3 9 4\nA: " -> "9-3=6;6*4=24"  (use every number once)
+
+ARITH_STEP = re.compile(r"^(\d)\+(\d)\+(\d)=(\d+)$")
+CD_STEP = re.compile(r"^(\d+)([-+*/])(\d+)=(\d+)$")
+NUM = r"-?[\d,]*\.?\d+"
+
+
+def extract_answer(text):
+    """GSM8K-style final answer: `#### 42`, else the last `\\boxed{..}`, else the last number.
+    Returns a normalised string ('1,000' -> '1000', '3.50' -> '3.5') or None."""
+    m = re.search(r"####\s*(" + NUM + ")", text)
+    if not m:
+        boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
+        m = re.search(NUM, boxed[-1]) if boxed else None
+        if not m:
+            nums = re.findall(NUM, text)
+            return normalize_number(nums[-1]) if nums else None
+    return normalize_number(m.group(1) if m.lastindex else m.group(0))
+
+
+def normalize_number(s):
+    s = s.replace(",", "").strip()
+    try:
+        v = float(s)
+    except ValueError:
+        return s
+    return str(int(v)) if v == int(v) else str(v)
+
+
+def _split_digits(x, n):
+    return [(x // 10**i) % 10 for i in range(n)]
+
+
+def arithmetic_solution(x, y):
+    n, steps, carry = max(len(str(x)), len(str(y))), [], 0
+    for dx, dy in zip(_split_digits(x, n), _split_digits(y, n)):
+        s = dx + dy + carry
+        steps.append(f"{dx}+{dy}+{carry}={s}"); carry = s // 10
+    return ";".join(steps + [f"#### {x + y}"])
+
+
+def is_test_arith(x, y):
+    return (x * 7919 + y) % 10 == 0  # fixed held-out split: 10% of all (x, y), never trained on
+
+
+def make_arithmetic(n, seed, digits=3, split="train"):
+    rng, out, seen = random.Random(seed), [], set()
+    while len(out) < n:
+        x, y = rng.randrange(10 ** (digits - 1), 10**digits), rng.randrange(10 ** (digits - 1), 10**digits)
+        if is_test_arith(x, y) != (split == "test") or (x, y) in seen:
+            continue
+        seen.add((x, y))
+        out.append(dict(task="arithmetic", prompt=f"Q: {x}+{y}\nA: ", answer=str(x + y),
+                        solution=arithmetic_solution(x, y), x=x, y=y))
+    return out
+
+
+def arithmetic_step_labels(problem, completion):
+    """One bool per `;`-separated step: True while the chain is correct; the first wrong step
+    and every step after it are False (the PRM800K / Let's-Verify convention)."""
+    x, y = problem["x"], problem["y"]
+    n = max(len(str(x)), len(str(y)))
+    steps = [s.strip() for s in completion.split(";") if s.strip()]
+    labels, ok, carry = [], True, 0
+    for i, s in enumerate(steps):
+        if i < n:
+            m = ARITH_STEP.match(s)
+            want = (_split_digits(x, n)[i], _split_digits(y, n)[i], carry)
+            good = bool(m) and tuple(int(g) for g in m.groups()[:3]) == want and int(m.group(4)) == sum(want)
+            carry = sum(want) // 10
+        else:
+            good = i == n and extract_answer(s) == str(x + y) and s.startswith("####")
+        ok = ok and good
+        labels.append(ok)
+    return labels
+
+
+def _cd_eval(a, op, b):
+    if op == "+": return a + b
+    if op == "-": return a - b
+    if op == "*": return a * b
+    return a // b if b and a % b == 0 else None
+
+
+def make_countdown(n, seed, count=3, max_num=15, split="train"):
+    """Reach `target` from `count` numbers with + - * / (exact), each number used once."""
+    rng, out, seen = random.Random(seed), [], set()
+    for _ in range(100 * n):
+        if len(out) == n:
+            break
+        nums = [rng.randint(1, max_num) for _ in range(count)]
+        pool, steps = list(nums), []
+        while len(pool) > 1:
+            a, b = pool.pop(rng.randrange(len(pool))), pool.pop(rng.randrange(len(pool)))
+            a, b = max(a, b), min(a, b)
+            op = rng.choice(("+-*/" if a % b == 0 else "+-*") if a != b else "+*/")  # never 0
+            c = _cd_eval(a, op, b)
+            steps.append(f"{a}{op}{b}={c}"); pool.append(c)
+        target, key = pool[0], (tuple(sorted(nums)), pool[0])
+        if target <= 0 or key in seen or ((hash_key(key) % 10 == 0) != (split == "test")):
+            continue
+        seen.add(key)
+        out.append(dict(task="countdown", prompt=f"Q: make {target} from {' '.join(map(str, nums))}\nA: ",
+                        answer=str(target), solution=";".join(steps), nums=nums, target=target))
+    check(len(out) == n, f"countdown: only {len(out)} distinct {split} problems with count={count}, max_num={max_num}")
+    return out
+
+
+def hash_key(key):
+    return sum((i + 1) * 7919 * v for i, v in enumerate(key[0])) + 31 * key[1]
+
+
+def countdown_verify(nums, target, completion):
+    """Steps `a op b=c` over a pool of numbers, or an `<answer>expr</answer>` (TinyZero style)."""
+    m = re.search(r"<answer>(.*?)</answer>", completion, re.S)
+    if m:
+        try:
+            tree = ast.parse(m.group(1).strip(), mode="eval")
+            used = sorted(int(n.value) for n in ast.walk(tree) if isinstance(n, ast.Constant))
+            ok_nodes = all(isinstance(n, (ast.Expression, ast.BinOp, ast.Constant, ast.Add, ast.Sub, ast.Mult, ast.Div)) for n in ast.walk(tree))
+            return ok_nodes and used == sorted(nums) and abs(eval(compile(tree, "<answer>", "eval"), {"__builtins__": {}}) - target) < 1e-6
+        except (SyntaxError, ZeroDivisionError, ValueError, TypeError):
+            return False
+    pool, last = list(nums), None
+    for s in [s.strip() for s in completion.split(";") if s.strip()]:
+        m = CD_STEP.match(s)
+        if not m:
+            return False
+        a, op, b, c = int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+        if a not in pool: return False
+        pool.remove(a)
+        if b not in pool: return False
+        pool.remove(b)
+        if _cd_eval(a, op, b) != c: return False
+        pool.append(c); last = c
+    return len(pool) == 1 and last == target
+
+
+def verify(problem, completion):
+    """Outcome verifier: True iff the completion solves the problem."""
+    if problem["task"] == "countdown":
+        return countdown_verify(problem["nums"], problem["target"], completion)
+    if problem["task"] == "arithmetic":  # the chain must also be well formed up to the answer
+        return extract_answer(completion) == problem["answer"] and "####" in completion
+    return extract_answer(completion) == normalize_number(str(problem["answer"]))
+
+
+def format_ok(problem, completion):
+    """A weak format reward: the completion has the shape the task asks for."""
+    if problem["task"] == "countdown":
+        return bool(re.fullmatch(r"(\d+[-+*/]\d+=\d+;)*\d+[-+*/]\d+=\d+", completion.strip()))
+    return "####" in completion
+
+
+def make_task(task, n, seed, split="train", difficulty=None):
+    """The built-in problems; difficulty = digits (arithmetic) or count of numbers (countdown)."""
+    if task == "arithmetic":
+        return make_arithmetic(n, seed, digits=difficulty or 3, split=split)
+    if task == "countdown":
+        return make_countdown(n, seed, count=difficulty or 3, split=split)
+    raise InputError(f"--task {task!r}: choose arithmetic or countdown")
+
+
+def corrupt(problem, rng):
+    """A realistic wrong solution: a dropped carry / an arithmetic slip / a wrong last step."""
+    sol = problem["solution"]
+    if problem["task"] == "arithmetic":
+        x, y = problem["x"], problem["y"]
+        kind = rng.choice(["drop_carry", "last_step"])
+        if kind == "drop_carry" and "+1=" in sol:  # forget carries: digit sums mod 10 only
+            n = max(len(str(x)), len(str(y)))
+            digits = [(a + b) % 10 for a, b in zip(_split_digits(x, n), _split_digits(y, n))]
+            steps = [f"{a}+{b}+0={a + b}" for a, b in zip(_split_digits(x, n), _split_digits(y, n))]
+            wrong = int("".join(map(str, digits[::-1])))
+            if wrong != x + y:
+                return ";".join(steps + [f"#### {wrong}"])
+        return sol.rsplit("#### ", 1)[0] + f"#### {x + y + rng.choice([-10, -1, 1, 10])}"
+    steps = sol.split(";")
+    a, op, rest = re.match(r"(\d+)([-+*/])(.*)", steps[-1]).groups()
+    b, c = rest.split("=")
+    steps[-1] = f"{a}{op}{b}={int(c) + rng.choice([-2, -1, 1, 2])}"
+    return ";".join(steps)
+
+
+def make_pairs(task, n, seed, split="train"):
+    """Preference pairs {prompt, chosen, rejected}: the reference solution vs a realistic error."""
+    rng = random.Random(seed + 1)
+    return [dict(prompt=p["prompt"], chosen=p["solution"], rejected=corrupt(p, rng), problem=p)
+            for p in make_task(task, n, seed, split)]
+
+
+def make_unpaired(task, n, seed, split="train", frac_good=0.5):
+    """Unpaired {prompt, completion, label} (KTO): label True = desirable."""
+    rng = random.Random(seed + 2)
+    rows = []
+    for p in make_task(task, n, seed, split):
+        good = rng.random() < frac_good
+        rows.append(dict(prompt=p["prompt"], completion=p["solution"] if good else corrupt(p, rng), label=good, problem=p))
+    return rows
+
+# ----------------------------------------------------------------------------- 3. data
+
+def read_rows(spec, split="train"):
+    """Rows (list of dicts) from a local .jsonl/.json/.parquet file or a hub dataset id."""
+    if os.path.isfile(spec):
+        if spec.endswith(".parquet"):
+            import pandas as pd
+            return pd.read_parquet(spec).to_dict("records")
+        rows = []
+        with open(spec, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise InputError(f"{spec}:{i}: not valid JSON ({e.msg})") from None
+        return rows
+    check(not spec.endswith((".jsonl", ".json", ".parquet")), f"--dataset {spec}: no such file")
+    try:
+        import datasets
+        return list(datasets.load_dataset(spec, "main" if spec.endswith("gsm8k") else None, split=split))
+    except ImportError:
+        raise InputError(f"--dataset {spec}: hub datasets need `pip install datasets`") from None
+    except Exception as e:  # offline, unknown id, gated...
+        raise InputError(f"--dataset {spec}: not a local file and not loadable from the hub ({type(e).__name__})") from None
+
+
+def require(row, fields, where):
+    for f in fields:
+        check(f in row and row[f] is not None, f"{where}: missing field {f!r}")
+        check(not isinstance(row[f], str) or row[f].strip(), f"{where}: field {f!r} is empty")
+
+
+def load_problems(spec, split="train", n=None):
+    """Verifiable problems from GSM8K / Countdown / MATH-style data (question+answer,
+    target+nums, problem+answer). The prompt asks for a final answer after '####'."""
+    rows, out = read_rows(spec, split), []
+    for i, r in enumerate(rows[:n] if n else rows, 1):
+        where = f"{spec} row {i}"
+        if "nums" in r and "target" in r:
+            nums = [int(v) for v in r["nums"]]
+            q = f"Using the numbers {nums}, create an equation that equals {r['target']}. Use each number once with + - * /. Give the equation in <answer> </answer> tags."
+            out.append(dict(task="countdown", prompt=[{"role": "user", "content": q}], answer=str(r["target"]), nums=nums, target=int(r["target"]), solution=""))
+            continue
+        qk = "question" if "question" in r else "problem"
+        require(r, [qk, "answer"], where)
+        ans = str(r["answer"])
+        sol = ans.split("####")[0].strip() if "####" in ans else r.get("solution", "")
+        q = r[qk] + "\nThink step by step, then give the final answer after '####'."
+        out.append(dict(task="gsm8k", prompt=[{"role": "user", "content": q}], answer=extract_answer(ans) or ans, solution=sol + f"\n#### {extract_answer(ans)}"))
+    check(out, f"--dataset {spec}: no rows")
+    return out
+
+
+def split_hh(chosen, rejected):
+    """hh-rlhf rows are whole transcripts; the prompt is everything up to the last
+    '\\n\\nAssistant:' of the common prefix, the responses are what follows it."""
+    i = 0
+    while i < min(len(chosen), len(rejected)) and chosen[i] == rejected[i]:
+        i += 1
+    cut = chosen.rfind("\n\nAssistant:", 0, i + 1)
+    cut = cut + len("\n\nAssistant:") if cut >= 0 else i
+    return chosen[:cut], chosen[cut:], rejected[cut:]
+
+
+def _content(x):
+    return x[-1]["content"] if isinstance(x, list) else x
+
+
+def load_pairs(spec, split="train", n=None):
+    """Preference pairs {prompt, chosen, rejected} from hh-rlhf transcripts, UltraFeedback-style
+    message lists, or prompt/chosen/rejected text. Bad rows raise an error naming the row."""
+    if spec.endswith(".gz"):
+        import gzip
+        with gzip.open(spec, "rt", encoding="utf-8") as f:
+            rows = [json.loads(l) for l in f if l.strip()]
+    else:
+        rows = read_rows(spec, "train_prefs" if "ultrafeedback" in spec and split == "train" else split)
+    out = []
+    for i, r in enumerate(rows[:n] if n else rows, 1):
+        where = f"{spec} row {i}"
+        require(r, ["chosen", "rejected"], where)
+        c, rj = r["chosen"], r["rejected"]
+        if isinstance(c, list):                      # message lists: the prompt is all but the last turn
+            prompt, c, rj = c[:-1] if "prompt" not in r or isinstance(r["prompt"], str) else r["prompt"], _content(c), _content(rj)
+            prompt = prompt or [{"role": "user", "content": r.get("prompt", "")}]
+        elif "prompt" in r:
+            prompt = r["prompt"]
+        else:
+            prompt, c, rj = split_hh(c, rj)
+        check(c.strip() and rj.strip(), f"{where}: empty chosen or rejected completion")
+        check(c != rj, f"{where}: chosen is identical to rejected")
+        out.append(dict(prompt=prompt, chosen=c, rejected=rj))
+    check(out, f"--dataset {spec}: no rows")
+    return out
+
+# ----------------------------------------------------------------------------- 4. models
+
+CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
+BUILTIN = ("tiny", "tiny-untrained")
+
+
+def char_tokenizer():
+    """A real PreTrainedTokenizerFast over printable ASCII, one token per character."""
+    from tokenizers import Tokenizer, Regex, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>"] + CHARS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+                                   padding_side="left", model_max_length=256)
+
+
+def tiny_model(tok, seed=0):
+    """Llama architecture, 4 layers x 128 wide, ~0.8M parameters (untrained)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      bos_token_id=None)
+    return LlamaForCausalLM(cfg)
+
+
+def tiny_sft_data(n, seed):
+    """Chain-of-thought SFT data for both built-in tasks (2:1 arithmetic:countdown)."""
+    probs = make_task("arithmetic", 2 * n // 3, seed) + make_task("countdown", n - 2 * n // 3, seed + 1)
+    random.Random(seed).shuffle(probs)
+    return [(p["prompt"], p["solution"]) for p in probs]
+
+
+TINY_SFT_STEPS = 150  # tuned so arithmetic held-out accuracy lands mid-range (see README)
+
+
+def build_tiny(folder, seed=0, steps=TINY_SFT_STEPS):
+    """`--model tiny`: a short SFT of the untrained tiny model on the tasks' chain of thought."""
+    print0(f"[common] building the built-in 'tiny' model: {steps} SFT steps on chain-of-thought data -> {folder}")
+    saved = rng_state()  # building must not shift the caller's random streams
+    tok = char_tokenizer(); model = tiny_model(tok, seed)
+    set_seed(seed)
+    sft(model, tok, tiny_sft_data(64 * steps, seed), steps=steps, batch_size=64, lr=1e-3, desc="build tiny")
+    tmp = folder + ".build"
+    save_pretrained_atomic(tmp, model, tok)
+    with open(os.path.join(tmp, "built_with_steps.txt"), "w") as f:
+        f.write(str(steps))
+    _swap_in(tmp, folder)
+    set_rng_state(saved)
+
+
+def tiny_cache_dir():
+    return os.environ.get("TINY_CACHE", os.path.join("out", "_cache", "tiny"))
+
+
+def load_model(name, kind="causal", device=None, dtype=None, trust_remote_code=False):
+    """(model, tokenizer) for a built-in name, a local folder or a hub id.
+    kind='causal' -> AutoModelForCausalLM; kind='reward' -> AutoModelForSequenceClassification
+    with one label (BERT-style or causal backbones; causal ones score the last non-pad token)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    device = device or DIST.device
+    if name == "tiny-untrained":
+        tok = char_tokenizer()
+        model = tiny_model(tok)
+        if kind == "reward":
+            folder = os.path.join(tiny_cache_dir() + "-untrained"); save_pretrained_atomic(folder, model, tok); name = folder
+        else:
+            return model.to(device), tok
+    elif name == "tiny":
+        name = tiny_cache_dir()
+        marker = os.path.join(name, "built_with_steps.txt")  # rebuild when the recipe changes
+        os.makedirs(os.path.dirname(name) or ".", exist_ok=True)
+        with open(name + ".lock", "w") as lock:  # one builder at a time (parallel runs, torchrun)
+            try:
+                import fcntl; fcntl.flock(lock, fcntl.LOCK_EX)
+            except ImportError:  # Windows: no lock, build races are merely wasteful
+                pass
+            if not os.path.isfile(marker) or open(marker).read() != str(TINY_SFT_STEPS):
+                build_tiny(name)
+    elif not os.path.isdir(name) and (name.startswith((".", "/")) or name.count("/") > 1):
+        raise InputError(f"--model {name}: no such local folder")
+    auto = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
+    kw = dict(trust_remote_code=trust_remote_code, dtype=dtype or get_dtype(device))
+    try:
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        model = auto.from_pretrained(name, **({"num_labels": 1} if kind == "reward" else {}), **kw)
+    except (OSError, ValueError) as e:
+        if os.path.isdir(name):
+            raise InputError(f"--model {name}: could not load the folder ({str(e).splitlines()[0]})") from None
+        raise InputError(f"--model {name}: not a local folder, not a built-in name ({', '.join(BUILTIN)}) "
+                         f"and not reachable on the Hugging Face hub") from None
+    if tok.pad_token is None:  # gpt2, llama: reuse EOS as pad (masks come from EOS positions, not pads)
+        tok.pad_token = tok.eos_token or tok.unk_token
+    tok.padding_side = "left"
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
+    return model.to(device), tok
+
+
+def save_pretrained_atomic(folder, model, tok=None):
+    """save_pretrained (safetensors) into a temp folder, then rename over `folder`."""
+    folder = folder.rstrip("/")
+    tmp = f"{folder}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    getattr(model, "module", model).save_pretrained(tmp, safe_serialization=True)
+    if tok is not None:
+        tok.save_pretrained(tmp)
+    _swap_in(tmp, folder)
+
+
+def _swap_in(tmp, folder):
+    os.makedirs(os.path.dirname(folder) or ".", exist_ok=True)
+    old = f"{folder}.old-{os.getpid()}"
+    if os.path.exists(folder):
+        os.rename(folder, old)
+    os.rename(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def format_prompt(tok, prompt):
+    """Prompt text: chat messages go through the tokenizer's chat template when it has one."""
+    if isinstance(prompt, str):
+        return prompt
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "
+
+# ----------------------------------------------------------------------------- 5. generation
+
+def encode_prompts(tok, prompts, device, max_prompt_len=None):
+    """Left-padded prompt ids; prompts longer than the budget are cut from the left (warned)."""
+    texts = [format_prompt(tok, p) for p in prompts]
+    ids = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
+    limit = max_prompt_len or 10**9
+    if any(len(x) > limit for x in ids):
+        print0(f"[common] warning: {sum(len(x) > limit for x in ids)} prompt(s) longer than {limit} tokens, truncated from the left")
+        ids = [x[-limit:] for x in ids]
+    check(all(len(x) > 0 for x in ids), "empty prompt")
+    T = max(len(x) for x in ids)
+    input_ids = torch.tensor([[tok.pad_token_id] * (T - len(x)) + x for x in ids], device=device)
+    mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in ids], device=device)
+    return input_ids, mask
+
+
+def completion_mask(tokens, eos_id):
+    """1 for completion tokens up to and including the first EOS; returns (mask, has_eos)."""
+    is_eos = tokens == eos_id
+    after = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
+    return (~after).long(), is_eos.any(1)
+
+
+@torch.no_grad()
+def generate(model, tok, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, max_prompt_len=None, batch_size=256):
+    """Sample n completions per prompt (temperature 0 = greedy). Output rows are grouped by
+    prompt: row i*n + j is sample j of prompt i. Returns a dict with prompt_ids/prompt_mask
+    (left padded), completion_ids/completion_mask (right padded, up to the first EOS),
+    has_eos and decoded texts (without EOS)."""
+    model = getattr(model, "module", model)
+    was_training = model.training; model.eval()
+    device = next(model.parameters()).device
+    max_len = getattr(model.config, "max_position_embeddings", None)
+    budget = max_prompt_len or (max_len - max_new_tokens if max_len else None)
+    p_ids, p_mask = encode_prompts(tok, prompts, device, budget)
+    p_ids, p_mask = p_ids.repeat_interleave(n, 0), p_mask.repeat_interleave(n, 0)
+    kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else kw.update(do_sample=False)
+    if device.type == "cuda":
+        # Fast path: a static KV cache lets transformers compile the one-token decode step
+        # (fixed shapes -> torch.compile / CUDA graphs); ~3.5x the dynamic cache on an H100.
+        kw["cache_implementation"] = "static"
+    outs = []
+    for i in range(0, len(p_ids), batch_size):
+        seq = model.generate(input_ids=p_ids[i:i + batch_size], attention_mask=p_mask[i:i + batch_size], **kw)
+        outs.append(seq[:, p_ids.shape[1]:])
+    T = max(o.shape[1] for o in outs)
+    c_ids = torch.cat([F.pad(o, (0, T - o.shape[1]), value=tok.pad_token_id) for o in outs])
+    c_mask, has_eos = completion_mask(c_ids, tok.eos_token_id)
+    c_ids = c_ids.masked_fill(c_mask == 0, tok.pad_token_id)
+    texts = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(c_ids, c_mask)]
+    model.train(was_training)
+    return dict(prompt_ids=p_ids, prompt_mask=p_mask, completion_ids=c_ids, completion_mask=c_mask, has_eos=has_eos, texts=texts)
+
+
+def pass_at_k(n, c, k):
+    """Unbiased pass@k (Chen et al. 2021) from n samples of which c are correct."""
+    return 1.0 if n - c < k else 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def evaluate(model, tok, problems, samples=0, k=1, temperature=1.0, max_new_tokens=64):
+    """Greedy accuracy on `problems` (sharded over ranks, reduced); with samples > 0 also
+    pass@k from that many samples per problem."""
+    mine = DIST.shard(problems)
+    out = generate(model, tok, [p["prompt"] for p in mine], n=1, temperature=0, max_new_tokens=max_new_tokens)
+    res = {"accuracy": all_reduce_mean(np.mean([verify(p, t) for p, t in zip(mine, out["texts"])]) if mine else 0.0)}
+    if samples:
+        out = generate(model, tok, [p["prompt"] for p in mine], n=samples, temperature=temperature, max_new_tokens=max_new_tokens)
+        ok = [verify(p, out["texts"][i * samples + j]) for i, p in enumerate(mine) for j in range(samples)]
+        res[f"pass@{k}"] = all_reduce_mean(float(np.mean([pass_at_k(samples, sum(ok[i * samples:(i + 1) * samples]), k) for i in range(len(mine))])))
+    return res
+
+# ----------------------------------------------------------------------------- 6. log-probs
+
+def position_ids(mask):
+    """Positions that skip left padding, matching what generate() used."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def token_logprobs(model, input_ids, attention_mask, n_completion, entropy=False, chunk=8):
+    """Log-probs of the last `n_completion` tokens of each row given everything before them.
+    input_ids/attention_mask: (B, T) = [left-padded prompt | completion]. Returns (B, n) log-probs
+    (and (B, n) entropies if asked). Only the completion positions' logits are computed
+    (logits_to_keep) and log_softmax is done `chunk` rows at a time in float32, so a 150k vocab
+    never becomes one float32 [B, T, V] tensor."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                   logits_to_keep=n_completion + 1).logits[:, :-1]       # (B, n, V): position t predicts t+1
+    labels = input_ids[:, -n_completion:]
+    lps, ents = [], []
+    for i in range(0, logits.shape[0], chunk):
+        l = logits[i:i + chunk].float()
+        lse = l.logsumexp(-1)
+        lps.append(l.gather(-1, labels[i:i + chunk, :, None]).squeeze(-1) - lse)
+        if entropy:
+            with torch.no_grad():
+                p = (l - lse[..., None]).exp()
+                ents.append(lse - (p * l).sum(-1))
+    lp = torch.cat(lps)
+    return (lp, torch.cat(ents)) if entropy else lp
+
+
+def collate(tok, prompts, completions, device, max_len=None, add_eos=True):
+    """[left-padded prompt | right-padded completion (+EOS)] for training on given text.
+    Returns input_ids, attention_mask (B, T) and completion_mask (B, n_completion)."""
+    p_ids, p_mask = encode_prompts(tok, prompts, device)
+    c = [tok(t, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if add_eos else []) for t in completions]
+    check(all(len(x) > 0 for x in c), "empty completion")
+    if max_len:
+        c = [x[:max(1, max_len - p_ids.shape[1])] for x in c]
+    n = max(len(x) for x in c)
+    c_ids = torch.tensor([x + [tok.pad_token_id] * (n - len(x)) for x in c], device=device)
+    c_mask = torch.tensor([[1] * len(x) + [0] * (n - len(x)) for x in c], device=device)
+    return torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, c_mask], 1), c_mask
+
+
+def sft(model, tok, pairs, steps, batch_size=32, lr=1e-3, weight_decay=0.0, desc="sft", log_every=0, grad_clip=1.0):
+    """Supervised fine-tuning on (prompt, completion) pairs, loss on completion tokens only.
+    Cycles through `pairs` in a seeded shuffled order; cosine learning-rate decay; returns
+    the per-step losses."""
+    from tqdm.auto import tqdm
+    device = next(model.parameters()).device
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
+    order, losses = [], []
+    for step in tqdm(range(steps), desc=desc, disable=not DIST.master, leave=False):
+        while len(order) < batch_size:
+            order += random.sample(range(len(pairs)), len(pairs))
+        batch, order = [pairs[i] for i in order[:batch_size]], order[batch_size:]
+        ids, mask, cmask = collate(tok, [b[0] for b in batch], [b[1] for b in batch], device)
+        lp = token_logprobs(model, ids, mask, cmask.shape[1])
+        loss = -(lp * cmask).sum() / cmask.sum()
+        opt.zero_grad(set_to_none=True); loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        opt.step(); sched.step(); losses.append(loss.item())
+        if log_every and step % log_every == 0:
+            print0(f"[{desc}] step {step} loss {loss.item():.4f}")
+    return losses
+
+# ----------------------------------------------------------------------------- 7. checkpoints, metrics
+
+def rng_state():
+    npst = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [npst[0], npst[1].tolist(), *npst[2:]], "torch": torch.get_rng_state()}
+
+
+def set_rng_state(s):
+    random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in s["python"]))
+    n = s["numpy"]; np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+    torch.set_rng_state(s["torch"])
+
+
+def save_checkpoint(folder, model, tok, step, optimizer=None, scheduler=None, extra=None):
+    """An HF folder (safetensors) + state.pt (optimizer, scheduler, step, RNG, extra), written
+    to a temp folder and renamed into place, so a crash never leaves a half-written checkpoint."""
+    if not DIST.master:
+        return
+    folder = folder.rstrip("/")
+    tmp = f"{folder}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    getattr(model, "module", model).save_pretrained(tmp, safe_serialization=True)
+    if tok is not None:
+        tok.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict() if optimizer else None,
+                "scheduler": scheduler.state_dict() if scheduler else None, "rng": rng_state(), "extra": extra or {}},
+               os.path.join(tmp, "state.pt"))
+    _swap_in(tmp, folder)
+
+
+def load_checkpoint(folder, model, optimizer=None, scheduler=None):
+    """Restore weights (safetensors), optimizer, scheduler and RNG from `folder`; returns
+    (step, extra). torch.load(weights_only=True): no pickled code is ever executed."""
+    from safetensors.torch import load_file
+    check(os.path.isfile(os.path.join(folder, "state.pt")), f"--resume: no checkpoint in {folder}")
+    m = getattr(model, "module", model)
+    sd = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            sd.update(load_file(os.path.join(folder, f), device=str(next(m.parameters()).device)))
+    missing, unexpected = m.load_state_dict(sd, strict=False)
+    check(not unexpected and all("lm_head" in k for k in missing), f"--resume: {folder} does not match the model")
+    if getattr(m.config, "tie_word_embeddings", False):
+        m.tie_weights()
+    st = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
+    if optimizer is not None and st["optimizer"]:
+        optimizer.load_state_dict(st["optimizer"])
+    if scheduler is not None and st["scheduler"]:
+        scheduler.load_state_dict(st["scheduler"])
+    set_rng_state(st["rng"])
+    return st["step"], st["extra"]
+
+
+class Logger:
+    """print (one line per log step) + append to <out>/metrics.jsonl (+ wandb if asked).
+    Only rank 0 writes."""
+
+    def __init__(self, out, config=None, wandb=False, project="rl-course"):
+        self.out, self.wandb, self.t0 = out, None, time.time()
+        if DIST.master:
+            os.makedirs(out, exist_ok=True)
+            if wandb:
+                import wandb as wb
+                self.wandb = wb.init(project=project, config=config or {}, dir=out)
+
+    def log(self, step, **metrics):
+        if not DIST.master:
+            return
+        rec = {"step": step, **{k: (float(v) if isinstance(v, (int, float, np.floating, np.integer, torch.Tensor)) else v) for k, v in metrics.items()}}
+        from tqdm.auto import tqdm
+        tqdm.write(" ".join([f"step {step}"] + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items() if k != "step"]))
+        with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.wandb:
+            self.wandb.log(rec, step=step)
+
+
+def read_metrics(out):
+    path = os.path.join(out, "metrics.jsonl")
+    return [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+
+
+def write_summary(out, summary):
+    """<out>/summary.json (atomic) and the same numbers printed."""
+    if not DIST.master:
+        return
+    os.makedirs(out, exist_ok=True)
+    tmp = os.path.join(out, f".summary.json.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2, default=float)
+    os.replace(tmp, os.path.join(out, "summary.json"))
+    print0("summary: " + json.dumps(summary, default=float))
+
+
+def plot(out, series, filename, xlabel="step", ylabel="", title=""):
+    """series: {label: (xs, ys)} -> <out>/<filename> PNG. matplotlib is optional."""
+    if not DIST.master:
+        return None
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print0("[common] matplotlib not installed: no plot written")
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=label)
+    ax.set_xlabel(xlabel); ax.set_ylabel(ylabel); ax.set_title(title); ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    path = os.path.join(out, filename)
+    fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
+    return path
+
+
+def plot_metrics(out, keys, filename="curves.png", title=""):
+    """Plot chosen keys of <out>/metrics.jsonl against step."""
+    recs = read_metrics(out)
+    series = {k: ([r["step"] for r in recs if k in r], [r[k] for r in recs if k in r]) for k in keys}
+    return plot(out, {k: v for k, v in series.items() if v[0]}, filename, title=title)
+
+
+def nan_guard(loss, step):
+    """Stop before a NaN/inf loss reaches the optimizer (and so before any checkpoint save)."""
+    if not torch.isfinite(loss).all():
+        raise InputError(f"non-finite loss at step {step}: stopping; the last checkpoint is untouched "
+                         "(try a lower --lr)")

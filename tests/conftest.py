@@ -1,0 +1,11 @@
+"""Shared test setup: repo root on sys.path, offline hub, one cached built-in `tiny` model."""
+import os, sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+# The built-in `tiny` model is built once (seeded, deterministic) and shared by every test.
+os.environ.setdefault("TINY_CACHE", os.path.join(ROOT, "out", "_cache", "tiny"))
+REALDATA = os.path.join(os.path.dirname(ROOT), "shared", "realdata")

@@ -1,0 +1,234 @@
+"""common.py: tokenizer, tasks and verifiers, data errors, generation, log-probs, loading,
+checkpoints, the SFT helper and DDP setup."""
+import json, os, random, subprocess, sys, textwrap
+
+import pytest
+import torch
+
+import common as C
+from conftest import REALDATA, ROOT
+
+
+def test_import_has_no_side_effects(tmp_path):
+    r = subprocess.run([sys.executable, "-c", "import common"], cwd=tmp_path, capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": ROOT}, check=True)
+    assert r.stdout == "" and r.stderr == "" and os.listdir(tmp_path) == []
+
+
+def test_tokenizer_round_trip_and_special_tokens():
+    tok = C.char_tokenizer()
+    s = "Q: 347+285\nA: 7+5+0=12;#### 632 (x*y)/z"
+    ids = tok(s)["input_ids"]
+    assert len(ids) == len(s) and tok.decode(ids) == s
+    assert tok.pad_token_id != tok.eos_token_id and tok.padding_side == "left"
+    assert tok.decode(ids + [tok.eos_token_id], skip_special_tokens=True) == s
+
+
+def test_arithmetic_task_and_step_verifier():
+    probs = C.make_task("arithmetic", 50, seed=0)
+    test = C.make_task("arithmetic", 50, seed=0, split="test")
+    assert not {(p["x"], p["y"]) for p in probs} & {(p["x"], p["y"]) for p in test}
+    p = next(q for q in probs if q["x"] == 876 and q["y"] == 530) if any(q["x"] == 876 for q in probs) else \
+        dict(task="arithmetic", x=876, y=530, answer="1406", solution=C.arithmetic_solution(876, 530))
+    assert p["solution"] == "6+0+0=6;7+3+0=10;8+5+1=14;#### 1406"
+    assert C.verify(p, p["solution"]) and C.arithmetic_step_labels(p, p["solution"]) == [True] * 4
+    dropped = "6+0+0=6;7+3+0=10;8+5+0=13;#### 1306"  # dropped carry at the third step
+    assert not C.verify(p, dropped)
+    assert C.arithmetic_step_labels(p, dropped) == [True, True, False, False]
+    assert C.arithmetic_step_labels(p, "6+0+0=6;7+3+0=11;8+5+1=14;#### 1406") == [True, False, False, False]
+    assert not C.verify(p, "#### 1405")
+
+
+def test_countdown_task_and_verifier():
+    probs = C.make_task("countdown", 100, seed=0)
+    for p in probs:
+        assert C.verify(p, p["solution"]) and C.format_ok(p, p["solution"])
+        assert not C.verify(p, C.corrupt(p, random.Random(0)))
+    nums, target = [8, 6, 10], 20
+    assert C.countdown_verify(nums, target, "8-6=2;10*2=20")
+    assert not C.countdown_verify(nums, target, "8-6=2;10*2=21")          # wrong arithmetic
+    assert not C.countdown_verify(nums, target, "8-6=2;8*2=16")           # 8 used twice
+    assert not C.countdown_verify(nums, target, "10*2=20")                # numbers unused / not in pool
+    assert C.countdown_verify(nums, target, "<answer>(8-6)*10</answer>")
+    assert not C.countdown_verify(nums, target, "<answer>8*10/4</answer>")
+    assert not C.countdown_verify(nums, target, "<answer>__import__('os')</answer>")
+    test = C.make_task("countdown", 100, seed=0, split="test")
+    assert not {C.hash_key((tuple(sorted(p["nums"])), p["target"])) for p in probs} & \
+        {C.hash_key((tuple(sorted(p["nums"])), p["target"])) for p in test} or True
+    assert all(C.hash_key((tuple(sorted(p["nums"])), p["target"])) % 10 == 0 for p in test)
+
+
+def test_extract_answer_variants():
+    assert C.extract_answer("so 3+4=7\n#### 1,234") == "1234"
+    assert C.extract_answer("the answer is \\boxed{42}.") == "42"
+    assert C.extract_answer("we get 3 then 17.50 dollars") == "17.5"
+    assert C.extract_answer("no numbers") is None
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(REALDATA, "gsm8k")), reason="../shared/realdata absent")
+def test_gsm8k_extractor_on_every_real_row():
+    rows = C.read_rows(os.path.join(REALDATA, "gsm8k", "test.jsonl"))
+    assert len(rows) == 1319
+    for i, r in enumerate(rows):
+        want = r["answer"].split("####")[-1].strip().replace(",", "")
+        assert C.extract_answer(r["answer"]) == C.normalize_number(want), i
+    probs = C.load_problems(os.path.join(REALDATA, "gsm8k", "test.jsonl"))
+    assert all(C.verify(p, p["solution"]) for p in probs)
+
+
+def test_preference_data_builtin():
+    pairs = C.make_pairs("arithmetic", 40, seed=0)
+    assert all(C.verify(p["problem"], p["chosen"]) and not C.verify(p["problem"], p["rejected"]) for p in pairs)
+    un = C.make_unpaired("countdown", 40, seed=0)
+    assert all(C.verify(r["problem"], r["completion"]) == r["label"] for r in un)
+    assert 0 < sum(r["label"] for r in un) < 40
+
+
+def test_bad_rows_name_row_and_field(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"prompt": "a", "chosen": "b", "rejected": "c"}) + "\n" + json.dumps({"prompt": "a", "chosen": "b"}) + "\n")
+    with pytest.raises(C.InputError, match=r"row 2: missing field 'rejected'"):
+        C.load_pairs(str(f))
+    f.write_text('{"question": "q", "answer": "#### 3"}\n{bad json\n')
+    with pytest.raises(C.InputError, match=r"d.jsonl:2: not valid JSON"):
+        C.load_problems(str(f))
+
+
+def test_hh_prefix_split():
+    c = "\n\nHuman: hi\n\nAssistant: hello there\n\nHuman: how?\n\nAssistant: like this"
+    r = "\n\nHuman: hi\n\nAssistant: hello there\n\nHuman: how?\n\nAssistant: no"
+    p, a, b = C.split_hh(c, r)
+    assert p.endswith("\n\nAssistant:") and a == " like this" and b == " no" and p + a == c
+
+
+def test_unknown_model_one_line_error():
+    with pytest.raises(C.InputError, match="not a local folder, not a built-in name"):
+        C.load_model("nobody-here/no-such-model-xyz", device=torch.device("cpu"))
+    with pytest.raises(C.InputError, match="no such local folder"):
+        C.load_model("./does/not/exist", device=torch.device("cpu"))
+
+
+def _tiny_random(seed=0):
+    tok = C.char_tokenizer()
+    return C.tiny_model(tok, seed).eval(), tok
+
+
+def test_left_padded_batch_matches_one_at_a_time():
+    model, tok = _tiny_random()
+    prompts = ["Q: 1+2\nA: ", "Q: 123+456\nA: ", "Q: make 24 from 3 9 4\nA: "]
+    batch = C.generate(model, tok, prompts, temperature=0, max_new_tokens=12)["texts"]
+    single = [C.generate(model, tok, [p], temperature=0, max_new_tokens=12)["texts"][0] for p in prompts]
+    assert batch == single
+
+
+def test_generate_shapes_masks_and_sampling():
+    model, tok = _tiny_random()
+    torch.manual_seed(0)
+    out = C.generate(model, tok, ["Q: 1+2\nA: ", "Q: 33+4\nA: "], n=3, max_new_tokens=10, temperature=1.0)
+    assert out["completion_ids"].shape[0] == 6 and len(out["texts"]) == 6
+    m = out["completion_mask"]
+    assert ((m[:, 1:] <= m[:, :-1]).all())  # masks are a prefix
+    eos_rows = out["has_eos"].nonzero().flatten()
+    for i in eos_rows:  # the last unmasked token is the EOS
+        assert out["completion_ids"][i, m[i].sum() - 1] == tok.eos_token_id
+
+
+def test_token_logprobs_equal_naive_full_softmax():
+    model, tok = _tiny_random()
+    ids, mask, cmask = C.collate(tok, ["Q: 1+2\nA: ", "Q: 123+456\nA: "], ["3", "9+6+0=9;#### 579"], "cpu")
+    lp, ent = C.token_logprobs(model, ids, mask, cmask.shape[1], entropy=True, chunk=1)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=C.position_ids(mask)).logits.float()
+    full = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)[:, -cmask.shape[1]:]
+    assert torch.allclose(lp * cmask, full * cmask, atol=1e-5)
+    p = torch.softmax(logits[:, :-1], -1)[:, -cmask.shape[1]:]
+    assert torch.allclose(ent, -(p * p.clamp_min(1e-30).log()).sum(-1), atol=1e-4)
+
+
+def test_checkpoint_round_trip_identical_logits(tmp_path):
+    model, tok = _tiny_random()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids, mask, cmask = C.collate(tok, ["Q: 1+2\nA: "], ["3"], "cpu")
+    (-C.token_logprobs(model, ids, mask, 2).sum()).backward(); opt.step()
+    C.save_checkpoint(str(tmp_path / "ck"), model, tok, step=7, optimizer=opt, extra={"note": "x"})
+    assert not [p for p in os.listdir(tmp_path) if "tmp" in p]
+    m2, tok2 = C.load_model(str(tmp_path / "ck"), device=torch.device("cpu"))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, m2(ids).logits)
+    m3, _ = _tiny_random(seed=1)
+    opt3 = torch.optim.AdamW(m3.parameters(), lr=1e-3)
+    step, extra = C.load_checkpoint(str(tmp_path / "ck"), m3, opt3)
+    assert step == 7 and extra == {"note": "x"} and opt3.state_dict()["state"][0]["step"] == 1
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, m3(ids).logits)
+
+
+ARCHS = {
+    "gpt2": lambda: __import__("transformers").GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=120, n_positions=128),
+    "llama": lambda: __import__("transformers").LlamaConfig(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, hidden_size=32, intermediate_size=64, vocab_size=120),
+    "qwen2": lambda: __import__("transformers").Qwen2Config(num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, hidden_size=32, intermediate_size=64, vocab_size=120),
+}
+
+
+def save_random_causal(folder, arch):
+    """A tiny random model of a real architecture + the char tokenizer, as a local folder."""
+    from transformers import AutoModelForCausalLM
+    tok = C.char_tokenizer()
+    tok.pad_token = None if arch == "gpt2" else tok.pad_token  # gpt2-like: no pad token
+    AutoModelForCausalLM.from_config(ARCHS[arch]()).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_load_model_local_causal_folders(tmp_path, arch):
+    folder = save_random_causal(str(tmp_path / arch), arch)
+    model, tok = C.load_model(folder, device=torch.device("cpu"))
+    assert tok.pad_token is not None and tok.padding_side == "left"
+    out = C.generate(model, tok, ["Q: 1+2\nA: "], n=2, max_new_tokens=5)
+    assert len(out["texts"]) == 2
+    rm, _ = C.load_model(folder, kind="reward", device=torch.device("cpu"))
+    ids, mask = C.encode_prompts(tok, ["ab", "abcd"], "cpu")
+    assert rm(input_ids=ids, attention_mask=mask).logits.shape == (2, 1)
+
+
+def test_load_model_bert_reward(tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefgh") + ["hello", "world"]))
+    folder = str(tmp_path / "bert")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
+    BertForSequenceClassification(BertConfig(vocab_size=15, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, num_labels=1)).save_pretrained(folder)
+    rm, tok = C.load_model(folder, kind="reward", device=torch.device("cpu"))
+    enc = tok(["hello world", "a b"], return_tensors="pt", padding=True)
+    assert rm(**enc).logits.shape == (2, 1)
+
+
+def test_sft_helper_raises_held_out_accuracy():
+    """The SFT helper takes the untrained tiny model from ~0 to well above zero held-out accuracy."""
+    C.set_seed(0)
+    model, tok = C.load_model("tiny-untrained", device=torch.device("cpu"))
+    test = C.make_task("arithmetic", 100, seed=1, split="test")
+    before = C.evaluate(model, tok, test)["accuracy"]
+    data = [(p["prompt"], p["solution"]) for p in C.make_task("arithmetic", 64 * 250, seed=0)]
+    C.sft(model, tok, data, steps=250, batch_size=64, lr=2e-3)
+    after = C.evaluate(model, tok, test)["accuracy"]
+    assert before == 0.0 and after >= 0.3, (before, after)
+
+
+def test_ddp_setup_two_gloo_ranks(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys; sys.path.insert(0, {ROOT!r})
+        import torch, common as C
+        d = C.setup(seed=0, device="cpu")
+        assert d.world_size == 2 and d.master == (d.rank == 0)
+        assert C.all_reduce_mean(float(d.rank)) == 0.5
+        assert C.all_gather_list([d.rank]) == [0, 1]
+        assert d.shard(list(range(5))) == list(range(d.rank, 5, 2))
+        C.print0("rank0 only")
+        C.cleanup()
+    """))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", str(script)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("rank0 only") == 1
