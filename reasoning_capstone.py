@@ -1,0 +1,257 @@
+"""reasoning_capstone.py: build a reasoning specialist — SFT, sample, verify, then RFT vs DPO vs GRPO.
+
+The week-12 capstone of the course: "Fine-tune a model to solve logic puzzles. 1. SFT on
+chain-of-thought data. 2. Generate multiple candidate solutions per prompt. 3. Use a simple
+verifier to label them. 4. Apply DPO/GRPO to prefer the correct reasoning paths." Every stage
+starts from the same SFT model and is evaluated on the same held-out puzzles:
+  sft   supervised fine-tuning on reference chains of thought (loss on the completion only)
+  rft   rejection-sampling fine-tuning: SFT again on the model's OWN verified-correct samples
+        (Yuan et al. 2023, "Scaling Relationship on Learning Mathematical Reasoning"; STaR's
+        filtering step without rationalization)
+  dpo   DPO (Rafailov et al. 2023) on verified pairs: a correct vs an incorrect sample of the
+        same prompt (offline: the candidates are sampled once)
+  grpo  GRPO (Shao et al. 2024): online, a group of G samples per prompt, group-relative advantages
+The table reports greedy accuracy, pass@k (unbiased estimator, Chen et al. 2021) and wall time.
+
+Run:
+    python reasoning_capstone.py                       # Countdown puzzles, tiny model, <= 10 min on 2 CPU cores
+    python reasoning_capstone.py --method grpo         # one stage (after SFT)
+    python reasoning_capstone.py --task arithmetic     # the other built-in task
+    python reasoning_capstone.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset countdown_train.parquet \\
+        --sft-steps 0 --max-new-tokens 256 --rl-lr 1e-6 --dpo-lr 5e-7 --rft-lr 1e-5   # TinyZero Countdown rows
+    python reasoning_capstone.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset openai/gsm8k --sft-steps 0 ...
+On real data the SFT stage uses the rows' reference solutions when they have them (GSM8K);
+Countdown rows have none, so pass --sft-steps 0 and start from an instruct model.
+
+Simplified: each stage is a short, fixed budget (it is a comparison, not a leaderboard run); the
+DPO and GRPO losses are duplicated here from dpo.py and grpo.py (on-policy GRPO, one update per
+rollout, so the ratio clip never binds and the loss is the plain group-relative policy gradient).
+"""
+import argparse, copy, os, random, time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import common as C
+from common import DIST, check, print0
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1):
+    """DPO (Rafailov et al. 2023, eq. 7) on (B,) summed completion log-probs:
+    -log sigma(beta * ([log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)])). Returns (B,)."""
+    h = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
+    return -F.logsigmoid(beta * h)
+
+
+def grpo_loss(logps, advantages, mask):
+    """On-policy GRPO (Shao et al. 2024, eq. 3 with pi_old = pi_theta, beta = 0): ratio = 1, so
+    the clipped surrogate's gradient is -A_i * grad log pi per token. logps, mask (B, T);
+    advantages (B,). Per-sequence token mean, then the batch mean."""
+    ratio = (logps - logps.detach()).exp()                 # = 1, but carries the gradient
+    per_seq = (-(ratio * advantages[:, None]) * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return per_seq.mean()
+
+
+def group_advantages(rewards, group_size):
+    """(r - group mean) / (group std + 1e-4); all-equal groups get exactly 0. rewards (B,)."""
+    g = rewards.view(-1, group_size)
+    adv = (g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-4)
+    return adv.masked_fill((g == g[:, :1]).all(1, keepdim=True), 0.0).reshape(-1)
+
+
+def verified_candidates(model, tok, problems, k, max_new_tokens, temperature):
+    """Step 2-3: k samples per problem, each labelled by the verifier. Returns
+    [(problem, [(completion, correct), ...]), ...] gathered from all ranks."""
+    mine = DIST.shard(problems)
+    out = C.generate(model, tok, [p["prompt"] for p in mine], n=k, temperature=temperature, max_new_tokens=max_new_tokens)
+    cands = [(p, [(t, C.verify(p, t)) for t in out["texts"][i * k:(i + 1) * k]]) for i, p in enumerate(mine)]
+    return C.all_gather_list(cands)
+
+
+def evaluate(model, tok, test, args):
+    r = C.evaluate(model, tok, test, samples=args.eval_samples, k=args.pass_k, max_new_tokens=args.max_new_tokens)
+    return r["accuracy"], r[f"pass@{args.pass_k}"]
+
+
+def pair_logps(model, tok, pairs, device):
+    """Summed log-probs of chosen and rejected completions, one forward pass of 2b rows."""
+    b, prompts = len(pairs), [p["prompt"] for p in pairs]
+    ids, mask, cm = C.collate(tok, prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], device)
+    seq = (C.token_logprobs(model, ids, mask, cm.shape[1]) * cm).sum(1)
+    return seq[:b], seq[b:]
+
+
+def wrap(model):
+    return torch.nn.parallel.DistributedDataParallel(model) if DIST.world_size > 1 else model
+
+# ----------------------------------------------------------------------------- the three improvers
+
+
+def run_rft(sft_model, tok, cands, args):
+    """SFT on the model's own correct samples (deduplicated per prompt)."""
+    data = sorted({(p["prompt"], t) for p, cs in cands for t, ok in cs if ok})
+    check(data, "rft: no correct samples to train on (try more --candidates or a better SFT model)")
+    print0(f"[rft] {len(data)} distinct verified-correct samples from {len(cands)} prompts")
+    model = copy.deepcopy(sft_model)
+    C.sft(wrap(model), tok, data, steps=args.rft_steps, batch_size=args.batch_size, lr=args.rft_lr, desc="rft")
+    return model, dict(train_examples=len(data))
+
+
+def run_dpo(sft_model, tok, cands, args):
+    """DPO on (correct, incorrect) samples of the same prompt; the reference is the SFT model,
+    whose log-probs are precomputed once (no second model held)."""
+    rng = random.Random(args.seed)
+    pairs = [dict(prompt=p["prompt"], chosen=rng.choice(good), rejected=rng.choice(bad))
+             for p, cs in cands for good, bad in [([t for t, ok in cs if ok], [t for t, ok in cs if not ok])] if good and bad]
+    check(len(pairs) >= args.batch_size, f"dpo: only {len(pairs)} prompts have both a correct and an incorrect sample")
+    print0(f"[dpo] {len(pairs)} verified pairs (prompts with both outcomes among {args.candidates} samples)")
+    model = copy.deepcopy(sft_model)
+    model.eval()
+    with torch.no_grad():
+        ref = [pair_logps(model, tok, pairs[i:i + 64], DIST.device) for i in range(0, len(pairs), 64)]
+    ref_c, ref_r = torch.cat([c for c, _ in ref]), torch.cat([r for _, r in ref])
+    model.train()
+    ddp, opt = wrap(model), torch.optim.AdamW(model.parameters(), lr=args.dpo_lr, weight_decay=0.0)
+    for step in tqdm(range(args.dpo_steps), desc="dpo", disable=not DIST.master, leave=False):
+        idx = DIST.shard(random.Random(args.seed * 1000 + step).sample(range(len(pairs)), args.batch_size))
+        pc, pr = pair_logps(ddp, tok, [pairs[i] for i in idx], DIST.device)
+        loss = dpo_loss(pc, pr, ref_c[idx].to(pc.device), ref_r[idx].to(pc.device), args.beta).mean()
+        C.nan_guard(loss, step)
+        opt.zero_grad(set_to_none=True); loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
+    return model, dict(train_pairs=len(pairs))
+
+
+def run_grpo(sft_model, tok, train, args):
+    """Online: every step samples a fresh group of G completions for prompts_per_step prompts."""
+    model = copy.deepcopy(sft_model)
+    ddp, opt = wrap(model), torch.optim.AdamW(model.parameters(), lr=args.rl_lr, weight_decay=0.0)
+    rng, rewards_seen = random.Random(args.seed), []
+    for step in tqdm(range(args.grpo_steps), desc="grpo", disable=not DIST.master, leave=False):
+        probs = DIST.shard(rng.sample(train, args.prompts_per_step))
+        out = C.generate(model, tok, [p["prompt"] for p in probs], n=args.group_size, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+        r = torch.tensor([float(C.verify(p, t)) for i, p in enumerate(probs) for t in out["texts"][i * args.group_size:(i + 1) * args.group_size]])
+        adv = group_advantages(r, args.group_size).to(DIST.device)
+        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+        mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+        model.train()
+        lp = C.token_logprobs(ddp, ids, mask, out["completion_ids"].shape[1])
+        loss = grpo_loss(lp, adv, out["completion_mask"].float())
+        C.nan_guard(loss, step)
+        opt.zero_grad(set_to_none=True); loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
+        rewards_seen.append(C.all_reduce_mean(r.mean().item()))
+    return model, dict(train_reward_first=float(np.mean(rewards_seen[:5])), train_reward_last=float(np.mean(rewards_seen[-5:])))
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Reasoning specialist: SFT -> sample -> verify -> RFT / DPO / GRPO")
+    p.add_argument("--model", default="tiny", help="starting model: built-in name, local folder or hub id")
+    p.add_argument("--dataset", default=None, help="puzzles: Countdown (nums/target) or GSM8K rows, hub id or jsonl/parquet; default: built-in")
+    p.add_argument("--task", default="countdown", help="built-in task when no --dataset: countdown or arithmetic")
+    p.add_argument("--method", default="all", choices=["rft", "dpo", "grpo", "all"], help="which improvement stage(s) to run after SFT")
+    p.add_argument("--sft-steps", type=int, default=400, help="stage 1: SFT steps on reference chains of thought (0 = use the model as is)")
+    p.add_argument("--sft-lr", type=float, default=1e-3, help="SFT learning rate")
+    p.add_argument("--train-n", type=int, default=512, help="training puzzles for candidate sampling / GRPO prompts")
+    p.add_argument("--candidates", type=int, default=8, help="samples per training puzzle for RFT and DPO data")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for candidates and GRPO")
+    p.add_argument("--rft-steps", type=int, default=100, help="RFT steps")
+    p.add_argument("--rft-lr", type=float, default=1e-4, help="RFT learning rate")
+    p.add_argument("--dpo-steps", type=int, default=60, help="DPO steps")
+    p.add_argument("--dpo-lr", type=float, default=2e-5, help="DPO learning rate (the tiny model collapses at 1e-4)")
+    p.add_argument("--beta", type=float, default=0.1, help="DPO beta")
+    p.add_argument("--grpo-steps", type=int, default=60, help="GRPO steps")
+    p.add_argument("--rl-lr", type=float, default=3e-5, help="GRPO learning rate (~30x below SFT's on the tiny model)")
+    p.add_argument("--prompts-per-step", type=int, default=8, help="GRPO prompts per step")
+    p.add_argument("--group-size", type=int, default=8, help="GRPO samples per prompt (G)")
+    p.add_argument("--batch-size", type=int, default=32, help="SFT/RFT batch (sequences) and DPO batch (pairs)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="completion budget")
+    p.add_argument("--eval-n", type=int, default=200, help="held-out puzzles (the same for every stage)")
+    p.add_argument("--eval-samples", type=int, default=8, help="samples per held-out puzzle for pass@k")
+    p.add_argument("--pass-k", type=int, default=4, help="k of pass@k")
+    p.add_argument("--out", default=os.path.join("out", "reasoning_capstone"), help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
+    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow hub models with custom code")
+    args = p.parse_args(argv)
+    for k in ("train_n", "candidates", "batch_size", "max_new_tokens", "eval_n", "eval_samples", "pass_k", "prompts_per_step"):
+        check(getattr(args, k) > 0, f"--{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
+    for k in ("sft_steps", "rft_steps", "dpo_steps", "grpo_steps"):
+        check(getattr(args, k) >= 0, f"--{k.replace('_', '-')} must be >= 0, got {getattr(args, k)}")
+    for k in ("sft_lr", "rft_lr", "dpo_lr", "rl_lr", "beta", "temperature"):
+        check(getattr(args, k) > 0, f"--{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
+    check(args.group_size >= 2, f"--group-size must be >= 2 (advantages compare samples within a group), got {args.group_size}")
+    check(args.pass_k <= args.eval_samples, f"--pass-k {args.pass_k} needs --eval-samples >= k")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    d = C.setup(args.seed, args.device)
+    t_start = time.time()
+    model, tok = C.load_model(args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
+    if args.dataset is None:
+        train, test = C.make_task(args.task, args.train_n, args.seed), C.make_task(args.task, args.eval_n, seed=1, split="test")
+        sft_data = C.tiny_sft_data(args.sft_steps * args.batch_size or 1, args.seed + 7, args.task)
+    else:
+        rows = C.load_problems(args.dataset)
+        check(len(rows) > args.eval_n, f"--dataset {args.dataset}: {len(rows)} rows, need more than --eval-n {args.eval_n}")
+        train, test = rows[:-args.eval_n][:args.train_n], rows[-args.eval_n:]
+        sft_data = [(p["prompt"], p["solution"]) for p in rows[:-args.eval_n] if p.get("solution")]
+        check(args.sft_steps == 0 or sft_data, f"--dataset {args.dataset} has no reference solutions: use --sft-steps 0")
+    logger = C.Logger(args.out, vars(args), args.wandb)
+    table = []
+
+    def record(stage, m, t0, **extra):
+        acc, pk = evaluate(m, tok, test, args)
+        row = dict(stage=stage, accuracy=acc, **{f"pass@{args.pass_k}": pk}, wall_s=round(time.time() - t0, 1), **extra)
+        table.append(row); logger.log(len(table), **{k: v for k, v in row.items() if k != "stage"}, stage=stage)
+        return row
+
+    t0 = time.time()
+    record("start", model, t0)
+    # ---- 1. SFT on chain-of-thought data
+    t0 = time.time()
+    if args.sft_steps:
+        C.sft(wrap(model), tok, sft_data, steps=args.sft_steps, batch_size=args.batch_size, lr=args.sft_lr, desc="sft")
+    record("sft", model, t0)
+    # ---- 2-3. sample candidates and verify them (shared by RFT and DPO)
+    methods = ["rft", "dpo", "grpo"] if args.method == "all" else [args.method]
+    cands = []
+    if {"rft", "dpo"} & set(methods):
+        t0 = time.time()
+        cands = verified_candidates(model, tok, train, args.candidates, args.max_new_tokens, args.temperature)
+        n_ok = sum(ok for _, cs in cands for _, ok in cs)
+        print0(f"[sample] {len(cands)} puzzles x {args.candidates}: {n_ok} correct ({n_ok / (len(cands) * args.candidates):.1%}) in {time.time() - t0:.0f}s")
+    # ---- 4. improve with each method, always from the SFT model
+    for m in methods:
+        t0 = time.time()
+        torch.manual_seed(args.seed)
+        new, extra = {"rft": lambda: run_rft(model, tok, cands, args), "dpo": lambda: run_dpo(model, tok, cands, args),
+                      "grpo": lambda: run_grpo(model, tok, train, args)}[m]()
+        record(m, new, t0, **extra)
+        if d.master:
+            C.save_pretrained_atomic(os.path.join(args.out, f"model_{m}"), new, tok)
+
+    k = f"pass@{args.pass_k}"
+    print0(f"\n{'stage':6} | accuracy | {k:8} | wall s")
+    for r in table:
+        print0(f"{r['stage']:6} | {r['accuracy']:8.3f} | {r[k]:8.3f} | {r['wall_s']:6.1f}")
+    C.plot(args.out, {"accuracy": (list(range(len(table))), [r["accuracy"] for r in table]),
+                      k: (list(range(len(table))), [r[k] for r in table])},
+           "stages.png", xlabel=" -> ".join(r["stage"] for r in table), title="reasoning specialist")
+    summary = dict(task=args.task if args.dataset is None else args.dataset, table=table, sft_accuracy=table[1]["accuracy"],
+                   **{f"{r['stage']}_accuracy": r["accuracy"] for r in table[2:]}, total_wall_s=round(time.time() - t_start, 1))
+    C.write_summary(args.out, summary)
+    C.cleanup()
+    return summary
+
+
+if __name__ == "__main__":
+    with C.friendly_errors():
+        main()
