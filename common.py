@@ -79,7 +79,6 @@ DIST = Dist()
 def setup(seed=0, device=None):
     """Seed, pick the device and, when launched by torchrun (RANK/WORLD_SIZE set), join the
     process group: nccl on CUDA, gloo elsewhere, one device per rank. Returns a Dist."""
-    global DIST
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         import torch.distributed as dist
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
@@ -88,9 +87,10 @@ def setup(seed=0, device=None):
             dev = torch.device("cuda", local); torch.cuda.set_device(dev)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        DIST = Dist(rank, local, world, dev, rank == 0)
+        new = Dist(rank, local, world, dev, rank == 0)
     else:
-        DIST = Dist(device=get_device(device))
+        new = Dist(device=get_device(device))
+    DIST.__dict__.update(new.__dict__)  # in place: `from common import DIST` stays valid everywhere
     set_seed(seed)  # same seed on every rank: identical initial weights and sampling streams
     return DIST
 
