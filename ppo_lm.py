@@ -1,0 +1,527 @@
+"""ppo_lm.py: PPO for language models with a value head and a KL penalty (RLHF step 3), from scratch.
+
+RLHF fine-tunes a policy π_θ (initialised from the SFT model) to maximise a reward r(x, y)
+while staying close to the frozen SFT model π_ref (Ziegler et al. 2019, "Fine-Tuning Language
+Models from Human Preferences", arXiv:1909.08593; Stiennon et al. 2020; InstructGPT, Ouyang et
+al. 2022, eq. 2):   maximise  E[ r(x, y) ] - β KL(π_θ(·|x) || π_ref(·|x)).
+Each generated token is one action of an episode that ends at EOS. Per token t of a completion
+    r_t = -β (log π_old(y_t) - log π_ref(y_t))          (k1 KL penalty; --kl-estimator k3 optional)
+    r_T += score(x, y)                                   (the reward model's score, last token only)
+A value head V(s_t) on the policy's last hidden state turns these into per-token advantages with
+GAE (Schulman et al. 2016), whitened over the batch, and PPO (Schulman et al. 2017) takes
+--ppo-epochs passes of clipped policy + clipped value updates over minibatches of each rollout.
+β is fixed, or adaptive (Ziegler et al. 2019 sec. 2.2: nudged towards a target KL, --kl-target).
+
+Value head vs separate critic: V is a Linear on the policy's last-layer hidden states (as in
+TRL's AutoModelForCausalLMWithValueHead and the gpt2-sentiment notebook), not InstructGPT's
+separate critic initialised from the reward model: the RM may use another tokenizer (the
+sentiment demo scores GPT-2 text with DistilBERT), so it cannot give per-token values for the
+policy's tokens; and a shared trunk keeps one policy-sized model in memory instead of two.
+The price: the value loss (weighted by --vf-coef) also moves the policy's trunk.
+
+Run:
+    python ppo_lm.py                         # tiny model, verifier reward (1/0) on 3-digit addition, ~2 min CPU
+    python reward_model.py && python ppo_lm.py --reward-model out/reward_model/model    # the full loop SFT -> RM -> PPO
+    python ppo_lm.py --reward-model out/reward_model/model --kl-sweep 0.01,0.05,0.2      # week 4: alignment tax
+    python reward_model.py --train-size 64 --out out/rm_weak && \\
+        python ppo_lm.py --reward-model out/rm_weak/model --overopt       # week 4: overoptimization (Gao et al. 2022)
+    python ppo_lm.py --model lvwerra/gpt2-imdb --reward-model lvwerra/distilbert-imdb --dataset stanfordnlp/imdb \\
+        --max-new-tokens 16 --batch-size 128 --mini-batch 128 --micro-batch 32 --lr 1.41e-5 --init-kl-coef 0.2 \\
+        --kl-target 6 --steps 190 --eval-n 256       # positive reviews (TRL's old notebook: reward 0.24 -> 2.48)
+    torchrun --nproc_per_node 4 ppo_lm.py --model ... --batch-size 128    # rollouts sharded over ranks
+Sentiment: prompts are 2-8 token prefixes of the dataset's `text` field; the reward is the
+classifier's logit for --reward-label (default: 1 = positive for 2-class models; the logit of 1-label
+RMs). The RM reads the decoded prompt + completion with its own tokenizer. Outputs in --out:
+metrics.jsonl, curves.png, summary.json (held-out proxy score, KL to the reference, gold accuracy and
+diversity before/after), model/ (HF folder + value_head.pt), checkpoint/ (--save-every, Ctrl-C).
+
+Simplified vs the papers: one sample per prompt, a fixed completion budget (TRL's notebook drew
+4-16 tokens), no reward normalisation, no pretraining-loss mix (InstructGPT's PPO-ptx), no value
+head warm-up; a completion cut off by the budget is treated as finished (scored, no bootstrap);
+a constant learning rate.
+"""
+import argparse, contextlib, copy, json, os, random, time
+
+import numpy as np
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from common import (DIST, Logger, all_gather_list, all_reduce_mean, check, cleanup, evaluate, format_prompt,
+                    friendly_errors, generate, load_checkpoint, load_model, load_problems, make_task, nan_guard,
+                    plot_metrics, position_ids, print0, read_rows, require, save_checkpoint, save_pretrained_atomic,
+                    setup, verify, write_summary)
+
+EVAL_SEED = 1234  # the built-in held-out problems do not change with --seed
+
+# ----------------------------------------------------------------------------- the pieces of PPO-RLHF
+
+
+def gae(rewards, values, mask, gamma=1.0, lam=0.95):
+    """Generalized Advantage Estimation over the tokens of each completion (Schulman et al. 2016, eq. 16).
+    rewards, values, mask: (B, T); mask 1 = a real token (an action). Masked positions are skipped as
+    if absent (their rewards and values are never read); after a row's last real token V = 0.
+        delta_t = r_t + gamma V(s_t+1) - V(s_t),   A_t = delta_t + gamma lam A_t+1,   R_t = A_t + V(s_t)
+    Returns advantages, returns: (B, T), 0 at masked positions."""
+    m = mask.bool()
+    adv = torch.zeros_like(rewards)
+    last_adv, next_v = torch.zeros_like(rewards[:, 0]), torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        a = rewards[:, t] + gamma * next_v - values[:, t] + gamma * lam * last_adv
+        last_adv = torch.where(m[:, t], a, last_adv)            # a masked position leaves the recursion alone
+        next_v = torch.where(m[:, t], values[:, t], next_v)
+        adv[:, t] = torch.where(m[:, t], a, torch.zeros_like(a))
+    return adv, torch.where(m, adv + values, torch.zeros_like(adv))
+
+
+def ppo_loss(logprobs, old_logprobs, values, old_values, advantages, returns, mask, clip_eps=0.2, vf_clip=0.2, vf_coef=0.1):
+    """Clipped PPO loss to minimise (Schulman et al. 2017, eq. 7 and 9), a token mean over `mask`.
+    All (B, T): log π_θ(y_t) (with grad), log π_old(y_t) (rollout), V_θ(s_t) (with grad), V_old(s_t),
+    advantages A_t (whitened), returns R_t = A_t + V_old(s_t), mask (1 = real token).
+        ρ_t   = exp(log π_θ - log π_old)
+        L_pg  = mean_t max(-A_t ρ_t, -A_t clip(ρ_t, 1 - ε, 1 + ε))
+        L_vf  = mean_t 1/2 max((V - R)^2, (V_old + clip(V - V_old, -ε_v, ε_v) - R)^2)   (vf_clip=None: no clip)
+        loss  = L_pg + vf_coef * L_vf
+    Returns (loss, stats: pg_loss, vf_loss, clip_frac, vf_clip_frac, approx_kl), stats detached."""
+    m = mask.bool()
+    n = m.sum().clamp(min=1)
+    mean = lambda x: torch.where(m, x, torch.zeros_like(x)).sum() / n
+    log_ratio = torch.where(m, logprobs - old_logprobs, torch.zeros_like(logprobs))  # padding: ρ = 1
+    ratio = log_ratio.exp()
+    pg1, pg2 = -advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)
+    vf1 = (values - returns) ** 2
+    vf2 = vf1 if vf_clip is None else (old_values + (values - old_values).clamp(-vf_clip, vf_clip) - returns) ** 2
+    pg_loss, vf_loss = mean(torch.max(pg1, pg2)), 0.5 * mean(torch.max(vf1, vf2))
+    with torch.no_grad():
+        stats = dict(pg_loss=pg_loss.detach(), vf_loss=vf_loss.detach(), clip_frac=mean((pg2 > pg1).float()),
+                     vf_clip_frac=mean((vf2 > vf1).float()), approx_kl=mean(ratio - 1 - log_ratio))  # k3 of π_old||π_θ
+    return pg_loss + vf_coef * vf_loss, stats
+
+
+def token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, estimator="k1"):
+    """Per-token rewards (Ziegler et al. 2019 eq. 2): r_t = -β KL_t, plus the score on the last real token.
+    scores (B,); logprobs, ref_logprobs, mask (B, T). KL_t per sampled token:
+        k1 = log π_old(y_t) - log π_ref(y_t)           (unbiased for KL(π||π_ref), can be < 0)
+        k3 = e^(-k1) + k1 - 1                          (unbiased too, always >= 0, lower variance)
+    Returns rewards (B, T), kl (B, T), both 0 at masked positions."""
+    d = logprobs - ref_logprobs
+    kl = (d if estimator == "k1" else (-d).exp() + d - 1) * mask
+    rewards = -kl_coef * kl
+    last = (torch.arange(mask.shape[1], device=mask.device) * mask).argmax(1)   # (B,) index of the last real token
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards, kl
+
+
+def masked_whiten(x, mask, eps=1e-8):
+    """(x - mean) / std over the real tokens of all ranks (TRL's masked_whiten); 0 at masked positions."""
+    m = mask.float()
+    n, s, ss = all_reduce_mean(torch.stack([m.sum(), (x * m).sum(), (x * x * m).sum()]).double()).tolist()
+    mean = s / n
+    var = (ss / n - mean ** 2) * n / max(n - 1, 1)               # unbiased, like TRL
+    return (x - mean) / (max(var, 0.0) + eps) ** 0.5 * m
+
+
+class AdaptiveKLController:
+    """β of the KL penalty (Ziegler et al. 2019, sec. 2.2). target=None: fixed β. Otherwise a
+    proportional controller: e = clip(KL / target - 1, -0.2, 0.2),  β <- β (1 + e n_steps / horizon)."""
+
+    def __init__(self, init_kl_coef, target=None, horizon=10000):
+        self.value, self.target, self.horizon = init_kl_coef, target, horizon
+
+    def update(self, current_kl, n_steps):
+        if self.target:
+            self.value *= 1 + float(np.clip(current_kl / self.target - 1, -0.2, 0.2)) * n_steps / self.horizon
+
+
+def lm_forward(lm, v_head, ids, attn, n):
+    """log π(y_t) (B, n) of the last n tokens, the value V(s_t) (B, n) (None without a head) and the
+    per-token entropy (B, n, detached). ids/attn: [left-padded prompt | completion]. Position j's hidden
+    state has read tokens <= j: it predicts token j+1 and is the state s_t in which that token is chosen."""
+    out = lm(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), logits_to_keep=n + 1,
+             output_hidden_states=v_head is not None)
+    logp = out.logits[:, :-1].float().log_softmax(-1)                  # (B, n, V)
+    lp = logp.gather(-1, ids[:, -n:, None]).squeeze(-1)
+    with torch.no_grad():
+        ent = -(logp.exp() * logp).sum(-1)
+    if v_head is None:
+        return lp, None, ent
+    h = out.hidden_states[-1][:, -(n + 1):-1]                         # (B, n, H)
+    return lp, v_head(h.to(v_head.weight.dtype)).squeeze(-1).float(), ent
+
+
+class PolicyWithValue(nn.Module):
+    """The policy LM + a value head, one module so that DDP syncs both."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+        self.v_head = nn.Linear(lm.config.get_text_config().hidden_size, 1)
+        nn.init.zeros_(self.v_head.weight); nn.init.zeros_(self.v_head.bias)   # V = 0 until it learns
+
+    def forward(self, ids, attn, n):
+        return lm_forward(self.lm, self.v_head, ids, attn, n)
+
+
+@torch.no_grad()
+def batched(fn, ids, attn, n, micro):
+    """fn over micro-batches of rows without grad, outputs concatenated (old / reference pass)."""
+    outs = [fn(ids[i:i + micro], attn[i:i + micro], n) for i in range(0, len(ids), micro)]
+    return [None if o[0] is None else torch.cat(o) for o in zip(*outs)]
+
+# ----------------------------------------------------------------------------- rewards and data
+
+
+def load_reward_model(name, device, trust_remote_code):
+    """(model, tokenizer, num_labels). 1-label RMs (reward_model.py) go through common.load_model;
+    classifiers with more labels are loaded as they are (load_model would force num_labels=1)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    try:
+        n_labels = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).num_labels
+    except (OSError, ValueError):
+        n_labels = 1                                          # let load_model produce the one-line error
+    if n_labels == 1:
+        rm, tok = load_model(name, kind="reward", device=device, trust_remote_code=trust_remote_code)
+    else:
+        rm = AutoModelForSequenceClassification.from_pretrained(name, trust_remote_code=trust_remote_code).to(device)
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token; rm.config.pad_token_id = tok.pad_token_id
+    tok.padding_side = "right"                                # BERT pools position 0; causal heads find the last token
+    return rm.eval().requires_grad_(False), tok, n_labels
+
+
+def review_prompts(rows, tok, n, seed, where):
+    """TRL gpt2-sentiment prompts: the first 2-8 policy tokens of `n` random rows' `text`."""
+    rng, out = random.Random(seed), []
+    for i in rng.sample(range(len(rows)), min(n, len(rows))):
+        require(rows[i], ["text"], f"{where} row {i + 1}")
+        ids = tok(rows[i]["text"][:1000], add_special_tokens=False)["input_ids"][:rng.randint(2, 8)]
+        out.append(dict(task="text", prompt=tok.decode(ids), answer=None))
+    return out
+
+
+def load_data(args, tok):
+    """(train, test) problems. Built-in task, GSM8K/Countdown/MATH rows (verifiable), or rows with a
+    `text` field (reviews: prompts without a verifier). A local file holds out its last --eval-n rows."""
+    if not args.dataset:
+        return (make_task(args.task, args.train_n or 2000, args.seed, "train"), make_task(args.task, args.eval_n, EVAL_SEED, "test"))
+    local, rows = os.path.isfile(args.dataset), read_rows(args.dataset, "train")
+    check(rows, f"--dataset {args.dataset}: no rows")
+    if local:
+        check(len(rows) > args.eval_n, f"--dataset {args.dataset}: {len(rows)} rows, need more than --eval-n {args.eval_n}")
+    if "text" in rows[0]:
+        test_rows = rows[-args.eval_n:] if local else read_rows(args.dataset, "test")
+        return (review_prompts(rows[:-args.eval_n] if local else rows, tok, args.train_n or 5000, args.seed, args.dataset),
+                review_prompts(test_rows, tok, args.eval_n, EVAL_SEED, args.dataset))
+    probs = load_problems(args.dataset, "train", args.train_n + args.eval_n if local and args.train_n else args.train_n)
+    return (probs[:-args.eval_n], probs[-args.eval_n:]) if local else (probs, load_problems(args.dataset, "test", args.eval_n))
+
+
+def distinct_n(seqs, n=2):
+    """Distinct-n (Li et al. 2016): unique token n-grams / all n-grams over a set of samples."""
+    grams = [tuple(s[i:i + n]) for s in seqs for i in range(len(s) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
+@torch.no_grad()
+def evaluate_policy(ac, ref, tok, test, score_fn, args, has_gold, autocast):
+    """Held-out: --eval-samples samples per prompt -> mean proxy score, KL(π||π_ref) per completion (sum of
+    k1 over tokens), gold accuracy of the samples (verifier), diversity (per-token entropy, distinct-2
+    over tokens, share of distinct samples per prompt); plus greedy gold accuracy. Sharded over ranks."""
+    mine, k = DIST.shard(test), args.eval_samples
+    with autocast():
+        roll = generate(ac.lm, tok, [p["prompt"] for p in mine], n=k, max_new_tokens=args.max_new_tokens,
+                        temperature=args.temperature, top_p=args.top_p)
+        ids, attn = torch.cat([roll["prompt_ids"], roll["completion_ids"]], 1), torch.cat([roll["prompt_mask"], roll["completion_mask"]], 1)
+        T, m = roll["completion_ids"].shape[1], roll["completion_mask"].float()
+        lp, _, ent = batched(lambda *a: lm_forward(ac.lm, None, *a), ids, attn, T, args.micro_batch)
+        ref_lp = batched(lambda *a: lm_forward(ref, None, *a), ids, attn, T, args.micro_batch)[0]
+        scores = score_fn([p for p in mine for _ in range(k)], roll["texts"])
+    toks = all_gather_list([row[r.bool()].tolist() for row, r in zip(roll["completion_ids"], roll["completion_mask"])])
+    texts = all_gather_list(roll["texts"])
+    res = dict(score=all_reduce_mean(scores.mean().item()), kl=all_reduce_mean(((lp - ref_lp) * m).sum(1).mean().item()),
+               entropy=all_reduce_mean(((ent * m).sum() / m.sum()).item()), distinct_2=distinct_n(toks, 2),
+               unique=float(np.mean([len(set(texts[i:i + k])) / k for i in range(0, len(texts), k)])),
+               length=all_reduce_mean(m.sum(1).mean().item()))
+    if has_gold:
+        res["gold_sampled"] = all_reduce_mean(float(np.mean([verify(mine[i // k], t) for i, t in enumerate(roll["texts"])])))
+        with autocast():
+            res["gold_accuracy"] = evaluate(ac.lm, tok, test, max_new_tokens=args.max_new_tokens)["accuracy"]
+    return res
+
+# ----------------------------------------------------------------------------- flags
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="PPO-RLHF: a policy with a value head, a KL penalty to the reference and a reward model")
+    p.add_argument("--model", default="tiny", help="the SFT policy: 'tiny' (built in), a local HF folder or a hub id")
+    p.add_argument("--dataset", default=None, help="prompts: hub id or local .jsonl/.parquet with a `text` field (review prefixes) or GSM8K/Countdown/MATH rows; default: the built-in --task")
+    p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic or countdown")
+    p.add_argument("--reward", default=None, choices=["verifier", "model"], help="reward source (default: 'model' when --reward-model is given, else 'verifier' = 1 if correct)")
+    p.add_argument("--reward-model", default=None, help="sequence classifier: reward_model.py's <out>/model, or a hub classifier (lvwerra/distilbert-imdb)")
+    p.add_argument("--reward-label", type=int, default=None, help="which logit is the reward (default: 0 for 1-label RMs, 1 = positive for 2-class classifiers)")
+    p.add_argument("--missing-eos-penalty", type=float, default=0.0, help="subtract this from the score of completions that hit --max-new-tokens without EOS")
+    p.add_argument("--train-n", type=int, default=None, help="training prompts (default: 2000 built-in, 5000 review prefixes, all GSM8K-style rows)")
+    p.add_argument("--eval-n", type=int, default=200, help="held-out prompts for the before/after evaluation")
+    p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out prompt (proxy score, KL, diversity)")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps too (0 = only before/after; --overopt sets it)")
+    p.add_argument("--out", default="out/ppo_lm", help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="seed for the value head, prompt order and sampling")
+    p.add_argument("--device", default=None, help="torch device (default: cuda, then mps, then cpu)")
+    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    p.add_argument("--steps", type=int, default=60, help="PPO iterations (each: rollouts, rewards, GAE, --ppo-epochs of minibatch updates)")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts (= completions) per rollout batch over all ranks")
+    p.add_argument("--mini-batch", type=int, default=32, help="completions per optimizer step (over all ranks)")
+    p.add_argument("--micro-batch", type=int, default=32, help="completions per forward/backward on one rank (gradient accumulation)")
+    p.add_argument("--ppo-epochs", type=int, default=4, help="passes over each rollout batch")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="completion budget in tokens")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (PPO's log-probs assume 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for rollouts (1.0 = the policy's own distribution)")
+    p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate of the policy (policy gradients need ~30x less than SFT)")
+    p.add_argument("--vf-lr", type=float, default=1e-3, help="AdamW learning rate of the value head (new weights: larger)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
+    p.add_argument("--init-kl-coef", type=float, default=0.05, help="β of the KL penalty (the start value when --kl-target is set)")
+    p.add_argument("--kl-target", type=float, default=None, help="adaptive β: target KL per completion in nats (TRL's notebook: 6); default: fixed β")
+    p.add_argument("--kl-horizon", type=float, default=10000, help="adaptive β: horizon (completions) of the controller")
+    p.add_argument("--kl-estimator", default="k1", choices=["k1", "k3"], help="per-token KL in the reward: k1 = log π/π_ref, k3 = e^-k1 + k1 - 1")
+    p.add_argument("--gamma", type=float, default=1.0, help="discount over tokens")
+    p.add_argument("--lam", type=float, default=0.95, help="GAE λ")
+    p.add_argument("--clip-eps", type=float, default=0.2, help="policy ratio clip ε")
+    p.add_argument("--vf-clip", type=float, default=0.2, help="value clip around the rollout's values (0 = none)")
+    p.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss")
+    p.add_argument("--kl-sweep", default=None, help="week 4: comma-separated fixed β values (e.g. 0.01,0.05,0.2): one run each + alignment-tax table")
+    p.add_argument("--overopt", action="store_true", help="week 4: held-out proxy score and gold accuracy against KL during training (use a weak --reward-model)")
+    p.add_argument("--no-autocast", action="store_true", help="fp32 forward passes on GPUs too (default: bf16 autocast where supported)")
+    p.add_argument("--save-every", type=int, default=0, help="write <out>/checkpoint every N steps (0 = only on Ctrl-C)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    args = p.parse_args(argv)
+    for name in ("steps", "batch_size", "mini_batch", "micro_batch", "ppo_epochs", "max_new_tokens", "eval_n", "eval_samples"):
+        check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("lr", "vf_lr", "grad_clip", "temperature", "kl_horizon"):
+        check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    for name in ("init_kl_coef", "missing_eos_penalty", "vf_clip", "vf_coef", "eval_every", "save_every"):
+        check(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    check(args.kl_target is None or args.kl_target > 0, f"--kl-target must be > 0, got {args.kl_target}")
+    check(0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}")
+    check(0 < args.clip_eps < 1, f"--clip-eps must be in (0, 1), got {args.clip_eps}")
+    check(0 <= args.gamma <= 1 and 0 <= args.lam <= 1, f"--gamma and --lam must be in [0, 1], got {args.gamma}, {args.lam}")
+    check(args.batch_size % args.mini_batch == 0, f"--batch-size {args.batch_size} must be divisible by --mini-batch {args.mini_batch}")
+    args.reward = args.reward or ("model" if args.reward_model else "verifier")
+    check(args.reward == "verifier" or args.reward_model, "--reward model needs --reward-model <folder or hub id>")
+    check(not args.overopt or args.reward == "model", "--overopt needs a (weak) --reward-model, e.g. "
+          "`python reward_model.py --train-size 64 --out out/rm_weak` then --reward-model out/rm_weak/model")
+    if args.kl_sweep:
+        try:
+            args.kl_sweep = [float(b) for b in args.kl_sweep.split(",")]
+        except ValueError:
+            check(False, f"--kl-sweep must be comma-separated numbers, got {args.kl_sweep!r}")
+        check(all(b >= 0 for b in args.kl_sweep), f"--kl-sweep values must be >= 0, got {args.kl_sweep}")
+        check(not args.resume and not args.overopt, "--kl-sweep runs several fresh runs: not with --resume or --overopt")
+    if args.overopt and not args.eval_every:
+        args.eval_every = max(1, args.steps // 10)
+    return args
+
+# ----------------------------------------------------------------------------- one PPO run
+
+
+def run(args, out):
+    """One PPO-RLHF run into `out`; returns its summary."""
+    d, W, t_start = DIST, DIST.world_size, time.time()
+    check(args.batch_size % W == 0 and args.mini_batch % W == 0,
+          f"--batch-size {args.batch_size} and --mini-batch {args.mini_batch} must be divisible by the {W} ranks")
+    # -- models: policy + value head (fp32 master weights), frozen reference, reward
+    model, tok = load_model(args.model, device=d.device, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
+    for mod in model.modules():  # dropout off: ρ must be exactly 1 on the first update
+        if isinstance(mod, nn.Dropout):
+            mod.p = 0.0
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    ac = PolicyWithValue(model).to(d.device)
+    train, test = load_data(args, tok)
+    has_gold = test[0]["answer"] is not None
+    check(args.reward == "model" or has_gold, f"--dataset {args.dataset}: no answers to verify; pass --reward-model")
+    check(has_gold or not args.overopt, f"--overopt needs a gold verifier: --dataset {args.dataset} has no answers")
+    check(len(train) >= args.batch_size, f"{len(train)} training prompts, fewer than --batch-size {args.batch_size}")
+    print0(f"[ppo_lm] {len(train)} training prompts, {len(test)} held out; reward: {args.reward_model or 'verifier'}; {W} rank(s) on {d.device}")
+    if args.reward == "model":
+        rm, rm_tok, n_labels = load_reward_model(args.reward_model, d.device, args.trust_remote_code)
+        label = args.reward_label if args.reward_label is not None else (0 if n_labels == 1 else 1)
+        check(0 <= label < n_labels and (n_labels <= 2 or args.reward_label is not None),
+              f"--reward-label must be one of the classifier's {n_labels} labels (pass it for > 2 labels), got {args.reward_label}")
+        max_len = min(rm_tok.model_max_length, getattr(rm.config, "max_position_embeddings", None) or 10**9)
+
+        def score_fn(problems, texts):  # the RM reads prompt + completion as text, with its own tokenizer
+            r = []
+            for i in range(0, len(texts), args.micro_batch):
+                enc = rm_tok([format_prompt(rm_tok, p["prompt"]) + t for p, t in zip(problems[i:i + args.micro_batch], texts[i:i + args.micro_batch])],
+                             padding=True, truncation=True, max_length=max_len, return_tensors="pt").to(d.device)
+                r.append(rm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, label].float())
+            return torch.cat(r)
+    else:
+        score_fn = lambda problems, texts: torch.tensor([float(verify(p, t)) for p, t in zip(problems, texts)], device=d.device)
+    amp = d.device.type == "cuda" and torch.cuda.is_bf16_supported() and not args.no_autocast
+    autocast = lambda: torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=amp)
+
+    opt = torch.optim.AdamW([{"params": model.parameters(), "lr": args.lr},
+                             {"params": ac.v_head.parameters(), "lr": args.vf_lr}], weight_decay=0.0)
+    kl_ctl = AdaptiveKLController(args.init_kl_coef, args.kl_target, args.kl_horizon)
+    ckpt, start = os.path.join(out, "checkpoint"), 0
+    if args.resume:  # weights, AdamW, RNG; the value head and β travel in `extra`
+        start, extra = load_checkpoint(ckpt, model, opt)
+        ac.v_head.load_state_dict(extra["v_head"]); kl_ctl.value, before = extra["kl_coef"], extra["before"]
+        if d.master and os.path.exists(os.path.join(out, "metrics.jsonl")):  # drop rows after the checkpoint
+            rows = [l for l in open(os.path.join(out, "metrics.jsonl")) if l.strip().endswith("}")]
+            with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+                f.writelines(l for l in rows if json.loads(l)["step"] < start)
+        print0(f"[ppo_lm] resumed from {ckpt} at step {start}")
+    else:
+        before = evaluate_policy(ac, ref, tok, test, score_fn, args, has_gold, autocast)
+        if d.master and os.path.exists(os.path.join(out, "metrics.jsonl")):
+            os.remove(os.path.join(out, "metrics.jsonl"))  # a fresh run starts a fresh log
+    print0(f"[ppo_lm] held-out before: {before}")
+    policy = torch.nn.parallel.DistributedDataParallel(ac) if W > 1 else ac
+    logger = Logger(out, config=vars(args), wandb=args.wandb)
+    B, mb, micro = args.batch_size // W, args.mini_batch // W, args.micro_batch
+    save = lambda s: save_checkpoint(ckpt, model, tok, s, opt, extra={"v_head": ac.v_head.state_dict(), "kl_coef": kl_ctl.value, "before": before})
+
+    step = start
+    try:
+        for step in tqdm(range(start, args.steps), desc="ppo", disable=not d.master, initial=start, total=args.steps):
+            t0 = time.time()
+            # -- 1. rollouts: one completion per prompt (the step's prompts are a function of seed and step)
+            problems = d.shard([train[i] for i in random.Random(args.seed * 1_000_003 + step).sample(range(len(train)), args.batch_size)])
+            with autocast():
+                roll = generate(ac.lm, tok, [p["prompt"] for p in problems], max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_p=args.top_p)
+            ids = torch.cat([roll["prompt_ids"], roll["completion_ids"]], 1)             # (B, P+T)
+            attn = torch.cat([roll["prompt_mask"], roll["completion_mask"]], 1)
+            T, mask = roll["completion_ids"].shape[1], roll["completion_mask"].float()  # (B, T), incl. EOS
+            # -- 2. score each completion; old log-probs / values and reference log-probs, once per batch
+            with autocast():
+                raw = score_fn(problems, roll["texts"])                                  # (B,)
+                old_lp, old_v, ent = batched(ac, ids, attn, T, micro)
+                ref_lp = batched(lambda *a: lm_forward(ref, None, *a), ids, attn, T, micro)[0]
+            scores = raw - args.missing_eos_penalty * (~roll["has_eos"]).float()
+            # -- 3. per-token rewards (KL penalty + score at the last token) -> GAE -> whitened advantages
+            rewards, kl = token_rewards(scores, old_lp, ref_lp, mask, kl_ctl.value, args.kl_estimator)
+            adv, returns = gae(rewards, old_v, mask, args.gamma, args.lam)
+            adv = masked_whiten(adv, mask)
+            # -- 4. PPO: --ppo-epochs passes over shuffled minibatches; every rank runs the same number of passes
+            sums, n_upd = {}, 0
+            for _ in range(args.ppo_epochs):
+                perm = torch.randperm(B, device=d.device)
+                for i in range(0, B, mb):
+                    rows = perm[i:i + mb]
+                    n_glob = all_reduce_mean(float(mask[rows].sum())) * W        # token mean over the global minibatch
+                    opt.zero_grad(set_to_none=True)
+                    for j in range(0, len(rows), micro):
+                        r = rows[j:j + micro]
+                        sync = policy.no_sync() if W > 1 and j + micro < len(rows) else contextlib.nullcontext()
+                        with sync, autocast():
+                            lp, v, _ = policy(ids[r], attn[r], T)
+                            loss, st = ppo_loss(lp, old_lp[r], v, old_v[r], adv[r], returns[r], mask[r], args.clip_eps,
+                                                args.vf_clip or None, args.vf_coef)
+                            nan_guard(loss, step)
+                            (loss * float(mask[r].sum()) / n_glob * W).backward()  # DDP averages over ranks
+                        for k, val in st.items():
+                            sums[k] = sums.get(k, 0.0) + val.item() * float(mask[r].sum()) / float(mask[rows].sum())
+                    grad_norm = torch.nn.utils.clip_grad_norm_(ac.parameters(), args.grad_clip)
+                    opt.step(); n_upd += 1
+            # -- 5. adapt β to the batch's KL (per completion, global), log
+            kl_seq = all_reduce_mean(kl.sum(1).mean().item())
+            kl_ctl.update(kl_seq, args.batch_size)
+            g = lambda x: all_reduce_mean(float(x))
+            m = dict(score=g(raw.mean()), reward=g((rewards * mask).sum(1).mean()), kl=kl_seq, kl_coef=kl_ctl.value,
+                     **{k: g(v / n_upd) for k, v in sums.items()}, entropy=g((ent * mask).sum() / mask.sum()),
+                     value=g((old_v * mask).sum() / mask.sum()), grad_norm=float(grad_norm),
+                     explained_var=g(1 - (returns - old_v)[mask.bool()].var() / returns[mask.bool()].var().clamp(min=1e-8)),
+                     completion_len=g(mask.sum(1).mean()), truncated=g((~roll["has_eos"]).float().mean()), step_time=time.time() - t0)
+            if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+                m.update({f"eval_{k}": v for k, v in evaluate_policy(ac, ref, tok, test, score_fn, args, has_gold, autocast).items()})
+            logger.log(step, **m)
+            if args.save_every and (step + 1) % args.save_every == 0:
+                save(step + 1)
+    except KeyboardInterrupt:  # the interrupted step is redone on --resume
+        save(step)
+        print0(f"[ppo_lm] interrupted: checkpoint at step {step} in {ckpt}; continue with --resume")
+        cleanup()
+        raise SystemExit(130)
+
+    # -- evaluation, summary, final model (a plain causal-LM folder + value_head.pt)
+    after = evaluate_policy(ac, ref, tok, test, score_fn, args, has_gold, autocast)
+    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))] if d.master else []
+    summary = dict(model=args.model, reward=args.reward_model or "verifier", dataset=args.dataset or args.task, steps=args.steps,
+                   kl_coef=args.init_kl_coef, kl_coef_final=kl_ctl.value, world_size=W,
+                   **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()},
+                   train_score_first10=float(np.mean([r["score"] for r in rows[:10]])) if rows else None,
+                   train_score_last10=float(np.mean([r["score"] for r in rows[-10:]])) if rows else None,
+                   curve=[dict(step=-1, **before)] + [dict(step=r["step"], **{k[5:]: v for k, v in r.items() if k.startswith("eval_")})
+                                                       for r in rows if "eval_score" in r] + [dict(step=args.steps - 1, **after)],
+                   wall_time_s=time.time() - t_start)
+    plot_metrics(out, ["score", "kl", "entropy", "clip_frac", "explained_var"], "curves.png", title=f"PPO on {args.dataset or args.task}")
+    if d.master:
+        save_pretrained_atomic(os.path.join(out, "model"), model, tok)
+        torch.save(ac.v_head.state_dict(), os.path.join(out, "model", "value_head.pt"))
+    write_summary(out, summary)
+    return summary
+
+# ----------------------------------------------------------------------------- week 4 experiments and main
+
+
+def plot_two(out, xs, left, right, filename, title, xlabel="KL(π || π_ref) per completion (nats)"):
+    """Two curves over one x axis with their own y axes ({label: ys} each); matplotlib optional."""
+    if not DIST.master:
+        return
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print0("[ppo_lm] matplotlib not installed: no plot written")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    axes = [ax, ax.twinx()]
+    for a, (label, ys), c in zip(axes, [*left.items(), *right.items()], ["tab:blue", "tab:red"]):
+        a.plot(xs, ys, "o-", color=c, label=label); a.set_ylabel(label, color=c)
+    ax.set_xlabel(xlabel); ax.set_title(title); ax.grid(alpha=0.3)
+    fig.tight_layout(); fig.savefig(os.path.join(out, filename), dpi=100); plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    setup(args.seed, args.device)
+    if not args.kl_sweep:
+        summary = run(args, args.out)
+    else:  # alignment tax: the same run (same seed, same prompts) at several fixed β
+        runs = []
+        for beta in args.kl_sweep:
+            setup(args.seed, args.device)
+            runs.append(run(argparse.Namespace(**{**vars(args), "init_kl_coef": beta, "kl_target": None}), os.path.join(args.out, f"beta_{beta:g}")))
+        keys = ["score", "kl", "gold_accuracy", "gold_sampled", "entropy", "distinct_2", "unique"]
+        table = [dict(beta="start", **{k: runs[0].get(f"{k}_before") for k in keys})] + \
+                [dict(beta=b, **{k: r.get(f"{k}_after") for k in keys}) for b, r in zip(args.kl_sweep, runs)]
+        print0("\n| β | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 1))
+        for row in table:
+            print0(f"| {row['beta']} | " + " | ".join("-" if row[k] is None else f"{row[k]:.3f}" for k in keys) + " |")
+        pts = sorted(table, key=lambda r: r["kl"])
+        gold = "gold_accuracy" if runs[0].get("gold_accuracy_after") is not None else "entropy"
+        plot_two(args.out, [r["kl"] for r in pts], {"proxy score": [r["score"] for r in pts]}, {gold: [r[gold] for r in pts]},
+                 "kl_frontier.png", "KL sweep: reward vs KL (the alignment tax)")
+        summary = dict(model=args.model, reward=args.reward_model or "verifier", steps=args.steps, kl_sweep=table)
+        write_summary(args.out, summary)
+    if args.overopt:  # Gao et al. 2022: proxy keeps rising with KL; does gold rise, then fall?
+        c = summary["curve"]
+        plot_two(args.out, [p["kl"] for p in c], {"proxy score (RM)": [p["score"] for p in c]},
+                 {"gold accuracy (verifier)": [p["gold_sampled"] for p in c]}, "overopt.png", "Overoptimization: proxy vs gold")
+        g = [p["gold_sampled"] for p in c]
+        peak = int(np.argmax(g))
+        summary["overopt"] = dict(gold_start=g[0], gold_peak=g[peak], kl_at_peak=c[peak]["kl"], gold_end=g[-1],
+                                  proxy_start=c[0]["score"], proxy_end=c[-1]["score"],
+                                  rises_then_falls=bool(g[peak] > g[0] + 0.02 and g[-1] < g[peak] - 0.02))
+        write_summary(args.out, summary)
+    cleanup()
+    return summary
+
+
+if __name__ == "__main__":
+    with friendly_errors():
+        main()

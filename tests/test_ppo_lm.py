@@ -1,0 +1,214 @@
+"""ppo_lm.py: GAE / PPO loss / KL reward / KL controller by hand, flag errors, an embedded run that raises
+a reward model's score at bounded KL, the KL sweep and overoptimization outputs, the sentiment path on
+random gpt2 + distilbert folders, and two torchrun ranks."""
+import json, math, os, random, subprocess, sys
+
+import pytest
+import torch
+
+import common as C
+import ppo_lm
+from conftest import ROOT
+from test_common import save_random_causal
+
+# ----------------------------------------------------------------------------- the pieces by hand
+
+
+def test_gae_by_hand_and_masked_positions_are_ignored():
+    # gamma 1, lam 0.95; the 4th position is padding with junk reward / value that must not leak in
+    r, v = torch.tensor([[0.0, 0.0, 1.0, 9.0]]), torch.tensor([[0.5, 0.6, 0.8, 7.0]])
+    adv, ret = ppo_lm.gae(r, v, torch.tensor([[1, 1, 1, 0]]), gamma=1.0, lam=0.95)
+    # t=2: delta = 1 + 0 - 0.8 = 0.2 (V after the last token is 0); t=1: 0.8 - 0.6 = 0.2, A = 0.2 + 0.95 * 0.2 = 0.39
+    # t=0: delta = 0.6 - 0.5 = 0.1, A = 0.1 + 0.95 * 0.39 = 0.4705
+    assert torch.allclose(adv, torch.tensor([[0.4705, 0.39, 0.2, 0.0]]), atol=1e-6)
+    assert torch.allclose(ret, torch.tensor([[0.9705, 0.99, 1.0, 0.0]]), atol=1e-6)
+    # a masked position in front (left padding) and in the middle are skipped; gamma 0.9, lam 0.5
+    r, v = torch.tensor([[5.0, 0.0, -3.0, 0.5, 1.0]]), torch.tensor([[9.0, 0.2, 4.0, 0.4, 0.1]])
+    adv, _ = ppo_lm.gae(r, v, torch.tensor([[0, 1, 0, 1, 1]]), gamma=0.9, lam=0.5)
+    # t=4: 1 - 0.1 = 0.9; t=3: 0.5 + 0.9 * 0.1 - 0.4 = 0.19, A = 0.19 + 0.45 * 0.9 = 0.595
+    # t=1 (next real token is t=3): 0 + 0.9 * 0.4 - 0.2 = 0.16, A = 0.16 + 0.45 * 0.595 = 0.42775
+    assert torch.allclose(adv, torch.tensor([[0.0, 0.42775, 0.0, 0.595, 0.9]]), atol=1e-6)
+    # lam = gamma = 1: Monte Carlo, A_t = (sum of rewards from t) - V_t
+    r, v = torch.randn(3, 6), torch.randn(3, 6)
+    adv, _ = ppo_lm.gae(r, v, torch.ones(3, 6), gamma=1.0, lam=1.0)
+    assert torch.allclose(adv, r.flip(1).cumsum(1).flip(1) - v, atol=1e-5)
+
+
+def test_ppo_loss_by_hand():
+    # t0: ratio 1.5, A = +1 -> clipped at 1.2: max(-1.5, -1.2) = -1.2 (no gradient)
+    # t1: ratio 0.5, A = +2 -> max(-1.0, -0.8 * 2) = -1.0 (unclipped);  t2 is padding with junk
+    lp = torch.tensor([[0.0, 0.0, 50.0]], requires_grad=True)
+    old = torch.tensor([[-math.log(1.5), -math.log(0.5), 0.0]])
+    adv, mask = torch.tensor([[1.0, 2.0, 100.0]]), torch.tensor([[1, 1, 0]])
+    # values: t0 V=0.5, V_old=0, R=1 -> (0.5-1)^2 = 0.25 vs clipped V 0.2: (0.2-1)^2 = 0.64 -> 0.64 (clipped)
+    #         t1 V=0, V_old=0.3, R=0.5 -> 0.25 vs clipped V 0.1: 0.16 -> 0.25 (unclipped)
+    v = torch.tensor([[0.5, 0.0, 7.0]], requires_grad=True)
+    v_old, ret = torch.tensor([[0.0, 0.3, 0.0]]), torch.tensor([[1.0, 0.5, -9.0]])
+    loss, st = ppo_lm.ppo_loss(lp, old, v, v_old, adv, ret, mask, clip_eps=0.2, vf_clip=0.2, vf_coef=0.1)
+    pg, vf = (-1.2 - 1.0) / 2, 0.5 * (0.64 + 0.25) / 2
+    assert st["pg_loss"].item() == pytest.approx(pg, abs=1e-6) and st["vf_loss"].item() == pytest.approx(vf, abs=1e-6)
+    assert loss.item() == pytest.approx(pg + 0.1 * vf, abs=1e-6)                  # -1.07775
+    assert st["clip_frac"].item() == pytest.approx(0.5) and st["vf_clip_frac"].item() == pytest.approx(0.5)
+    kl = ((0.5 - math.log(1.5)) + (-0.5 - math.log(0.5))) / 2                    # mean of (ρ - 1) - log ρ
+    assert st["approx_kl"].item() == pytest.approx(kl, abs=1e-6)
+    loss.backward()
+    # d/dlp1 of -A ρ / n = -2 * 0.5 / 2; the clipped t0 and the padding get nothing
+    assert torch.allclose(lp.grad, torch.tensor([[0.0, -0.5, 0.0]]), atol=1e-6)
+    # value: t0's clipped branch has no gradient; t1: 0.1 * 0.5 * 2 (V - R) / 2 = 0.05 * (0 - 0.5)
+    assert torch.allclose(v.grad, torch.tensor([[0.0, -0.025, 0.0]]), atol=1e-6)
+    # no value clipping: both value terms count
+    loss, st = ppo_lm.ppo_loss(lp, old, v, v_old, adv, ret, mask, vf_clip=None, vf_coef=1.0)
+    assert st["vf_loss"].item() == pytest.approx(0.5 * (0.25 + 0.25) / 2, abs=1e-6)
+
+
+def test_token_rewards_k1_k3_and_score_on_the_last_token():
+    lp = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-1.5, -2.0, 0.0], [-1.0, -1.0 - math.log(2), -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])                     # row 2 ends at t=1 (EOS)
+    r, kl = ppo_lm.token_rewards(torch.tensor([2.0, -1.0]), lp, ref, mask, kl_coef=0.1)
+    # k1 = lp - ref: [0.5, 0, -0.5], [0, log 2, (masked)]
+    assert torch.allclose(kl, torch.tensor([[0.5, 0.0, -0.5], [0.0, math.log(2), 0.0]]), atol=1e-6)
+    assert torch.allclose(r, torch.tensor([[-0.05, 0.0, 0.05 + 2.0], [0.0, -0.1 * math.log(2) - 1.0, 0.0]]), atol=1e-6)
+    _, kl3 = ppo_lm.token_rewards(torch.zeros(2), lp, ref, mask, 0.1, "k3")
+    k3 = lambda d: math.exp(-d) + d - 1                                           # d = k1
+    assert torch.allclose(kl3, torch.tensor([[k3(0.5), 0.0, k3(-0.5)], [0.0, k3(math.log(2)), 0.0]]), atol=1e-6)
+    assert (kl3 >= 0).all()
+
+
+def test_adaptive_kl_controller():
+    fixed = ppo_lm.AdaptiveKLController(0.1)
+    fixed.update(100.0, 128)
+    assert fixed.value == 0.1
+    c = ppo_lm.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    c.update(12.0, 128)                       # error 12/6 - 1 = 1, clipped to 0.2: x (1 + 0.2 * 128 / 10000)
+    assert c.value == pytest.approx(0.1 * 1.00256)
+    c.update(6.6, 1000)                       # error 0.1: x (1 + 0.1 * 0.1)
+    assert c.value == pytest.approx(0.1 * 1.00256 * 1.01)
+    c.update(0.0, 10000)                      # error -1 -> -0.2: x 0.8
+    assert c.value == pytest.approx(0.1 * 1.00256 * 1.01 * 0.8)
+
+
+def test_masked_whiten_and_distinct_n():
+    x, m = torch.tensor([[1.0, 2.0, 100.0], [3.0, 99.0, 99.0]]), torch.tensor([[1, 1, 0], [1, 0, 0]])
+    w = ppo_lm.masked_whiten(x, m)            # real entries 1, 2, 3: mean 2, unbiased std 1
+    assert torch.allclose(w, torch.tensor([[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]), atol=1e-5)
+    assert ppo_lm.distinct_n([[1, 2, 3], [1, 2, 4]], 2) == pytest.approx(3 / 4)  # (1,2) (2,3) (1,2) (2,4)
+
+# ----------------------------------------------------------------------------- flags
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--lr", "-1"], "--lr must be > 0, got -1"),
+    (["--batch-size", "6", "--mini-batch", "4"], "--batch-size 6 must be divisible by --mini-batch 4"),
+    (["--reward", "model"], "--reward model needs --reward-model"),
+    (["--overopt"], "--overopt needs a (weak) --reward-model"),
+    (["--kl-sweep", "0.1,x"], "--kl-sweep must be comma-separated numbers"),
+    (["--clip-eps", "0"], "--clip-eps must be in (0, 1)"),
+    (["--init-kl-coef", "-0.1"], "--init-kl-coef must be >= 0"),
+])
+def test_bad_flags_are_one_line_errors(argv, msg, tmp_path):
+    with pytest.raises(C.InputError, match=__import__("re").escape(msg)):
+        ppo_lm.main(argv + ["--out", str(tmp_path)])
+
+
+def test_bad_flag_exits_2_with_one_line(tmp_path):
+    r = subprocess.run([sys.executable, "ppo_lm.py", "--lr", "0", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --lr must be > 0, got 0.0"
+
+# ----------------------------------------------------------------------------- the full loop on the embedded world
+
+
+def train_small_rm(folder, steps=60, seed=0):
+    """RLHF step 2 in a few lines (independent of reward_model.py): Bradley-Terry on the built-in pairs."""
+    C.set_seed(seed)
+    rm, tok = C.load_model("tiny", kind="reward", device=torch.device("cpu"))
+    tok.padding_side = "right"
+    pairs = C.make_pairs("arithmetic", 1024, seed=seed)
+    opt = torch.optim.AdamW(rm.parameters(), lr=1e-3)
+    for step in range(steps):
+        b = random.Random(step).sample(pairs, 32)
+        enc = tok([p["prompt"] + p["chosen"] for p in b] + [p["prompt"] + p["rejected"] for p in b], padding=True, return_tensors="pt")
+        r = rm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, 0]
+        loss = -torch.nn.functional.logsigmoid(r[:32] - r[32:]).mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+    C.save_pretrained_atomic(folder, rm, tok)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def small_rm(tmp_path_factory):
+    return train_small_rm(str(tmp_path_factory.mktemp("rm") / "model"))
+
+
+def test_ppo_raises_reward_model_score_at_bounded_kl(tmp_path, small_rm):
+    s = ppo_lm.main(["--reward-model", small_rm, "--steps", "25", "--eval-n", "64", "--seed", "0", "--out", str(tmp_path)])
+    for k in ("score_before", "score_after", "kl_after", "gold_accuracy_before", "gold_accuracy_after", "gold_sampled_after",
+              "entropy_after", "distinct_2_after", "unique_after", "train_score_first10", "train_score_last10", "wall_time_s"):
+        assert k in s, k
+    assert s["score_after"] > s["score_before"] + 0.5, s
+    assert 0 < s["kl_after"] < 10, s
+    rows = C.read_metrics(str(tmp_path))
+    assert len(rows) == 25 and all(math.isfinite(r["pg_loss"]) and 0 <= r["clip_frac"] <= 1 for r in rows)
+    assert json.load(open(tmp_path / "summary.json"))["score_after"] == s["score_after"]
+    assert os.path.isfile(tmp_path / "model" / "config.json") and os.path.isfile(tmp_path / "model" / "value_head.pt")
+    assert os.path.isfile(tmp_path / "curves.png")
+
+
+def test_kl_sweep_and_overoptimization_outputs(tmp_path, small_rm):
+    small = ["--reward-model", small_rm, "--steps", "2", "--batch-size", "8", "--mini-batch", "4", "--eval-n", "8",
+             "--eval-samples", "2", "--max-new-tokens", "36"]
+    s = ppo_lm.main(small + ["--kl-sweep", "0,0.5", "--out", str(tmp_path / "sweep")])
+    assert [r["beta"] for r in s["kl_sweep"]] == ["start", 0.0, 0.5]
+    assert all({"score", "kl", "gold_accuracy", "entropy", "distinct_2", "unique"} <= set(r) for r in s["kl_sweep"])
+    assert os.path.isfile(tmp_path / "sweep" / "kl_frontier.png") and os.path.isfile(tmp_path / "sweep" / "beta_0.5" / "summary.json")
+    s = ppo_lm.main(small + ["--steps", "4", "--overopt", "--eval-every", "2", "--out", str(tmp_path / "overopt")])
+    assert [p["step"] for p in s["curve"]] == [-1, 1, 3]
+    assert {"gold_start", "gold_peak", "kl_at_peak", "gold_end", "rises_then_falls"} <= set(s["overopt"])
+    assert os.path.isfile(tmp_path / "overopt" / "overopt.png")
+
+# ----------------------------------------------------------------------------- the sentiment path, real architectures
+
+
+def save_random_distilbert(folder, tmp_path):
+    """A random 2-label DistilBERT classifier with a small word-piece vocabulary (like lvwerra/distilbert-imdb)."""
+    from transformers import BertTokenizerFast, DistilBertConfig, DistilBertForSequenceClassification
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz0123456789.,!")))
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
+    cfg = DistilBertConfig(vocab_size=44, dim=32, n_layers=2, n_heads=2, hidden_dim=64, num_labels=2, max_position_embeddings=64)
+    DistilBertForSequenceClassification(cfg).save_pretrained(folder)
+    return folder
+
+
+def test_sentiment_path_gpt2_policy_distilbert_classifier(tmp_path):
+    policy = save_random_causal(str(tmp_path / "gpt2"), "gpt2")
+    clf = save_random_distilbert(str(tmp_path / "distilbert"), tmp_path)
+    reviews = tmp_path / "imdb.jsonl"
+    texts = ["This movie was a waste of time.", "A wonderful film, I loved it!", "Great acting, weak plot.",
+             "Terrible. Just terrible.", "One of the best films of the year.", "I fell asleep halfway through."] * 2
+    reviews.write_text("".join(json.dumps({"text": t, "label": i % 2}) + "\n" for i, t in enumerate(texts)))
+    args = ["--model", policy, "--reward-model", clf, "--dataset", str(reviews), "--steps", "2", "--batch-size", "4",
+            "--mini-batch", "2", "--micro-batch", "1", "--eval-n", "4", "--eval-samples", "2", "--max-new-tokens", "8",
+            "--kl-target", "6", "--kl-estimator", "k3", "--missing-eos-penalty", "1.0", "--out", str(tmp_path / "out")]
+    s = ppo_lm.main(args)
+    assert json.load(open(tmp_path / "out" / "summary.json"))["score_after"] == s["score_after"]
+    assert "gold_accuracy_after" not in s and math.isfinite(s["score_before"]) and math.isfinite(s["kl_after"])
+    assert s["kl_coef_final"] != s["kl_coef"]                                   # the adaptive controller moved β
+    rows = C.read_metrics(str(tmp_path / "out"))
+    assert len(rows) == 2 and all(math.isfinite(r["vf_loss"]) for r in rows)
+    with pytest.raises(C.InputError, match="--reward-label must be one of the classifier's 2 labels"):
+        ppo_lm.main(args[:-2] + ["--reward-label", "2", "--out", str(tmp_path / "bad")])
+    with pytest.raises(C.InputError, match="no answers to verify"):
+        ppo_lm.main(["--model", policy, "--dataset", str(reviews), "--eval-n", "4", "--out", str(tmp_path / "bad")])
+
+
+def test_torchrun_two_ranks(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29623",
+                        "ppo_lm.py", "--steps", "2", "--batch-size", "8", "--mini-batch", "4", "--micro-batch", "1",
+                        "--eval-n", "8", "--eval-samples", "2", "--max-new-tokens", "36", "--device", "cpu",
+                        "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.load(open(tmp_path / "summary.json"))
+    assert s["world_size"] == 2 and len(C.read_metrics(str(tmp_path))) == 2
