@@ -258,7 +258,8 @@ def main(argv=None) -> dict:
     model.train()
     t0, step = time.time(), start
     try:
-        for step in tqdm(range(start, args.steps), desc="reward model", disable=not d.master):
+        for step in tqdm(range(start, args.steps), desc="reward model", disable=not d.master or None):
+            # (disable=None: no bar when stderr is not a terminal, e.g. in logs and CI)
             while len(order) < per_rank:                     # reshuffled epochs over this rank's shard
                 order += random.sample(range(len(mine)), len(mine))
             batch, order = [mine[i] for i in order[:per_rank]], order[per_rank:]

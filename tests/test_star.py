@@ -108,7 +108,7 @@ def test_embedded_star_raises_heldout_accuracy(tmp_path, one_thread):
 
 
 @pytest.mark.skipif(not os.path.isdir(REALDATA), reason="../shared/realdata absent")
-def test_real_architecture_on_gsm8k_rows(tmp_path, monkeypatch):
+def test_real_architecture_on_gsm8k_rows(tmp_path, monkeypatch, one_thread):
     """A random qwen2 on real GSM8K chat prompts. It solves nothing, so the kept set is made of
     reference solutions to drive the fine-tuning loop through a real architecture."""
     folder = save_random_causal(str(tmp_path / "qwen2"), "qwen2")
