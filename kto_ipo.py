@@ -240,11 +240,11 @@ def make_dataset(model, tok, problems, samples, max_new_tokens, temperature, jud
     pairs, unpaired, by_prompt = [], [], {}
     for i, t, s in scored:
         by_prompt.setdefault(i, []).append((s, t))
-        unpaired.append(dict(prompt=problems[i]["prompt"], completion=t, label=s > thr, problem=problems[i]))
+        unpaired.append(dict(prompt=problems[i]["prompt"], completion=t, label=s > thr))
     for i, group in sorted(by_prompt.items()):
         best, worst = max(group, key=lambda g: g[0]), min(group, key=lambda g: g[0])
         if best[0] > worst[0]:
-            pairs.append(dict(prompt=problems[i]["prompt"], chosen=best[1], rejected=worst[1], problem=problems[i]))
+            pairs.append(dict(prompt=problems[i]["prompt"], chosen=best[1], rejected=worst[1]))
     return pairs, unpaired
 
 
@@ -407,7 +407,8 @@ def main(argv=None):
             auc = ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item() if len(c) and len(r) else float("nan")
             res = dict(heldout_reward_acc=auc, heldout_reward_margin=(c.mean() - r.mean()).item() if len(c) and len(r) else float("nan"))
         if problems is not None:
-            res["accuracy"] = C.evaluate(model, tok, problems, max_new_tokens=args.max_new_tokens)["accuracy"]
+            # float(): evaluate() can return np.float64, which torch.load(weights_only=True) refuses on --resume
+            res["accuracy"] = float(C.evaluate(model, tok, problems, max_new_tokens=args.max_new_tokens)["accuracy"])
         return res
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -487,7 +488,7 @@ def main(argv=None):
     # ---- evaluation and summary
     after = heldout_eval()
     logger.log(args.steps, **after)
-    summary = dict(loss=args.loss, steps=args.steps, train_rows=len(train), wall_s=round(time.time() - t0, 1),
+    summary = dict(loss=args.loss, steps=args.steps, train_rows=len(train), world_size=d.world_size, wall_s=round(time.time() - t0, 1),
                    **{f"{k}_{w}": r[k] for k in ("accuracy", "heldout_reward_acc", "heldout_reward_margin")
                       for w, r in (("before", extra["before"]), ("after", after)) if k in r},
                    **{f"last_{k}": v for k, v in last.items() if k in ("loss", "reward_acc", "reward_margin", "kl", "z0", "h", "nll")})

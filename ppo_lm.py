@@ -468,8 +468,9 @@ def run(args, out):
 # ----------------------------------------------------------------------------- week 4 experiments and main
 
 
-def plot_two(out, xs, left, right, filename, title, xlabel="KL(π || π_ref) per completion (nats)"):
-    """Two curves over one x axis with their own y axes ({label: ys} each); matplotlib optional."""
+def plot_two(out, xs, left, right, filename, title, notes=None, xlabel="KL(π || π_ref) per completion (nats)"):
+    """Two curves over one x axis with their own y axes ({label: ys} each), points optionally
+    annotated with `notes`; matplotlib optional."""
     if not DIST.master:
         return
     try:
@@ -482,6 +483,8 @@ def plot_two(out, xs, left, right, filename, title, xlabel="KL(π || π_ref) per
     axes = [ax, ax.twinx()]
     for a, (label, ys), c in zip(axes, [*left.items(), *right.items()], ["tab:blue", "tab:red"]):
         a.plot(xs, ys, "o-", color=c, label=label); a.set_ylabel(label, color=c)
+    for x, y, note in zip(xs, next(iter(left.values())), notes or []):
+        ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, -12))
     ax.set_xlabel(xlabel); ax.set_title(title); ax.grid(alpha=0.3)
     fig.tight_layout(); fig.savefig(os.path.join(out, filename), dpi=100); plt.close(fig)
 
@@ -505,7 +508,7 @@ def main(argv=None) -> dict:
         pts = sorted(table, key=lambda r: r["kl"])
         gold = "gold_accuracy" if runs[0].get("gold_accuracy_after") is not None else "entropy"
         plot_two(args.out, [r["kl"] for r in pts], {"proxy score": [r["score"] for r in pts]}, {gold: [r[gold] for r in pts]},
-                 "kl_frontier.png", "KL sweep: reward vs KL (the alignment tax)")
+                 "kl_frontier.png", "KL sweep: reward vs KL (the alignment tax)", [f"β={r['beta']}" for r in pts])
         summary = dict(model=args.model, reward=args.reward_model or "verifier", steps=args.steps, kl_sweep=table)
         write_summary(args.out, summary)
     if args.overopt:  # Gao et al. 2022: proxy keeps rising with KL; does gold rise, then fall?

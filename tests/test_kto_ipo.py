@@ -159,6 +159,39 @@ def test_make_dataset_then_kto_learns(tmp_path):
     assert all(os.path.isfile(tmp_path / f) for f in ("rewards.png", "health.png", "model/config.json"))
 
 
+def test_make_dataset_with_reward_model_judge(tmp_path):
+    """--judge: an (untrained) tiny reward model scores the answers; label = score > median score,
+    pairs = best vs worst answer of prompts whose scores differ. --steps 0: make + evaluate only."""
+    rm, tok = C.load_model("tiny", kind="reward", device=torch.device("cpu"))
+    C.save_pretrained_atomic(str(tmp_path / "rm"), rm, tok)
+    s = K.main(CPU + ["--make-dataset", "--judge", str(tmp_path / "rm"), "--loss", "ipo", "--n-prompts", "16", "--samples", "4",
+                      "--steps", "0", "--batch-size", "4", "--eval-n", "8", "--out", str(tmp_path / "run")])
+    m, kto = s["made_dataset"], [json.loads(l) for l in open(tmp_path / "run" / "kto.jsonl")]
+    assert m["unpaired"] == len(kto) and 0 < m["desirable"] <= len(kto) / 2  # strictly above the median
+    assert m["pairs"] == sum(1 for _ in open(tmp_path / "run" / "pairs.jsonl")) == s["train_rows"] > 0
+    assert s["heldout_reward_acc_before"] == s["heldout_reward_acc_after"]  # 0 steps: nothing changed
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, monkeypatch):
+    flags = CPU + ["--steps", "4", "--batch-size", "4", "--n-train", "32", "--eval-n", "8", "--out", str(tmp_path)]
+    calls, real = [], K.kto_loss
+
+    def interrupted(*a, **kw):  # Ctrl-C during the 3rd update
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(K, "kto_loss", interrupted)
+    with pytest.raises(SystemExit) as e:
+        K.main(flags)
+    assert e.value.code == 130 and torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(K, "kto_loss", real)
+    s = K.main(flags + ["--resume"])
+    assert [r["step"] for r in C.read_metrics(str(tmp_path)) if "loss" in r] == [1, 2, 3, 4] and s["steps"] == 4
+    with pytest.raises(C.InputError, match="flags differ"):
+        K.main(flags + ["--resume", "--seed", "1"])
+
+
 @pytest.mark.parametrize("loss", ["ipo", "orpo"])
 def test_ipo_and_orpo_learn(tmp_path, loss):
     """Built-in pairs (reference solution vs a realistic error), default lr per loss. Measured (seeds 0 / 1):
@@ -225,6 +258,7 @@ def test_ddp_kto_matches_single_process(tmp_path):
                         os.path.join(ROOT, "kto_ipo.py")] + flags + ["--out", str(tmp_path / "two")],
                        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
+    assert json.load(open(tmp_path / "two" / "summary.json"))["world_size"] == 2
     one = [x for x in C.read_metrics(str(tmp_path / "one")) if "loss" in x]
     two = [x for x in C.read_metrics(str(tmp_path / "two")) if "loss" in x]
     for k in ("loss", "kl", "reward_acc", "chosen_reward", "rejected_reward"):  # step 2 depends on step 1's gradient
