@@ -190,6 +190,27 @@ def load_reward_model(name, device, trust_remote_code):
     return rm.eval().requires_grad_(False), tok, n_labels
 
 
+def make_scorer(args, device):
+    """score(problems, texts) -> (B,) float: the verifier (1 = correct), or a classifier's logit
+    --reward-label of prompt + completion, read as text with the classifier's own tokenizer."""
+    if args.reward == "verifier":
+        return lambda problems, texts: torch.tensor([float(verify(p, t)) for p, t in zip(problems, texts)], device=device)
+    rm, rm_tok, n_labels = load_reward_model(args.reward_model, device, args.trust_remote_code)
+    label = args.reward_label if args.reward_label is not None else (0 if n_labels == 1 else 1)
+    check(0 <= label < n_labels and (n_labels <= 2 or args.reward_label is not None),
+          f"--reward-label must be one of the classifier's {n_labels} labels (pass it for > 2 labels), got {args.reward_label}")
+    max_len = min(rm_tok.model_max_length, getattr(rm.config, "max_position_embeddings", None) or 10**9)
+
+    def score(problems, texts):
+        r, mb = [], args.micro_batch
+        for i in range(0, len(texts), mb):
+            batch = [format_prompt(rm_tok, p["prompt"]) + t for p, t in zip(problems[i:i + mb], texts[i:i + mb])]
+            enc = rm_tok(batch, padding=True, truncation=True, max_length=max_len, return_tensors="pt").to(device)
+            r.append(rm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, label].float())
+        return torch.cat(r)
+    return score
+
+
 def review_prompts(rows, tok, n, seed, where):
     """TRL gpt2-sentiment prompts: the first 2-8 policy tokens of `n` random rows' `text`."""
     rng, out = random.Random(seed), []
@@ -343,22 +364,7 @@ def run(args, out):
     check(has_gold or not args.overopt, f"--overopt needs a gold verifier: --dataset {args.dataset} has no answers")
     check(len(train) >= args.batch_size, f"{len(train)} training prompts, fewer than --batch-size {args.batch_size}")
     print0(f"[ppo_lm] {len(train)} training prompts, {len(test)} held out; reward: {args.reward_model or 'verifier'}; {W} rank(s) on {d.device}")
-    if args.reward == "model":
-        rm, rm_tok, n_labels = load_reward_model(args.reward_model, d.device, args.trust_remote_code)
-        label = args.reward_label if args.reward_label is not None else (0 if n_labels == 1 else 1)
-        check(0 <= label < n_labels and (n_labels <= 2 or args.reward_label is not None),
-              f"--reward-label must be one of the classifier's {n_labels} labels (pass it for > 2 labels), got {args.reward_label}")
-        max_len = min(rm_tok.model_max_length, getattr(rm.config, "max_position_embeddings", None) or 10**9)
-
-        def score_fn(problems, texts):  # the RM reads prompt + completion as text, with its own tokenizer
-            r = []
-            for i in range(0, len(texts), args.micro_batch):
-                enc = rm_tok([format_prompt(rm_tok, p["prompt"]) + t for p, t in zip(problems[i:i + args.micro_batch], texts[i:i + args.micro_batch])],
-                             padding=True, truncation=True, max_length=max_len, return_tensors="pt").to(d.device)
-                r.append(rm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, label].float())
-            return torch.cat(r)
-    else:
-        score_fn = lambda problems, texts: torch.tensor([float(verify(p, t)) for p, t in zip(problems, texts)], device=d.device)
+    score_fn = make_scorer(args, d.device)
     amp = d.device.type == "cuda" and torch.cuda.is_bf16_supported() and not args.no_autocast
     autocast = lambda: torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=amp)
 
@@ -508,18 +514,18 @@ def main(argv=None) -> dict:
         pts = sorted(table, key=lambda r: r["kl"])
         gold = "gold_accuracy" if runs[0].get("gold_accuracy_after") is not None else "entropy"
         plot_two(args.out, [r["kl"] for r in pts], {"proxy score": [r["score"] for r in pts]}, {gold: [r[gold] for r in pts]},
-                 "kl_frontier.png", "KL sweep: reward vs KL (the alignment tax)", [f"β={r['beta']}" for r in pts])
+                 "kl_frontier.png", "KL sweep: reward vs KL (the alignment tax)", [f"β={r['beta']}" if r["beta"] != "start" else "SFT" for r in pts])
         summary = dict(model=args.model, reward=args.reward_model or "verifier", steps=args.steps, kl_sweep=table)
         write_summary(args.out, summary)
     if args.overopt:  # Gao et al. 2022: proxy keeps rising with KL; does gold rise, then fall?
         c = summary["curve"]
         plot_two(args.out, [p["kl"] for p in c], {"proxy score (RM)": [p["score"] for p in c]},
-                 {"gold accuracy (verifier)": [p["gold_sampled"] for p in c]}, "overopt.png", "Overoptimization: proxy vs gold")
-        g = [p["gold_sampled"] for p in c]
+                 {"gold accuracy (verifier, greedy)": [p["gold_accuracy"] for p in c]}, "overopt.png", "Overoptimization: proxy vs gold")
+        g = [p["gold_accuracy"] for p in c]
         peak = int(np.argmax(g))
         summary["overopt"] = dict(gold_start=g[0], gold_peak=g[peak], kl_at_peak=c[peak]["kl"], gold_end=g[-1],
                                   proxy_start=c[0]["score"], proxy_end=c[-1]["score"],
-                                  rises_then_falls=bool(g[peak] > g[0] + 0.02 and g[-1] < g[peak] - 0.02))
+                                  rises_then_falls=bool(g[peak] > g[0] + 0.03 and g[-1] < g[peak] - 0.03))
         write_summary(args.out, summary)
     cleanup()
     return summary

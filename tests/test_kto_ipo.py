@@ -187,7 +187,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, monkeypatch):
     assert e.value.code == 130 and torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=True)["step"] == 2
     monkeypatch.setattr(K, "kto_loss", real)
     s = K.main(flags + ["--resume"])
-    assert [r["step"] for r in C.read_metrics(str(tmp_path)) if "loss" in r] == [1, 2, 3, 4] and s["steps"] == 4
+    resumed = [r for r in C.read_metrics(str(tmp_path)) if "loss" in r]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4] and s["steps"] == 4
+    K.main(flags[:-1] + [str(tmp_path / "straight")])  # the same 4 steps without the interruption
+    straight = [r for r in C.read_metrics(str(tmp_path / "straight")) if "loss" in r]
+    for k in ("loss", "kl", "grad_norm"):
+        assert [r[k] for r in resumed] == pytest.approx([r[k] for r in straight], abs=1e-6), k
     with pytest.raises(C.InputError, match="flags differ"):
         K.main(flags + ["--resume", "--seed", "1"])
 
