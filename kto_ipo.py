@@ -26,7 +26,8 @@ distinct answer: completion + label), then trains on them; KTO's lam_D / lam_U c
 label imbalance (see kto_weights).
 
 Run:
-    python kto_ipo.py --make-dataset              # the assignment: sample 8 answers/prompt from tiny, verifier labels, KTO
+    python kto_ipo.py --make-dataset              # the assignment: 512 prompts x 8 samples from tiny, verifier labels, KTO
+                                                  # (measured: 16% desirable, AUC 0.5 -> 0.58, acc 0.83 -> 0.80; ~5 min CPU)
     python kto_ipo.py                             # KTO on the built-in unpaired set (lowers accuracy: see below)
     python kto_ipo.py --loss ipo                  # IPO on built-in pairs (reference solution vs a realistic error)
     python kto_ipo.py --loss orpo                 # ORPO on the same pairs, no reference model
