@@ -620,7 +620,7 @@ def evaluate(model, tok, problems, samples=0, k=1, temperature=1.0, max_new_toke
     pass@k from that many samples per problem."""
     mine = DIST.shard(problems)
     out = generate(model, tok, [p["prompt"] for p in mine], n=1, temperature=0, max_new_tokens=max_new_tokens)
-    res = {"accuracy": all_reduce_mean(np.mean([verify(p, t) for p, t in zip(mine, out["texts"])]) if mine else 0.0)}
+    res = {"accuracy": float(all_reduce_mean(float(np.mean([verify(p, t) for p, t in zip(mine, out["texts"])])) if mine else 0.0))}
     if samples:
         out = generate(model, tok, [p["prompt"] for p in mine], n=samples, temperature=temperature, max_new_tokens=max_new_tokens)
         ok = [verify(p, out["texts"][i * samples + j]) for i, p in enumerate(mine) for j in range(samples)]
