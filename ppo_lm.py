@@ -16,8 +16,9 @@ Value head vs separate critic: V is a Linear on the policy's last-layer hidden s
 TRL's AutoModelForCausalLMWithValueHead and the gpt2-sentiment notebook), not InstructGPT's
 separate critic initialised from the reward model: the RM may use another tokenizer (the
 sentiment demo scores GPT-2 text with DistilBERT), so it cannot give per-token values for the
-policy's tokens; and a shared trunk keeps one policy-sized model in memory instead of two.
-The price: the value loss (weighted by --vf-coef) also moves the policy's trunk.
+policy's tokens; and a shared trunk keeps one policy-sized model in memory instead of two. By
+default the head reads *detached* hidden states, so the value loss cannot move the policy; on the
+tiny model letting it train the trunk (--value-grad-trunk, TRL's way) cost greedy accuracy.
 
 Run:
     python ppo_lm.py                         # tiny model, verifier reward (1/0) on 3-digit addition, ~2 min CPU
@@ -133,7 +134,7 @@ class AdaptiveKLController:
             self.value *= 1 + float(np.clip(current_kl / self.target - 1, -0.2, 0.2)) * n_steps / self.horizon
 
 
-def lm_forward(lm, v_head, ids, attn, n):
+def lm_forward(lm, v_head, ids, attn, n, value_grad_trunk=False):
     """log π(y_t) (B, n) of the last n tokens, the value V(s_t) (B, n) (None without a head) and the
     per-token entropy (B, n, detached). ids/attn: [left-padded prompt | completion]. Position j's hidden
     state has read tokens <= j: it predicts token j+1 and is the state s_t in which that token is chosen."""
@@ -146,20 +147,21 @@ def lm_forward(lm, v_head, ids, attn, n):
     if v_head is None:
         return lp, None, ent
     h = out.hidden_states[-1][:, -(n + 1):-1]                         # (B, n, H)
+    h = h if value_grad_trunk else h.detach()                          # by default the value loss trains only the head
     return lp, v_head(h.to(v_head.weight.dtype)).squeeze(-1).float(), ent
 
 
 class PolicyWithValue(nn.Module):
     """The policy LM + a value head, one module so that DDP syncs both."""
 
-    def __init__(self, lm):
+    def __init__(self, lm, value_grad_trunk=False):
         super().__init__()
-        self.lm = lm
+        self.lm, self.value_grad_trunk = lm, value_grad_trunk
         self.v_head = nn.Linear(lm.config.get_text_config().hidden_size, 1)
         nn.init.zeros_(self.v_head.weight); nn.init.zeros_(self.v_head.bias)   # V = 0 until it learns
 
     def forward(self, ids, attn, n):
-        return lm_forward(self.lm, self.v_head, ids, attn, n)
+        return lm_forward(self.lm, self.v_head, ids, attn, n, self.value_grad_trunk)
 
 
 @torch.no_grad()
@@ -307,9 +309,10 @@ def parse_args(argv=None):
     p.add_argument("--kl-horizon", type=float, default=10000, help="adaptive β: horizon (completions) of the controller")
     p.add_argument("--kl-estimator", default="k1", choices=["k1", "k3"], help="per-token KL in the reward: k1 = log π/π_ref, k3 = e^-k1 + k1 - 1")
     p.add_argument("--gamma", type=float, default=1.0, help="discount over tokens")
-    p.add_argument("--lam", type=float, default=0.95, help="GAE λ")
+    p.add_argument("--lam", type=float, default=1.0, help="GAE λ (1 = Monte Carlo returns minus V; TRL used 0.95)")
     p.add_argument("--clip-eps", type=float, default=0.2, help="policy ratio clip ε")
     p.add_argument("--vf-clip", type=float, default=0.2, help="value clip around the rollout's values (0 = none)")
+    p.add_argument("--value-grad-trunk", action="store_true", help="let the value loss train the policy's trunk too (TRL's value head); default: the head reads detached hidden states")
     p.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss")
     p.add_argument("--kl-sweep", default=None, help="week 4: comma-separated fixed β values (e.g. 0.01,0.05,0.2): one run each + alignment-tax table")
     p.add_argument("--overopt", action="store_true", help="week 4: held-out proxy score and gold accuracy against KL during training (use a weak --reward-model)")
@@ -357,7 +360,7 @@ def run(args, out):
         if isinstance(mod, nn.Dropout):
             mod.p = 0.0
     ref = copy.deepcopy(model).eval().requires_grad_(False)
-    ac = PolicyWithValue(model).to(d.device)
+    ac = PolicyWithValue(model, args.value_grad_trunk).to(d.device)
     train, test = load_data(args, tok)
     has_gold = test[0]["answer"] is not None
     check(args.reward == "model" or has_gold, f"--dataset {args.dataset}: no answers to verify; pass --reward-model")

@@ -17,7 +17,8 @@ label per step (PRM, at each step's last token).
         --batch-size 8 --lr 1e-5 --steps 2000          # real model: steps = lines of the answer
 Outputs in --out (default out/prm): metrics.jsonl, curves.png, best_of_n.png, summary.json
 (best-of-N accuracy per method and N, step accuracy/F1/AUC, first-error localisation, before and
-after training), model/ (the PRM: AutoModelForTokenClassification) and orm/ (the ORM).
+after training), model/ and orm/ (HF folders: causal LMs to score against --rm-model for
+logratio, AutoModelForTokenClassification / SequenceClassification for classifier).
 
 Data. Built-in: training problems get --samples-per-problem policy samples at --temperature
 (the `tiny` policy is right ~20% of the time at T=1), the reference solution, a common.corrupt()
@@ -28,10 +29,16 @@ N averages --subsets random subsets of them. --dataset reads Math-Shepherd (`inp
 ending in 'ки', `label` with '+'/'-' there), PRM800K step-wise rows (instruction, responses,
 next_response, rating) or TRL's prompt/completions/labels; 10% of prompts are held out.
 
-Design: the PRM is AutoModelForTokenClassification with ONE label (a log-odds per token) rather
-than two labels or a hand-made head over a causal LM: it saves/loads as a standard HF folder, works
-for Llama/Qwen/GPT-2/BERT backbones, and its head matches the ORM's (load_model(kind="reward"):
-sequence classification, one logit), so the two differ only in where the loss is applied.
+Design (--head): both verifiers give one log-odds per token, so the losses do not care which.
+  logratio (default): a causal LM pi, initialised from the backbone, scored by its implicit reward
+    against the frozen backbone pi_ref (Yuan et al. 2024, "Free Process Rewards without Process
+    Labels"): q_t = beta * sum_{i <= t} log pi(y_i | y_<i) / pi_ref(y_i | y_<i) over solution tokens.
+    The PRM fits q at every step end, the ORM at the EOS only. Verification becomes the LM's own
+    next-token prediction, which the backbone already does well: on `tiny`, the correct chain vs
+    one with a one-step slip reaches held-out AUC 0.98 in 300 steps.
+  classifier: AutoModelForTokenClassification with one label (PRM) and load_model(kind="reward")
+    (ORM): the usual choice for large pretrained backbones (e.g. Math-Shepherd's). On `tiny` a
+    fresh head learns format and step position but not arithmetic (slip AUC 0.50 after 400 steps).
 Simplified vs the paper: tiny models and a synthetic task; labels come from a checker, not
 humans; Lightman et al. supervise only up to the first wrong step (we also label later steps bad,
 which the min/prod scores treat alike); no active learning, no weighted majority vote.
@@ -46,18 +53,19 @@ from tqdm.auto import tqdm
 import common
 from common import DIST, check, print0
 
-METHODS = ("prm", "orm", "majority", "random", "oracle")  # oracle = pass@N, the ceiling
+METHODS = ("prm", "orm", "majority", "prm_vote", "orm_vote", "random", "oracle")  # oracle = pass@N
 
 # ----------------------------------------------------------------------------- losses
 
 def prm_loss(logits, labels, mask):
     """Process supervision: binary cross-entropy at every step-end token.
-    logits: (B, T) one logit per token; labels: (B, T) 1 = the solution is still correct at
-    this step, 0 = this step or an earlier one is wrong (ignored where mask = 0); mask: (B, T)
-    1 at step-end tokens (the separator after a step, EOS after the last). With S = {mask = 1}:
+    logits: (B, T) one log-odds per token (a classifier head's, or the implicit reward q_t);
+    labels: (B, T) 1 = the solution is still correct at this step, 0 = this step or an earlier
+    one is wrong (ignored where mask = 0); mask: (B, T) 1 at step-end tokens (the separator after
+    a step, EOS after the last). With S = {mask = 1} and s the sigmoid:
         L = -1/|S| sum_{(b,t) in S} [ y log s(z) + (1 - y) log(1 - s(z)) ]
-    (Lightman et al. 2023: predict each step's correctness at its last token;
-    Math-Shepherd, Wang et al. 2024, writes the same loss summed over steps)."""
+    (Lightman et al. 2023: predict each step's correctness at its last token; Math-Shepherd,
+    Wang et al. 2024, writes the same loss summed over a solution's steps)."""
     m = mask.float()
     bce = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
     return (bce * m).sum() / m.sum().clamp(min=1)   # every step weighs the same
@@ -76,9 +84,10 @@ def split_steps(text, sep):
 
 
 def task_item(problem, text):
-    """A built-in sample with its step labels (common's checker) and outcome (common.verify)."""
-    return dict(prompt=problem["prompt"], steps=split_steps(text, ";"), answer=common.extract_answer(text),
-                labels=common.arithmetic_step_labels(problem, text) or [False], correct=common.verify(problem, text))
+    """A built-in sample with step labels (common.arithmetic_step_labels) and outcome (verify)."""
+    labels, ok = common.arithmetic_step_labels(problem, text) or [False], common.verify(problem, text)
+    labels[-1] = labels[-1] and ok     # the last step (scored at EOS) claims "done and right": a cut-off chain is not
+    return dict(prompt=problem["prompt"], steps=split_steps(text, ";"), answer=common.extract_answer(text), labels=labels, correct=ok)
 
 
 def slip(problem, rng):
@@ -166,35 +175,49 @@ def load_step_data(spec, n=None):
 
 
 def encode(tok, items, sep, device, max_len):
-    """[left pad | prompt | step 1 + sep | ... | last step + EOS], the step-end positions and
-    labels. Steps are tokenized one by one, so a step end is always a token boundary. Rows longer
+    """[left pad | prompt | step 1 + sep | ... | last step + EOS] (ids, mask), the solution's
+    tokens (cmask), the step-end positions (step_mask) and their labels. Steps are tokenized one by one, so a step end is always a token boundary. Rows longer
     than max_len lose their beginning (and any step ends there)."""
     prompts = tok([common.format_prompt(tok, it["prompt"]) for it in items], add_special_tokens=True)["input_ids"]
     pieces = [s if j == len(it["steps"]) - 1 else s + sep for it in items for j, s in enumerate(it["steps"])]
     pieces = iter(tok(pieces, add_special_tokens=False)["input_ids"])   # one batched tokenizer call
-    rows, ends = [], []
-    for it, ids in zip(items, prompts):
-        e = []
+    rows, ends, starts = [], [], []
+    for it, prompt in zip(items, prompts):
+        ids, e = prompt, []
         for j in range(len(it["steps"])):
             ids = ids + next(pieces) + ([tok.eos_token_id] if j == len(it["steps"]) - 1 else [])
             e.append(len(ids) - 1)                          # score the separator / EOS token
         cut = max(0, len(ids) - max_len)
         rows.append(ids[cut:]); ends.append([(j, t - cut) for j, t in enumerate(e) if t >= cut])
+        starts.append(max(0, len(prompt) - cut))                # where the solution begins
     T = max(map(len, rows))
     ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
-    mask, step_mask, labels = torch.zeros_like(ids), torch.zeros_like(ids), torch.zeros(len(rows), T)
-    for b, (r, e, it) in enumerate(zip(rows, ends, items)):
-        ids[b, T - len(r):] = torch.tensor(r); mask[b, T - len(r):] = 1
+    mask, cmask, step_mask, labels = torch.zeros_like(ids), torch.zeros_like(ids), torch.zeros_like(ids), torch.zeros(len(rows), T)
+    for b, (r, e, it, st) in enumerate(zip(rows, ends, items, starts)):
+        ids[b, T - len(r):] = torch.tensor(r); mask[b, T - len(r):] = 1; cmask[b, T - len(r) + st:] = 1
         for j, t in e:
             step_mask[b, T - len(r) + t] = 1
             labels[b, T - len(r) + t] = float(it["labels"][j]) if it.get("labels") else 0.0
     outcome = torch.tensor([float(it["correct"]) for it in items])
-    return {k: v.to(device) for k, v in dict(ids=ids, mask=mask, step_mask=step_mask, labels=labels, outcome=outcome).items()}
+    return {k: v.to(device) for k, v in dict(ids=ids, mask=mask, cmask=cmask, step_mask=step_mask, labels=labels, outcome=outcome).items()}
 
 
-def forward(model, b):
-    out = model(input_ids=b["ids"], attention_mask=b["mask"], position_ids=common.position_ids(b["mask"])).logits
-    return out[..., 0]                                      # PRM: (B, T); ORM: (B,)
+def logprobs(model, b):
+    """(B, T) log pi(token_t | tokens_<t) (0 at t = 0), via common.token_logprobs (chunked)."""
+    return F.pad(common.token_logprobs(model, b["ids"], b["mask"], b["ids"].shape[1] - 1), (1, 0))
+
+
+def verifier_logits(model, b, outcome, beta=None, ref_lp=None):
+    """Verifier log-odds: (B, T) one per token (PRM) or, with outcome=True, (B,) one per solution.
+    classifier head (ref_lp is None): the model's one-label head (token / sequence classification).
+    logratio head: the implicit reward of Yuan et al. 2024 ("Free Process Rewards without Process
+    Labels", eq. 2/3): q_t = beta * sum_{i <= t, i in solution} log pi(y_i | y_<i) / pi_ref(y_i | y_<i)
+    with pi_ref the frozen initial LM; the ORM reads q at the last token (EOS)."""
+    if ref_lp is None:
+        z = model(input_ids=b["ids"], attention_mask=b["mask"], position_ids=common.position_ids(b["mask"])).logits[..., 0]
+        return z                                          # (B, T) token head; (B,) sequence head
+    q = beta * ((logprobs(model, b) - ref_lp) * b["cmask"]).cumsum(1)
+    return q[:, -1] if outcome else q                     # left padding: column -1 is every row's EOS
 
 # ----------------------------------------------------------------------------- selection, metrics
 
@@ -205,15 +228,22 @@ def aggregate(step_probs, how):
 
 
 def best_of_n(candidates, scores, answers, method, rng=None):
-    """Pick one of N candidates: 'prm'/'orm' the highest score; 'majority' the first candidate
-    with the most common extracted answer (None answers do not vote); 'random' a uniform pick."""
-    if method == "majority":
-        votes = collections.Counter(a for a in answers if a is not None)
-        if votes:
-            top = max(votes.values())
-            return next(c for c, a in zip(candidates, answers) if a is not None and votes[a] == top)
-    if method in ("random", "majority"):
+    """Pick one of N candidates. 'prm'/'orm': the highest score. 'majority': the most common
+    extracted answer; 'prm_vote'/'orm_vote': the answer with the largest summed score (weighted
+    voting, Uesato et al. 2022); ties go to the answer seen first, None answers do not vote.
+    'random': a uniform pick. Returns the chosen candidate."""
+    if method == "random":
         return (rng or random).choice(candidates)
+    if method == "majority" or method.endswith("_vote"):
+        tally = collections.defaultdict(float)
+        for a, s in zip(answers, scores if scores is not None else [1.0] * len(answers)):
+            if a is not None:
+                tally[a] += s
+        if tally:
+            top = max(tally, key=tally.get)                  # first maximum in order of appearance
+            return next(c for c, a in zip(candidates, answers) if a == top)
+        if scores is None:
+            return (rng or random).choice(candidates)
     return candidates[int(np.argmax(scores))]
 
 
@@ -226,8 +256,9 @@ def bon_table(records, ns, subsets, seed):
         for r in records:
             for _ in range(subsets):
                 idx = rng.sample(range(len(r["correct"])), n)
-                for m in METHODS[:4]:
-                    pick = best_of_n(idx, [r[m][i] for i in idx] if m in ("prm", "orm") else None, [r["answers"][i] for i in idx], m, rng)
+                for m in METHODS[:-1]:
+                    key = m.split("_")[0]
+                    pick = best_of_n(idx, [r[key][i] for i in idx] if key in r else None, [r["answers"][i] for i in idx], m, rng)
                     hits[m].append(r["correct"][pick])
                 hits["oracle"].append(any(r["correct"][i] for i in idx))
         for m in METHODS:
@@ -265,25 +296,27 @@ def step_metrics(items):
 
 
 @torch.no_grad()
-def score(prm, orm, tok, items, sep, max_len, args):
+def score(prm, orm, ref, tok, items, sep, max_len, args):
     """Fill in each item's step probabilities (PRM), PRM score and ORM probability."""
     prm, orm = getattr(prm, "module", prm), getattr(orm, "module", orm)
     prm.eval(); orm.eval()
     for i in range(0, len(items), args.batch_size * 4):
         chunk = items[i:i + args.batch_size * 4]
         b = encode(tok, chunk, sep, DIST.device, max_len)
-        p, o = torch.sigmoid(forward(prm, b).float()), torch.sigmoid(forward(orm, b).float())
+        ref_lp = logprobs(ref, b) if ref is not None else None
+        p = torch.sigmoid(verifier_logits(prm, b, False, args.beta, ref_lp).float())
+        o = torch.sigmoid(verifier_logits(orm, b, True, args.beta, ref_lp).float())
         for r, it in enumerate(chunk):
             it["probs"] = p[r][b["step_mask"][r].bool()].tolist()
             it["prm"], it["orm"] = aggregate(it["probs"] or [0.0], args.prm_agg), o[r].item()
     prm.train(); orm.train()
 
 
-def evaluate(prm, orm, tok, cands, heldout, sep, max_len, args, ns):
+def evaluate(prm, orm, ref, tok, cands, heldout, sep, max_len, args, ns):
     """Score this rank's candidates (and held-out labelled solutions), gather, and compute the
     best-of-N table and step metrics on every rank."""
     flat = [c for group in cands for c in group]
-    score(prm, orm, tok, flat + heldout, sep, max_len, args)
+    score(prm, orm, ref, tok, flat + heldout, sep, max_len, args)
     keep = lambda it: {k: it[k] for k in ("labels", "probs", "prm", "orm", "correct")}
     records = common.all_gather_list([dict(correct=[c["correct"] for c in g], answers=[c["answer"] for c in g],
                                            prm=[c["prm"] for c in g], orm=[c["orm"] for c in g]) for g in cands])
@@ -303,18 +336,22 @@ def parse_args(argv):
     p.add_argument("--problems", default="", help="held-out problems for best-of-N with --dataset (GSM8K/MATH file or hub id, "
                    "steps = lines); default: the built-in task's test split (none with --dataset)")
     p.add_argument("--task", default="arithmetic", help="built-in task (arithmetic: the one with step labels)")
-    p.add_argument("--n-train", type=int, default=512, help="training problems (built-in) or labelled solutions (--dataset)")
-    p.add_argument("--samples-per-problem", type=int, default=4, help="policy samples per training problem (built-in)")
+    p.add_argument("--n-train", type=int, default=1024, help="training problems (built-in) or labelled solutions (--dataset)")
+    p.add_argument("--samples-per-problem", type=int, default=2, help="policy samples per training problem (built-in)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the policy")
     p.add_argument("--max-new-tokens", type=int, default=48, help="length limit of a sampled solution")
     p.add_argument("--max-len", type=int, default=1024, help="verifier input limit in tokens (left-truncated)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (each trains the PRM and the ORM)")
     p.add_argument("--batch-size", type=int, default=64, help="labelled solutions per step per rank")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of both verifiers")
-    p.add_argument("--n-eval", type=int, default=64, help="held-out problems for best-of-N")
+    p.add_argument("--head", default="logratio", choices=["logratio", "classifier"], help="verifier parameterisation: "
+                   "implicit log-ratio of a causal LM to its frozen copy, or a fresh one-logit head (see the docstring)")
+    p.add_argument("--beta", type=float, default=0.5, help="log-ratio scale of the logratio head")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of both verifiers (~1e-3 for --head classifier on tiny)")
+    p.add_argument("--n-eval", type=int, default=40, help="held-out problems for best-of-N")
     p.add_argument("--max-n", type=int, default=64, help="samples per held-out problem; N = 1, 2, 4, ..., max-n")
     p.add_argument("--subsets", type=int, default=8, help="random N-subsets averaged per problem and N")
-    p.add_argument("--prm-agg", default="prod", choices=["prod", "min"], help="PRM solution score from step scores")
+    p.add_argument("--prm-agg", default="min", choices=["min", "prod"], help="PRM solution score: min of step "
+                   "probabilities (Math-Shepherd) or their product (Lightman et al.; favours short solutions)")
     p.add_argument("--log-every", type=int, default=25, help="log every this many steps")
     p.add_argument("--resume", action="store_true", help="resume training from <out>/checkpoint")
     p.add_argument("--out", default="out/prm", help="output folder")
@@ -326,6 +363,7 @@ def parse_args(argv):
     for k in ("n_train", "samples_per_problem", "max_new_tokens", "max_len", "steps", "batch_size", "n_eval", "max_n", "subsets", "log_every"):
         check(getattr(a, k) >= 1, f"--{k.replace('_', '-')} must be >= 1, got {getattr(a, k)}")
     check(a.lr > 0, f"--lr must be > 0, got {a.lr}")
+    check(a.beta > 0, f"--beta must be > 0, got {a.beta}")
     check(a.temperature > 0, f"--temperature must be > 0 (best-of-N needs sampling), got {a.temperature}")
     check(a.task == "arithmetic" or a.dataset, f"--task {a.task}: built-in step labels exist for arithmetic only")
     check(not a.problems or a.dataset, "--problems needs --dataset (a verifier trained on the built-in task cannot judge them)")
@@ -352,8 +390,14 @@ def main(argv=None):
     # ---- models: the policy (frozen) and two verifiers on the same pretrained backbone
     kw = dict(trust_remote_code=args.trust_remote_code)
     policy, ptok = common.load_model(args.model, **kw) if builtin or args.problems else (None, None)
-    orm, tok = common.load_model(args.rm_model or args.model, kind="reward", **kw)
-    prm = token_classifier(orm, args.trust_remote_code)
+    backbone = args.rm_model or args.model
+    if args.head == "logratio":     # two trainable copies of the LM and the frozen original
+        (prm, tok), (orm, _) = [common.load_model(backbone, **kw) for _ in range(2)]
+        ref = policy if policy is not None and backbone == args.model else common.load_model(backbone, **kw)[0]
+        ref.eval().requires_grad_(False)
+    else:
+        orm, tok = common.load_model(backbone, kind="reward", **kw)
+        prm, ref = token_classifier(orm, args.trust_remote_code), None
     max_len = min(args.max_len, getattr(orm.config, "max_position_embeddings", None) or args.max_len)
 
     # ---- data: labelled training solutions, held-out candidates (sampled once) -----------
@@ -383,7 +427,7 @@ def main(argv=None):
     frac = lambda xs: common.all_reduce_mean(float(np.mean(xs)) if xs else 0.0)
     print0(f"[prm] {len(train)} training solutions/rank ({frac([it['correct'] for it in train]):.0%} correct, "
            f"{frac([l for it in train for l in it['labels']]):.0%} good steps); {len(probs)} held-out problems x {args.max_n} samples")
-    before = evaluate(prm, orm, tok, cands, heldout, sep, max_len, args, ns)
+    before = evaluate(prm, orm, ref, tok, cands, heldout, sep, max_len, args, ns)
 
     # ---- training: one loop, both verifiers, the same batch ----------------------------
     if d.world_size > 1:
@@ -405,7 +449,10 @@ def main(argv=None):
                 order += rng.sample(range(len(train)), len(train))
             batch, order = [train[i] for i in order[:args.batch_size]], order[args.batch_size:]
             b = encode(tok, batch, sep, d.device, max_len)
-            z_step, z_out = forward(prm, b), forward(orm, b)                 # (B, T), (B,)
+            with torch.no_grad():
+                ref_lp = logprobs(ref, b) if ref is not None else None
+            z_step = verifier_logits(prm, b, False, args.beta, ref_lp)       # (B, T)
+            z_out = verifier_logits(orm, b, True, args.beta, ref_lp)         # (B,)
             l_prm, l_orm = prm_loss(z_step, b["labels"], b["step_mask"]), orm_loss(z_out, b["outcome"])
             common.nan_guard(l_prm + l_orm, step)
             for o in opts:
@@ -426,11 +473,11 @@ def main(argv=None):
         raise SystemExit(130)
 
     # ---- evaluation: best-of-N and step-level metrics, before vs after -----------------
-    after = evaluate(prm, orm, tok, cands, heldout, sep, max_len, args, ns)
+    after = evaluate(prm, orm, ref, tok, cands, heldout, sep, max_len, args, ns)
     if d.master:
         common.save_pretrained_atomic(os.path.join(args.out, "model"), prm, tok)
         common.save_pretrained_atomic(os.path.join(args.out, "orm"), orm, tok)
-    summary = dict(dataset=args.dataset or args.task, prm_agg=args.prm_agg, train_solutions=len(train) * d.world_size,
+    summary = dict(dataset=args.dataset or args.task, head=args.head, beta=args.beta, reference_model=backbone, prm_agg=args.prm_agg, train_solutions=len(train) * d.world_size,
                    eval_problems=len(probs), samples_per_problem=args.max_n, **{k: v for k, v in after.items() if k != "best_of_n"},
                    before={k: v for k, v in before.items() if k != "best_of_n"})
     bon = after["best_of_n"]

