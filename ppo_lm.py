@@ -16,20 +16,27 @@ Value head vs separate critic: V is a Linear on the policy's last-layer hidden s
 TRL's AutoModelForCausalLMWithValueHead and the gpt2-sentiment notebook), not InstructGPT's
 separate critic initialised from the reward model: the RM may use another tokenizer (the
 sentiment demo scores GPT-2 text with DistilBERT), so it cannot give per-token values for the
-policy's tokens; and a shared trunk keeps one policy-sized model in memory instead of two. By
-default the head reads *detached* hidden states, so the value loss cannot move the policy; on the
-tiny model letting it train the trunk (--value-grad-trunk, TRL's way) cost greedy accuracy.
+policy's tokens; and a shared trunk keeps one policy-sized model in memory instead of two.
+The price: the value loss (weighted by --vf-coef) also moves the policy's trunk (detaching the
+hidden states instead changed nothing measurable on the tiny model).
 
 Run:
-    python ppo_lm.py                         # tiny model, verifier reward (1/0) on 3-digit addition, ~2 min CPU
+    python ppo_lm.py                         # tiny model, verifier reward (1/0) on 3-digit addition, ~3 CPU-min
     python reward_model.py && python ppo_lm.py --reward-model out/reward_model/model    # the full loop SFT -> RM -> PPO
-    python ppo_lm.py --reward-model out/reward_model/model --kl-sweep 0.01,0.05,0.2      # week 4: alignment tax
-    python reward_model.py --train-size 64 --out out/rm_weak && \\
-        python ppo_lm.py --reward-model out/rm_weak/model --overopt       # week 4: overoptimization (Gao et al. 2022)
-    python ppo_lm.py --model lvwerra/gpt2-imdb --reward-model lvwerra/distilbert-imdb --dataset stanfordnlp/imdb \\
-        --max-new-tokens 16 --batch-size 128 --mini-batch 128 --micro-batch 32 --lr 1.41e-5 --init-kl-coef 0.2 \\
-        --kl-target 6 --steps 190 --eval-n 256       # positive reviews (TRL's old notebook: reward 0.24 -> 2.48)
-    torchrun --nproc_per_node 4 ppo_lm.py --model ... --batch-size 128    # rollouts sharded over ranks
+    python ppo_lm.py --reward-model out/reward_model/model --kl-sweep 0.01,0.05,0.2 --steps 40   # week 4: alignment tax
+    python reward_model.py --train-size 64 --out out/rm_weak && \
+        python ppo_lm.py --reward-model out/rm_weak/model --overopt --steps 40   # week 4: overoptimization (Gao et al. 2022)
+    python ppo_lm.py --model lvwerra/gpt2-imdb --reward-model lvwerra/distilbert-imdb --dataset stanfordnlp/imdb \
+        --max-new-tokens 16 --batch-size 256 --mini-batch 64 --micro-batch 64 --lr 1.41e-5 --init-kl-coef 0.2 \
+        --kl-target 6 --steps 100 --eval-n 256   # positive reviews; TRL's old notebook (same β, target, lr): 0.24 -> 2.48
+    torchrun --nproc_per_node 4 ppo_lm.py --model ... --batch-size 256    # rollouts sharded over ranks
+Measured (tiny, CPU; 200 held-out problems x 4 samples): the default verifier run barely moves the
+held-out reward (sampled accuracy 0.21 -> 0.21, greedy 0.79 -> 0.73, KL 1.6 nats): one sample per
+prompt and a critic that explains ~0% of the return variance leave little signal in a sparse 0/1
+reward (GRPO's per-prompt groups do better). Against a learned RM the policy optimises fast and
+hacks it: with reward_model.py's RM (pairwise accuracy 0.62) every β of the sweep raises the RM
+score (3.7 -> 5.2 / 5.8 / 6.4 at β 0.2 / 0.05 / 0.01, KL 5 / 13 / 39 nats) while greedy accuracy
+falls (0.79 -> 0.35 / 0.07 / 0.00); with the 64-pair RM the gold accuracy only falls (no rise first).
 Sentiment: prompts are 2-8 token prefixes of the dataset's `text` field; the reward is the
 classifier's logit for --reward-label (default: 1 = positive for 2-class models; the logit of 1-label
 RMs). The RM reads the decoded prompt + completion with its own tokenizer. Outputs in --out:
@@ -134,7 +141,7 @@ class AdaptiveKLController:
             self.value *= 1 + float(np.clip(current_kl / self.target - 1, -0.2, 0.2)) * n_steps / self.horizon
 
 
-def lm_forward(lm, v_head, ids, attn, n, value_grad_trunk=False):
+def lm_forward(lm, v_head, ids, attn, n):
     """log π(y_t) (B, n) of the last n tokens, the value V(s_t) (B, n) (None without a head) and the
     per-token entropy (B, n, detached). ids/attn: [left-padded prompt | completion]. Position j's hidden
     state has read tokens <= j: it predicts token j+1 and is the state s_t in which that token is chosen."""
@@ -147,21 +154,20 @@ def lm_forward(lm, v_head, ids, attn, n, value_grad_trunk=False):
     if v_head is None:
         return lp, None, ent
     h = out.hidden_states[-1][:, -(n + 1):-1]                         # (B, n, H)
-    h = h if value_grad_trunk else h.detach()                          # by default the value loss trains only the head
     return lp, v_head(h.to(v_head.weight.dtype)).squeeze(-1).float(), ent
 
 
 class PolicyWithValue(nn.Module):
     """The policy LM + a value head, one module so that DDP syncs both."""
 
-    def __init__(self, lm, value_grad_trunk=False):
+    def __init__(self, lm):
         super().__init__()
-        self.lm, self.value_grad_trunk = lm, value_grad_trunk
+        self.lm = lm
         self.v_head = nn.Linear(lm.config.get_text_config().hidden_size, 1)
         nn.init.zeros_(self.v_head.weight); nn.init.zeros_(self.v_head.bias)   # V = 0 until it learns
 
     def forward(self, ids, attn, n):
-        return lm_forward(self.lm, self.v_head, ids, attn, n, self.value_grad_trunk)
+        return lm_forward(self.lm, self.v_head, ids, attn, n)
 
 
 @torch.no_grad()
@@ -309,10 +315,9 @@ def parse_args(argv=None):
     p.add_argument("--kl-horizon", type=float, default=10000, help="adaptive β: horizon (completions) of the controller")
     p.add_argument("--kl-estimator", default="k1", choices=["k1", "k3"], help="per-token KL in the reward: k1 = log π/π_ref, k3 = e^-k1 + k1 - 1")
     p.add_argument("--gamma", type=float, default=1.0, help="discount over tokens")
-    p.add_argument("--lam", type=float, default=1.0, help="GAE λ (1 = Monte Carlo returns minus V; TRL used 0.95)")
+    p.add_argument("--lam", type=float, default=0.95, help="GAE λ (1 = Monte Carlo returns minus V)")
     p.add_argument("--clip-eps", type=float, default=0.2, help="policy ratio clip ε")
     p.add_argument("--vf-clip", type=float, default=0.2, help="value clip around the rollout's values (0 = none)")
-    p.add_argument("--value-grad-trunk", action="store_true", help="let the value loss train the policy's trunk too (TRL's value head); default: the head reads detached hidden states")
     p.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss")
     p.add_argument("--kl-sweep", default=None, help="week 4: comma-separated fixed β values (e.g. 0.01,0.05,0.2): one run each + alignment-tax table")
     p.add_argument("--overopt", action="store_true", help="week 4: held-out proxy score and gold accuracy against KL during training (use a weak --reward-model)")
@@ -360,7 +365,7 @@ def run(args, out):
         if isinstance(mod, nn.Dropout):
             mod.p = 0.0
     ref = copy.deepcopy(model).eval().requires_grad_(False)
-    ac = PolicyWithValue(model, args.value_grad_trunk).to(d.device)
+    ac = PolicyWithValue(model).to(d.device)
     train, test = load_data(args, tok)
     has_gold = test[0]["answer"] is not None
     check(args.reward == "model" or has_gold, f"--dataset {args.dataset}: no answers to verify; pass --reward-model")

@@ -231,15 +231,17 @@ def test_gsm8k_rows_end_to_end(tmp_path):
 
 def test_grpo_raises_held_out_accuracy(tmp_path):
     # The built-in tiny model samples poorly at temperature 1 (pass@1 ~0.2 vs ~0.8 greedy): GRPO's
-    # first effect is to sharpen it. Seed 0 (measured): pass@1 0.193 -> 0.277, greedy 0.781 -> 0.836,
-    # entropy 0.27 -> 0.24. Policy-gradient progress on this model is slow: lr 1e-4 collapses.
+    # first effect is to sharpen it. Measured with 4 eval samples: seed 0 pass@1 0.193 -> 0.277,
+    # greedy 0.781 -> 0.836; seed 1 pass@1 0.225 -> 0.248, greedy 0.781 -> 0.805; both: training
+    # reward +0.04-0.05 (first vs last 50 steps), entropy 0.27 -> 0.23. 16 eval samples below
+    # (2048 per estimate) keep the pass@1 noise near 1 point. lr 1e-4 collapses on this model.
     s = grpo.main(["--steps", "200", "--prompts-per-step", "8", "--group-size", "8", "--lr", "3e-5", "--max-new-tokens", "40",
-                   "--eval-n", "128", "--eval-samples", "4", "--pass-k", "1", "--eval-every", "0", "--seed", "0",
+                   "--eval-n", "128", "--eval-samples", "16", "--pass-k", "1", "--eval-every", "0", "--seed", "0",
                    "--out", str(tmp_path)])
     assert {"accuracy_before", "accuracy_after", "pass@1_before", "pass@1_after", "train_reward_first10",
             "train_reward_last10", "frac_zero_std_mean", "wall_time_s", "steps"} <= set(s)
-    assert s["pass@1_after"] >= s["pass@1_before"] + 0.04, s      # held-out, 512 samples
-    assert s["accuracy_after"] >= s["accuracy_before"] - 0.02, s   # greedy: no regression
+    assert s["pass@1_after"] >= s["pass@1_before"] + 0.03, s      # held-out, sampled at temperature 1
+    assert s["accuracy_after"] >= s["accuracy_before"] - 0.03, s   # greedy: no regression
     rows = C.read_metrics(str(tmp_path))
     mean = lambda key, rs: sum(r[key] for r in rs) / len(rs)
     assert len(rows) == 200 and all(0 <= r["frac_zero_std"] <= 1 for r in rows)

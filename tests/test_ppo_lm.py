@@ -168,6 +168,18 @@ def test_kl_sweep_and_overoptimization_outputs(tmp_path, small_rm):
     assert {"gold_start", "gold_peak", "kl_at_peak", "gold_end", "rises_then_falls"} <= set(s["overopt"])
     assert os.path.isfile(tmp_path / "overopt" / "overopt.png")
 
+def test_checkpoint_and_resume(tmp_path):
+    small = ["--batch-size", "8", "--mini-batch", "4", "--eval-n", "8", "--eval-samples", "2", "--max-new-tokens", "36",
+             "--init-kl-coef", "0.1", "--kl-target", "1", "--save-every", "2", "--out", str(tmp_path)]
+    ppo_lm.main(small + ["--steps", "2"])
+    state = torch.load(tmp_path / "checkpoint" / "state.pt", weights_only=True)
+    assert state["step"] == 2 and set(state["extra"]["v_head"]) == {"weight", "bias"}
+    beta = state["extra"]["kl_coef"]
+    assert beta != 0.1                                                         # the adapted β is saved, not the initial one
+    s = ppo_lm.main(small + ["--steps", "3", "--resume"])
+    rows = C.read_metrics(str(tmp_path))
+    assert [r["step"] for r in rows] == [0, 1, 2] and rows[2]["kl_coef"] != beta and s["steps"] == 3
+
 # ----------------------------------------------------------------------------- the sentiment path, real architectures
 
 

@@ -45,6 +45,7 @@ def test_step_labels_of_a_known_wrong_solution():
     lucky = prm.task_item(p, "6+0+0=6;7+3+0=11;8+5+1=14;#### 1406")   # wrong step 2, right answer
     assert lucky["labels"] == [True, False, False, False] and lucky["correct"]   # ORM says good, PRM bad
     assert prm.task_item(p, "")["labels"] == [False]
+    assert prm.task_item(p, "6+0+0=6;7+3+0=10")["labels"] == [True, False]   # cut off: EOS claims "done"
     for seed in range(20):                                              # a slip: exactly one step is off
         s = prm.slip(p, random.Random(seed))
         labels = C.arithmetic_step_labels(p, s)
@@ -66,13 +67,15 @@ def test_best_of_n_on_a_constructed_case():
     assert prm.best_of_n(cands, None, answers, "majority") == 0        # '12' has two votes; first one
     assert prm.best_of_n(cands, None, [None, "7", "7", "8"], "majority") == 1
     assert prm.best_of_n(cands, None, answers, "random", random.Random(0)) in cands
+    assert prm.best_of_n(cands, [0.1, 0.9, 0.3, 0.2], answers, "prm_vote") == 1   # '15': 0.9 > '12': 0.4
+    assert prm.best_of_n(cands, [0.5, 0.6, 0.5, 0.9], answers, "orm_vote") == 0   # '12': 1.0 > '15': 0.6
     assert prm.aggregate([0.9, 0.5, 0.8], "min") == 0.5 and abs(prm.aggregate([0.9, 0.5, 0.8], "prod") - 0.36) < 1e-12
     # a perfect PRM reaches the oracle, an anti-correlated ORM never picks a right one
     recs = [dict(correct=[i == k for i in range(8)], answers=[str(i % 3) for i in range(8)],
                  prm=[float(i == k) for i in range(8)], orm=[float(i != k) for i in range(8)]) for k in range(8)]
     t = prm.bon_table(recs, [1, 2, 8], subsets=4, seed=0)
-    assert t["prm"] == t["oracle"] and t["prm"][-1] == 1.0 and t["orm"][-1] == 0.0
-    assert t["oracle"][0] == t["prm"][0] == t["orm"][0] == t["random"][0]  # N = 1: every method = the sample
+    assert t["prm"] == t["oracle"] and t["prm"][-1] == 1.0 and t["orm"][-1] == 0.0 and set(t) == set(prm.METHODS)
+    assert len({t[m][0] for m in prm.METHODS}) == 1       # N = 1: every method picks the one sample
 
 
 def test_auc_and_step_metrics():
@@ -151,9 +154,8 @@ def test_end_to_end_writes_summary_and_table(tiny_run):
         assert k in disk, k
     assert disk["oracle_at_max_n"] >= max(disk[f"{m}_at_max_n"] for m in ("prm", "orm", "majority", "random"))
     assert os.path.isfile(os.path.join(out, "best_of_n.png")) and os.path.isfile(os.path.join(out, "curves.png"))
-    from transformers import AutoModelForTokenClassification, AutoModelForSequenceClassification
-    assert AutoModelForTokenClassification.from_pretrained(os.path.join(out, "model")).config.num_labels == 1
-    AutoModelForSequenceClassification.from_pretrained(os.path.join(out, "orm"))
+    for sub in ("model", "orm"):                    # logratio head: causal LMs, scored against the backbone
+        C.load_model(os.path.join(out, sub), device=torch.device("cpu"))
 
 
 @pytest.mark.skipif(not os.path.isfile(PRM800K), reason="../shared/realdata absent")
@@ -162,12 +164,14 @@ def test_end_to_end_on_prm800k_rows(tmp_path):
     assert "best_of_n" not in s and s["step_auc"] is not None and s["train_solutions"] + 0 > 200
 
 
-def test_gpt2_backbone_runs(tmp_path):
+def test_gpt2_backbone_with_classifier_heads(tmp_path):
     from test_common import save_random_causal
     folder = save_random_causal(str(tmp_path / "gpt2"), "gpt2")
-    s = prm.main(["--model", folder, "--n-train", "8", "--samples-per-problem", "1", "--steps", "2", "--n-eval", "2",
+    s = prm.main(["--model", folder, "--head", "classifier", "--n-train", "8", "--samples-per-problem", "1", "--steps", "2", "--n-eval", "2",
                   "--max-n", "2", "--subsets", "1", "--max-new-tokens", "12", "--out", str(tmp_path / "o")])
-    assert s["best_of_n"]["N"] == [1, 2]
+    assert s["best_of_n"]["N"] == [1, 2] and s["head"] == "classifier"
+    from transformers import AutoModelForTokenClassification
+    assert AutoModelForTokenClassification.from_pretrained(str(tmp_path / "o" / "model")).config.model_type == "gpt2"
 
 
 def test_flag_errors():
