@@ -198,7 +198,7 @@ def parse_args(argv=None):
     p.add_argument("--prompts-per-step", type=int, default=8, help="prompts per step over all ranks (divisible by the world size)")
     p.add_argument("--group-size", type=int, default=8, help="G: completions sampled per prompt")
     p.add_argument("--max-new-tokens", type=int, default=48, help="completion budget; also Dr. GRPO's constant normaliser")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for rollouts")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for rollouts (0.7: the tiny model samples poorly at 1.0; real models: 0.7-1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for rollouts")
     p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate (policy gradients need ~30x less than SFT)")
     p.add_argument("--warmup-steps", type=int, default=5, help="linear lr warmup (optimizer steps), then constant")
