@@ -117,7 +117,7 @@ def test_real_architecture_and_chat_pairs(tmp_path):
             f.write(json.dumps({"prompt": user["content"], "chosen": [user, {"role": "assistant", "content": f"{i} is a fine number."}],
                                 "rejected": [user, {"role": "assistant", "content": "no"}]}) + "\n")
     s = dpo.main(["--model", folder, "--dataset", str(data), "--steps", "3", "--batch-size", "4", "--micro-batch-size", "2",
-                  "--eval-n", "8", "--ref-on-the-fly", "--device", "cpu", "--out", str(tmp_path / "run")])
+                  "--eval-n", "8", "--ref-on-the-fly", "--rpo-alpha", "0", "--device", "cpu", "--out", str(tmp_path / "run")])
     assert s["train_pairs"] == 32 and "accuracy_after" not in s
     rows = [r for r in C.read_metrics(str(tmp_path / "run")) if "loss" in r]
     assert abs(rows[0]["loss"] - math.log(2)) < 1e-5  # on-the-fly reference = policy before the first update
