@@ -738,7 +738,10 @@ def load_checkpoint(folder, model, optimizer=None, scheduler=None):
     check(not unexpected and all("lm_head" in k for k in missing), f"--resume: {folder} does not match the model")
     if getattr(m.config, "tie_word_embeddings", False):
         m.tie_weights()
-    st = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
+    try:
+        st = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
+    except Exception as e:  # e.g. a pickled object weights_only refuses to build
+        raise InputError(f"--resume: {folder}/state.pt is not a checkpoint this code wrote ({type(e).__name__})") from None
     if optimizer is not None and st["optimizer"]:
         optimizer.load_state_dict(st["optimizer"])
     if scheduler is not None and st["scheduler"]:
@@ -751,10 +754,17 @@ class Logger:
     """print (one line per log step) + append to <out>/metrics.jsonl (+ wandb if asked).
     Only rank 0 writes."""
 
-    def __init__(self, out, config=None, wandb=False, project="rl-course"):
+    def __init__(self, out, config=None, wandb=False, project="rl-course", resume_step=None):
+        """A fresh run (resume_step None) starts a fresh metrics.jsonl; a resumed one keeps the
+        complete rows with step <= resume_step (what the checkpoint covers) and appends."""
         self.out, self.wandb, self.t0 = out, None, time.time()
         if DIST.master:
             os.makedirs(out, exist_ok=True)
+            path = os.path.join(out, "metrics.jsonl")
+            keep = [] if resume_step is None or not os.path.exists(path) else \
+                [l for l in open(path) if l.strip().endswith("}") and json.loads(l)["step"] <= resume_step]
+            with open(path, "w") as f:
+                f.writelines(keep)
             if wandb:
                 import wandb as wb
                 self.wandb = wb.init(project=project, config=config or {}, dir=out)

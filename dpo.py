@@ -316,10 +316,6 @@ def main(argv=None):
         cfg = dict(seed=args.seed, batch_size=args.batch_size, n_train=len(train), model=args.model, dataset=args.dataset)
         check(extra["config"] == cfg, f"--resume: flags differ from the checkpoint's {extra['config']}")
         check(start < args.steps, f"--resume: the checkpoint is at step {start}, --steps is {args.steps}")
-        if d.master:  # drop metrics logged after the checkpoint: they are about to be recomputed
-            rows = [r for r in C.read_metrics(args.out) if r["step"] <= start]
-            with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
         print0(f"resumed from {ckpt} at step {start}")
     else:
         # Reference log-probs: the reference IS the start model, so precompute them with the policy
@@ -329,7 +325,7 @@ def main(argv=None):
         extra["train_ref"] = None if ref else all_pair_logps(model, tok, train, mb, max_len)
         extra["before"] = heldout_eval(*extra["heldout_ref"])
         extra["start_answers"] = greedy_answers(model, tok, win_prompts, args.max_new_tokens) if args.eval_winrate else []
-    logger = C.Logger(args.out, vars(args), args.wandb)
+    logger = C.Logger(args.out, vars(args), args.wandb, resume_step=start if args.resume else None)  # drops rows after the checkpoint
     if start == 0:
         logger.log(0, **extra["before"])
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world_size > 1 else model
@@ -339,6 +335,7 @@ def main(argv=None):
     done = start  # last finished update (what a Ctrl-C checkpoint saves)
     try:
         for step in tqdm(range(start + 1, args.steps + 1), desc="dpo", disable=not d.master, initial=start, total=args.steps):
+            t_step = time.time()
             idx = DIST.shard(batch_indices(step - 1, args.batch_size, len(train), args.seed))  # B / world_size pairs
             opt.zero_grad(set_to_none=True)
             stats = torch.zeros(7, dtype=torch.float64)
@@ -369,7 +366,8 @@ def main(argv=None):
             if step % args.log_every == 0 or step == args.steps:
                 s = C.all_reduce_mean(stats / len(idx)).tolist()  # equal local batches: mean of means = global mean
                 logger.log(step, loss=s[0], reward_acc=s[1], reward_margin=s[2], chosen_reward=s[3], rejected_reward=s[4],
-                           logp_chosen=s[5], logp_rejected=s[6], grad_norm=grad_norm.item(), lr=sched.get_last_lr()[0])
+                           logp_chosen=s[5], logp_rejected=s[6], grad_norm=grad_norm.item(), lr=sched.get_last_lr()[0],
+                           step_time=time.time() - t_step)
             if args.eval_every and step % args.eval_every == 0 and step != args.steps:
                 logger.log(step, **heldout_eval(*extra["heldout_ref"]))
             if args.save_every and step % args.save_every == 0:

@@ -42,7 +42,7 @@ warmup; with --num-iterations 1 (default) the update is exactly on-policy (ρ = 
 binds) and the old log-probs are not recomputed. Weights and AdamW state are fp32; on GPUs the
 forward passes run under bf16 autocast (pure-bf16 weights would round lr ~1e-6 updates away).
 """
-import argparse, contextlib, copy, functools, json, os, random, time
+import argparse, contextlib, copy, functools, os, random, time
 
 import numpy as np
 import torch
@@ -285,22 +285,16 @@ def main(argv=None) -> dict:
         before = extra["before"]
         if extra.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(extra["cuda_rng"])
-        if d.master and os.path.exists(os.path.join(args.out, "metrics.jsonl")):  # drop rows after the checkpoint
-            rows = [l for l in open(os.path.join(args.out, "metrics.jsonl")) if l.strip().endswith("}")]
-            with open(os.path.join(args.out, "metrics.jsonl"), "w") as f:
-                f.writelines(l for l in rows if json.loads(l)["step"] < start)
         print0(f"[grpo] resumed from {ckpt} at step {start}")
     else:
         with autocast():
             before = {k: float(v) for k, v in evaluate(model, tok, test, **eval_kw).items()}  # plain floats: state.pt loads weights_only
-        if d.master and os.path.exists(os.path.join(args.out, "metrics.jsonl")):
-            os.remove(os.path.join(args.out, "metrics.jsonl"))  # a fresh run starts a fresh log
     print0(f"[grpo] held-out before: {before}")
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     policy = torch.nn.parallel.DistributedDataParallel(model) if d.world_size > 1 else model
-    logger = Logger(args.out, config=vars(args), wandb=args.wandb)
+    logger = Logger(args.out, config=vars(args), wandb=args.wandb, resume_step=start - 1 if args.resume else None)  # drops rows after the checkpoint
     G, mb = args.group_size, args.micro_batch
     loss_kw = dict(eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,
                    max_completion_length=args.max_new_tokens)

@@ -421,7 +421,7 @@ def main(argv=None):
         print0(f"resumed from {ckpt} at step {start}")
     else:
         start, extra = 0, dict(config=cfg, before=heldout_eval())
-    logger = C.Logger(args.out, vars(args), args.wandb)
+    logger = C.Logger(args.out, vars(args), args.wandb, resume_step=start if args.resume else None)
     if start == 0:
         logger.log(0, **extra["before"])
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world_size > 1 else model

@@ -101,11 +101,12 @@ def judge_scores(args, problems, completions, policy, tok, rm):
 
 
 def pair_logps(model, tok, pairs, device):
-    """Summed completion log-probs of chosen and rejected in one forward pass (2b rows)."""
+    """Summed completion log-probs of chosen and rejected in one forward pass (2b rows), and the
+    chosen completions' token counts (for the per-token RPO term)."""
     b, prompts = len(pairs), [p["prompt"] for p in pairs]
     ids, mask, cmask = C.collate(tok, prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], device)
     seq = (C.token_logprobs(model, ids, mask, cmask.shape[1]) * cmask).sum(1)
-    return seq[:b], seq[b:]
+    return seq[:b], seq[b:], cmask[:b].sum(1).clamp(min=1)
 
 
 @torch.no_grad()
@@ -133,6 +134,7 @@ def parse_args(argv):
     p.add_argument("--max-new-tokens", type=int, default=64, help="completion budget")
     p.add_argument("--judge-max-new-tokens", type=int, default=128, help="budget of the self-judge's justification + score")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta (KL strength to the round's reference)")
+    p.add_argument("--rpo-alpha", type=float, default=1.0, help="weight of the chosen completion's per-token NLL (Iterative RPO, Pang et al. 2024); 0 = plain online DPO")
     p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (tiny: ~2e-5, higher collapses it; 0.5B-7B models: ~5e-7)")
     p.add_argument("--batch-size", type=int, default=16, help="global DPO batch in pairs (divisible by the number of ranks)")
     p.add_argument("--epochs", type=int, default=1, help="DPO epochs over each round's pairs")
@@ -147,6 +149,7 @@ def parse_args(argv):
         check(getattr(args, k) > 0, f"--{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
     check(args.k >= 2, f"--k must be >= 2 (a pair needs two completions), got {args.k}")
     check(args.lr > 0 and args.beta > 0, f"--lr and --beta must be > 0, got {args.lr}, {args.beta}")
+    check(args.rpo_alpha >= 0, f"--rpo-alpha must be >= 0, got {args.rpo_alpha}")
     check(args.temperature > 0, f"--temperature must be > 0 to sample distinct completions, got {args.temperature}")
     return args
 
@@ -196,16 +199,20 @@ def main(argv=None):
             ref = {}
             for b in range(nb):
                 idx = DIST.shard(order[b * args.batch_size:(b + 1) * args.batch_size])
-                rc, rr = pair_logps(policy, tok, [pairs[i] for i in idx], d.device)
+                rc, rr, _ = pair_logps(policy, tok, [pairs[i] for i in idx], d.device)
                 ref.update({i: (c, r) for i, c, r in zip(idx, rc.tolist(), rr.tolist())})
         policy.train()
         for epoch in range(args.epochs):
             for b in tqdm(range(nb), desc=f"round {rnd} dpo", disable=not d.master, leave=False):
                 idx = DIST.shard(order[b * args.batch_size:(b + 1) * args.batch_size])
-                pc, pr = pair_logps(ddp, tok, [pairs[i] for i in idx], d.device)
+                pc, pr, n_c = pair_logps(ddp, tok, [pairs[i] for i in idx], d.device)
                 rc = torch.tensor([ref[i][0] for i in idx], device=d.device)
                 rr = torch.tensor([ref[i][1] for i in idx], device=d.device)
                 losses, cr, rjr = dpo_loss(pc, pr, rc, rr, args.beta)
+                # Iterative RPO (Pang et al. 2024, eq. 2): + alpha * per-token NLL of the chosen
+                # (judge-preferred) completion. Plain DPO lowers log pi(y_w) along with log pi(y_l)
+                # and, on the policy's own samples, drifts off the task (measured: 0.83 -> 0.68).
+                losses = losses + args.rpo_alpha * (-pc / n_c)
                 loss = losses.sum() / len(idx)  # local mean; DDP averages ranks -> global mean
                 C.nan_guard(loss, step)
                 opt.zero_grad(set_to_none=True); loss.backward()

@@ -383,18 +383,12 @@ def run(args, out):
     if args.resume:  # weights, AdamW, RNG; the value head and β travel in `extra`
         start, extra = load_checkpoint(ckpt, model, opt)
         ac.v_head.load_state_dict(extra["v_head"]); kl_ctl.value, before = extra["kl_coef"], extra["before"]
-        if d.master and os.path.exists(os.path.join(out, "metrics.jsonl")):  # drop rows after the checkpoint
-            rows = [l for l in open(os.path.join(out, "metrics.jsonl")) if l.strip().endswith("}")]
-            with open(os.path.join(out, "metrics.jsonl"), "w") as f:
-                f.writelines(l for l in rows if json.loads(l)["step"] < start)
         print0(f"[ppo_lm] resumed from {ckpt} at step {start}")
     else:
         before = evaluate_policy(ac, ref, tok, test, score_fn, args, has_gold, autocast)
-        if d.master and os.path.exists(os.path.join(out, "metrics.jsonl")):
-            os.remove(os.path.join(out, "metrics.jsonl"))  # a fresh run starts a fresh log
     print0(f"[ppo_lm] held-out before: {before}")
     policy = torch.nn.parallel.DistributedDataParallel(ac) if W > 1 else ac
-    logger = Logger(out, config=vars(args), wandb=args.wandb)
+    logger = Logger(out, config=vars(args), wandb=args.wandb, resume_step=start - 1 if args.resume else None)
     B, mb, micro = args.batch_size // W, args.mini_batch // W, args.micro_batch
     save = lambda s: save_checkpoint(ckpt, model, tok, s, opt, extra={"v_head": ac.v_head.state_dict(), "kl_coef": kl_ctl.value, "before": before})
 

@@ -251,7 +251,6 @@ def main(argv=None) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     warm = max(1, int(args.warmup * args.steps))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
-    logger = common.Logger(args.out, config=vars(args), wandb=args.wandb)
     mine, per_rank = d.shard(train), args.batch_size // d.world_size   # this rank's pairs, batch
     common.check(len(mine) >= 1, f"{len(train)} training pairs cannot feed {d.world_size} ranks")
     start, order = 0, []
@@ -259,6 +258,7 @@ def main(argv=None) -> dict:
         start, extra = common.load_checkpoint(os.path.join(args.out, "checkpoint"), model, opt, sched)
         order = extra.get("order", [])
         common.print0(f"[reward_model] resumed at step {start}")
+    logger = common.Logger(args.out, config=vars(args), wandb=args.wandb, resume_step=start - 1 if args.resume else None)
     log_every = args.log_every or max(1, args.steps // 20)
 
     # -- training: one flat loop, every rank runs the same number of forward/backward passes

@@ -50,7 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 import common
-from common import DIST, print0
+from common import print0
 
 HINT = "(answer: {})"     # the rationalization hint; "(answer:" must never reach the kept data
 HINT_MARKER = "(answer:"
