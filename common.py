@@ -680,7 +680,7 @@ def sft(model, tok, pairs, steps, batch_size=32, lr=1e-3, weight_decay=0.0, desc
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * s / max(1, steps))))
     order, losses = [], []
-    for step in tqdm(range(steps), desc=desc, disable=not DIST.master or os.environ.get("TQDM_DISABLE") == "1", leave=False):
+    for step in tqdm(range(steps), desc=desc, disable=not DIST.master or None, leave=False):
         while len(order) < batch_size:
             order += random.sample(range(len(pairs)), len(pairs))
         batch, order = [pairs[i] for i in order[:batch_size]], order[batch_size:]

@@ -334,7 +334,7 @@ def main(argv=None):
     model.train()
     done = start  # last finished update (what a Ctrl-C checkpoint saves)
     try:
-        for step in tqdm(range(start + 1, args.steps + 1), desc="dpo", disable=not d.master, initial=start, total=args.steps):
+        for step in tqdm(range(start + 1, args.steps + 1), desc="dpo", disable=not d.master or None, initial=start, total=args.steps):
             t_step = time.time()
             idx = DIST.shard(batch_indices(step - 1, args.batch_size, len(train), args.seed))  # B / world_size pairs
             opt.zero_grad(set_to_none=True)

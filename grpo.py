@@ -305,7 +305,7 @@ def main(argv=None) -> dict:
 
     step = start
     try:
-        for step in tqdm(range(start, args.steps), desc="grpo", disable=not d.master, initial=start, total=args.steps):
+        for step in tqdm(range(start, args.steps), desc="grpo", disable=not d.master or None, initial=start, total=args.steps):
             t0 = time.time()
             # -- 1. rollouts: G samples for each of this rank's prompts (rows grouped by prompt)
             problems = d.shard([train[i] for i in prompt_indices(len(train), args.prompts_per_step, args.seed, step)])

@@ -430,7 +430,7 @@ def main(argv=None):
     model.train()
     done, last = start, {}
     try:
-        for step in tqdm(range(start + 1, args.steps + 1), desc=args.loss, disable=not d.master or os.environ.get("TQDM_DISABLE") == "1", initial=start, total=args.steps):
+        for step in tqdm(range(start + 1, args.steps + 1), desc=args.loss, disable=not d.master or None, initial=start, total=args.steps):
             g = batch_indices(step - 1, args.batch_size, len(train), args.seed)
             rows = [train[i] for i in C.DIST.shard(g)]
             kl = 0.0

@@ -394,7 +394,7 @@ def run(args, out):
 
     step = start
     try:
-        for step in tqdm(range(start, args.steps), desc="ppo", disable=not d.master, initial=start, total=args.steps):
+        for step in tqdm(range(start, args.steps), desc="ppo", disable=not d.master or None, initial=start, total=args.steps):
             t0 = time.time()
             # -- 1. rollouts: one completion per prompt (the step's prompts are a function of seed and step)
             problems = d.shard([train[i] for i in random.Random(args.seed * 1_000_003 + step).sample(range(len(train)), args.batch_size)])

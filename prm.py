@@ -444,7 +444,7 @@ def main(argv=None):
     logger = common.Logger(args.out, vars(args), args.wandb)
     order, step = [], start
     try:
-        for step in tqdm(range(start, args.steps), desc="prm+orm", disable=not d.master):
+        for step in tqdm(range(start, args.steps), desc="prm+orm", disable=not d.master or None):
             while len(order) < args.batch_size:
                 order += rng.sample(range(len(train)), len(train))
             batch, order = [train[i] for i in order[:args.batch_size]], order[args.batch_size:]

@@ -216,7 +216,7 @@ def main(argv=None) -> dict:
             print0(f"iteration {it}: nothing kept, the model stays the original one")
         model.train()
         try:
-            for step in tqdm(range(steps if kept else 0), desc=f"star iter {it}", disable=not d.master, leave=False):
+            for step in tqdm(range(steps if kept else 0), desc=f"star iter {it}", disable=not d.master or None, leave=False):
                 while len(order) < args.batch_size:
                     order += rng.sample(range(len(kept)), len(kept))
                 batch, order = [kept[i] for i in order[:args.batch_size]], order[args.batch_size:]

@@ -18,7 +18,7 @@ SMALL = {  # tiny settings: the point is the plumbing (sharding, DDP, gathers, r
             "--subsets", "2", "--max-new-tokens", "44"],
     "star": ["--iterations", "1", "--n-train", "16", "--n-test", "8", "--steps", "2", "--batch-size", "8", "--max-new-tokens", "44"],
     "grpo": ["--steps", "2", "--prompts-per-step", "4", "--group-size", "2", "--eval-n", "8", "--max-new-tokens", "44"],
-    "reasoning_capstone": ["--task", "arithmetic", "--sft-steps", "0", "--train-n", "16", "--candidates", "4", "--rft-steps", "2",
+    "reasoning_capstone": ["--model", "tiny", "--task", "arithmetic", "--sft-steps", "0", "--train-n", "16", "--candidates", "4", "--rft-steps", "2",
                            "--dpo-steps", "2", "--grpo-steps", "2", "--prompts-per-step", "4", "--group-size", "2",
                            "--batch-size", "4", "--eval-n", "8", "--eval-samples", "2", "--pass-k", "2", "--max-new-tokens", "44"],
 }

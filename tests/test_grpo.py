@@ -1,7 +1,7 @@
 """grpo.py: advantages, the three loss aggregations by hand, flag errors, DDP gradient
 equivalence (2 gloo ranks), exact resume after SIGKILL, real architectures / GSM8K rows, and an
 embedded run that must raise held-out accuracy."""
-import json, math, os, signal, subprocess, sys, textwrap, time
+import json, math, os, signal, subprocess, sys, time
 
 import pytest
 import torch
