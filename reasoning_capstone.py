@@ -73,7 +73,8 @@ def verified_candidates(model, tok, problems, k, max_new_tokens, temperature):
 
 
 def evaluate(model, tok, test, args):
-    r = C.evaluate(model, tok, test, samples=args.eval_samples, k=args.pass_k, max_new_tokens=args.max_new_tokens)
+    # greedy accuracy, and pass@k of samples at the pipeline's sampling temperature
+    r = C.evaluate(model, tok, test, samples=args.eval_samples, k=args.pass_k, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
     return r["accuracy"], r[f"pass@{args.pass_k}"]
 
 

@@ -13,6 +13,13 @@ REALDATA = os.path.join(os.path.dirname(ROOT), "shared", "realdata")
 # The tiny model's ops are too small to split across threads: one thread per process is faster,
 # and subprocess tests (torchrun) then do not oversubscribe the 2 cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Seeded learning tests must measure the same run on every machine: pin ATen, MKL and oneDNN to
+# their AVX2 code paths (read when torch loads, so before the import; subprocesses inherit them).
+# Without this, AVX-512 and AVX2 machines round differently and the runs diverge (common.py,
+# PORTABLE_NUMERICS, has the measurement).
+if __import__("platform").machine().lower() in ("x86_64", "amd64"):
+    for k, v in {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}.items():
+        os.environ.setdefault(k, v)
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
