@@ -43,14 +43,14 @@ def test_bad_flags():
 
 
 def test_verifier_judge_raises_accuracy_over_rounds(tmp_path):
-    """Defaults (k 8, RPO alpha 4, T 0.7), 4 rounds, seed 0. Round r's judge score is the accuracy of
-    the round r-1 policy's 2048 samples on 256 fresh prompts, scored before it trains on them: the
-    low-noise held-out signal. Measured: 0.634 -> 0.698, greedy gold accuracy 0.765 -> 0.77
-    (200 problems: one SE ~0.03, so greedy is only checked for no loss)."""
+    """Defaults (k 8, RPO alpha 8, T 0.7), 4 rounds, seed 0. Measured: held-out T=1 sample accuracy
+    0.165 -> 0.295 (200 problems: SE ~0.03), greedy 0.83 -> 0.86, judge score (round r: the round
+    r-1 policy's 2048 samples on 256 fresh prompts) 0.744 -> 0.780."""
     s = online_dpo.main(["--rounds", "4", "--prompts", "256", "--eval-n", "200", "--seed", "0", "--out", str(tmp_path)])
     t = s["table"]
-    assert t[-1]["judge_score"] >= t[1]["judge_score"] + 0.03, t
-    assert s["accuracy_after"] >= s["accuracy_before"] - 0.03, t
+    assert s["sampled_accuracy_after"] >= s["sampled_accuracy_before"] + 0.06, t
+    assert s["accuracy_after"] >= s["accuracy_before"] - 0.02, t      # greedy: no loss
+    assert t[-1]["judge_score"] >= t[1]["judge_score"], t              # its own samples do not get worse
     assert all(r["pairs"] > 0 for r in t[1:])
     assert json.load(open(tmp_path / "summary.json"))["accuracy_after"] == s["accuracy_after"]
     assert (tmp_path / "model" / "config.json").exists()

@@ -30,9 +30,11 @@ RUNS = {
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="", help="comma-separated row-name prefixes to run (default: all)")
+    ap.add_argument("--only", default="", help="comma-separated row-name prefixes to re-run; the other rows are kept from the last run (default: run all)")
     args = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
+    path = os.path.join(OUT, "table.json")
+    old = {r["name"]: r for r in json.load(open(path))} if args.only and os.path.exists(path) else {}
     rows = []
     for name, (script, extra, (kb, ka), what) in RUNS.items():
         if args.only and not any(name.startswith(o) for o in args.only.split(",")):
@@ -49,7 +51,9 @@ def main():
             rows.append(dict(name=name, command=" ".join(["python", script, *extra]), metric=what,
                              before=s[kb], after=s[ka], wall_s=round(wall, 1)))
         print(json.dumps(rows[-1]), flush=True)
-        json.dump(rows, open(os.path.join(OUT, "table.json"), "w"), indent=1)
+    # --only re-measures some rows and keeps the others from the last full run
+    rows = [next((r for r in rows if r["name"] == n), old[n]) for n in RUNS if n in old or any(r["name"] == n for r in rows)]
+    json.dump(rows, open(path, "w"), indent=1)
     lines = ["| algorithm | command | held-out accuracy | before → after | wall s |", "|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
