@@ -30,6 +30,9 @@ it learn: with alpha 4 the judge score stays flat (0.744 -> 0.741), and with alp
 DPO the DPO term pulls the correct answers' log-probs down with the wrong ones' and accuracy
 falls (README, calibration sweep).
 
+Outputs in --out: metrics.jsonl, rounds.png (gold accuracy and judge score per round),
+summary.json (the per-round table, accuracy before/after, KL to the initial model), model/.
+
 Simplified vs the papers: one fixed prompt pool sampled per round (the papers use fresh prompts
 or a growing pool); best-vs-worst pairing only (Yuan et al. also use it); the self-judge is the
 policy of the current round (the paper's M_t judges for M_{t+1}, the same thing).

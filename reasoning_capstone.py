@@ -23,6 +23,9 @@ Run:
 On real data the SFT stage uses the rows' reference solutions when they have them (GSM8K);
 Countdown rows have none, so pass --sft-steps 0 and start from an instruct model.
 
+Outputs in --out: metrics.jsonl, stages.png, summary.json (the stage table: greedy accuracy,
+pass@k, wall time), model_rft/, model_dpo/, model_grpo/.
+
 Simplified: each stage is a short, fixed budget (it is a comparison, not a leaderboard run); the
 DPO and GRPO losses are duplicated here from dpo.py and grpo.py (on-policy GRPO, one update per
 rollout, so the ratio clip never binds and the loss is the plain group-relative policy gradient).
