@@ -463,16 +463,17 @@ def tiny_sft_data(n, seed, task="arithmetic"):
 TINY_SFT_STEPS = 300  # tuned so arithmetic held-out accuracy lands mid-range (see README)
 TINY_RECIPE = f"steps={TINY_SFT_STEPS} numerics=avx2"  # the cache marker: a new recipe rebuilds
 # Float rounding depends on the CPU's vector width (AVX-512 vs AVX2 kernels sum in different orders),
-# and 300 SFT steps amplify it: measured held-out accuracy 0.765 on one machine, 0.84 on another.
-# Pinning ATen, MKL and oneDNN to their AVX2 code paths (in a fresh process: they are read when
-# torch loads) makes the build bit-identical on every x86 CPU with AVX2. tests/conftest.py sets
-# the same for the whole test run, so seeded learning tests measure the same run everywhere.
+# and 300 SFT steps amplify it: the same build measured 0.765 held-out accuracy with AVX-512 kernels
+# and 0.83 on AVX2 ones. Pinning ATen, MKL (conditional numerical reproducibility) and oneDNN to
+# their AVX2 code paths, in a fresh process since they are read when torch loads, is meant to make
+# the build bit-identical on every x86 CPU with AVX2 (checked here on one CPU model: identical
+# weights twice, and with MKL's instruction set capped separately). tests/conftest.py pins the same.
 PORTABLE_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"}
 
 
 def build_tiny(folder, seed=0, steps=TINY_SFT_STEPS):
     """`--model tiny`: a short SFT of the untrained tiny model on the tasks' chain of thought,
-    run in a child process with PORTABLE_NUMERICS (x86: bit-identical everywhere; ~2 min on CPU)."""
+    run in a child process with PORTABLE_NUMERICS (see above; ~2 min on one CPU core)."""
     import platform, subprocess
     print0(f"[common] building the built-in 'tiny' model: {steps} SFT steps on chain-of-thought data -> {folder}")
     env = {**os.environ, **(PORTABLE_NUMERICS if platform.machine().lower() in ("x86_64", "amd64") else {})}
