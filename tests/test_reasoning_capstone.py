@@ -41,10 +41,11 @@ def test_short_capstone_run_no_stage_breaks_the_model(tmp_path):
     assert saved["table"][1]["pass@2"] >= saved["table"][1]["accuracy"] - 0.2
 
 
-def test_default_budgets_from_tiny_rft_and_grpo_beat_sft(tmp_path):
+def test_default_budgets_from_tiny_no_stage_below_sft(tmp_path):
     """The default RL budgets from the built-in tiny model (SFT skipped: tiny is already SFT'd), seed 0.
-    Measured (200 problems, SE ~0.025): sft 0.830, rft 0.885, dpo 0.815, grpo 0.860; ~2 min."""
+    Measured (200 problems, SE ~0.025): sft 0.830, rft 0.885, dpo 0.835 (RPO alpha 8; 0.815 at
+    alpha 4), grpo 0.860; ~2 min. No stage ends below SFT."""
     s = cap.main(["--model", "tiny", "--sft-steps", "0", "--seed", "0", "--out", str(tmp_path)])
     assert s["rft_accuracy"] >= s["sft_accuracy"] + 0.03, s["table"]
     assert s["grpo_accuracy"] >= s["sft_accuracy"] + 0.02, s["table"]
-    assert s["dpo_accuracy"] >= s["sft_accuracy"] - 0.04, s["table"]   # DPO+RPO holds it (offline pairs)
+    assert s["dpo_accuracy"] >= s["sft_accuracy"], s["table"]          # DPO + RPO on offline verified pairs
