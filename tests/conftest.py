@@ -18,6 +18,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Without this, AVX-512 and AVX2 machines round differently and the runs diverge (common.py,
 # PORTABLE_NUMERICS, has the measurement).
 if __import__("platform").machine().lower() in ("x86_64", "amd64"):
+    # the same values as common.PORTABLE_NUMERICS (test_common checks they stay equal)
     for k, v in {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}.items():
         os.environ.setdefault(k, v)
 import torch  # noqa: E402

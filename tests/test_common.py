@@ -232,3 +232,13 @@ def test_ddp_setup_two_gloo_ranks(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("rank0 only") == 1
+
+
+def test_conftest_pins_the_numerics_tiny_is_built_with():
+    """conftest.py must set its numerics before torch loads, so it cannot import them from
+    common.py; this keeps the two copies equal."""
+    import platform
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        pytest.skip("the AVX2 pins apply to x86 only")
+    for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA"):
+        assert os.environ[k] == C.PORTABLE_NUMERICS[k], k
