@@ -9,7 +9,7 @@ import torch
 import common as C
 from conftest import ROOT
 
-DPO_SMALL = ["--n-pairs", "64", "--batch-size", "8", "--eval-n", "8", "--warmup-steps", "0", "--device", "cpu"]
+DPO_SMALL = ["--n-pairs", "64", "--batch-size", "8", "--eval-n", "8", "--warmup-steps", "0", "--device", "cpu", "--builtin", "corrupt"]
 
 
 def run(script, *argv, timeout=300):

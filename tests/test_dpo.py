@@ -9,7 +9,8 @@ import dpo
 from conftest import REALDATA, ROOT
 from test_common import save_random_causal
 
-SMALL = ["--n-pairs", "256", "--batch-size", "8", "--eval-n", "16", "--warmup-steps", "0", "--device", "cpu"]
+BASE = ["--n-pairs", "256", "--batch-size", "8", "--eval-n", "16", "--warmup-steps", "0", "--device", "cpu"]
+SMALL = BASE + ["--builtin", "corrupt"]  # hand-made pairs: no sampling, identical on any number of ranks
 
 
 def test_dpo_loss_by_hand():
@@ -49,21 +50,24 @@ def test_data_order_is_a_function_of_seed_and_step():
 
 
 def test_embedded_run_learns(tmp_path):
-    """Seeded DPO on built-in arithmetic pairs: implicit-reward accuracy rises, task accuracy is kept
-    within a stated tolerance. Measured (defaults lr 3e-5, beta 1, rpo-alpha 1, 1920 pairs, 60 steps):
-    held-out reward accuracy 0.94, task accuracy 0.84 -> 0.76. Plain DPO (rpo-alpha 0) at lr 1e-5..2e-4
-    drove task accuracy to 0.0-0.01: offline DPO on these pairs does NOT raise the tiny model's accuracy."""
-    s = dpo.main(["--steps", "60", "--n-pairs", "1920", "--eval-n", "100", "--device", "cpu", "--seed", "0", "--out", str(tmp_path)])
+    """Seeded DPO on built-in pairs (reference solution vs the start model's own wrong sample):
+    implicit-reward accuracy rises on held-out pairs and task accuracy rises over the start.
+    Measured with these flags: seed 0 accuracy 0.84 -> 0.87, held-out reward accuracy 0.82;
+    seed 1 0.84 -> 0.86, 0.77. Honest caveat (README): most of the accuracy gain comes from the
+    RPO NLL term (beta -> 0 reached 0.88 at the full defaults); a stronger preference term
+    (beta 0.5 or rpo-alpha 2) gave 0.84 / 0.825, and plain DPO collapses accuracy to ~0."""
+    s = dpo.main(["--n-pairs", "2048", "--eval-n", "100", "--device", "cpu", "--seed", "0", "--out", str(tmp_path)])
     for k in ("accuracy_before", "accuracy_after", "heldout_reward_acc", "heldout_reward_margin", "heldout_likelihood_acc_before",
               "heldout_likelihood_acc_after", "heldout_logp_chosen_before", "heldout_logp_chosen_after", "wall_s"):
         assert k in s, k
     assert s == json.load(open(tmp_path / "summary.json"))
-    assert s["heldout_reward_acc"] >= 0.85 and s["heldout_reward_margin"] > 0.5, s
-    assert s["accuracy_after"] >= s["accuracy_before"] - 0.15, s   # no collapse (plain DPO goes to ~0)
+    assert s["train_pairs"] > 500 and s["heldout_reward_acc"] >= 0.7 and s["heldout_reward_margin"] > 0.03, s
+    assert s["heldout_likelihood_acc_after"] > s["heldout_likelihood_acc_before"], s
+    assert s["accuracy_after"] >= s["accuracy_before"] + 0.02, s   # measured +0.03
     rows = [r for r in C.read_metrics(str(tmp_path)) if "loss" in r]
     assert len(rows) == 60 and {"logp_chosen", "logp_rejected", "chosen_reward", "rejected_reward", "reward_margin"} <= set(rows[0])
     last = sum(r["reward_acc"] for r in rows[-10:]) / 10
-    assert abs(rows[0]["reward_margin"]) < 1e-3 and last >= 0.9  # policy = reference at step 1: zero margin
+    assert abs(rows[0]["reward_margin"]) < 1e-3 and last >= 0.75  # policy = reference at step 1: zero margin (measured last: 0.83)
     assert all(os.path.isfile(tmp_path / f) for f in ("rewards.png", "loss.png", "logps.png", "model/config.json"))
 
 
@@ -87,10 +91,10 @@ def test_winrate_with_reward_model_judge(tmp_path):
 def test_resume_is_exact(tmp_path):
     """6 steps straight vs 3 steps + --resume to 6: identical metrics after the checkpoint step."""
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    dpo.main(SMALL + ["--steps", "6", "--save-every", "3", "--out", full])
-    dpo.main(SMALL + ["--steps", "3", "--save-every", "3", "--out", part])
+    dpo.main(BASE + ["--steps", "6", "--save-every", "3", "--out", full])  # sampled pairs: rebuilt identically on resume
+    dpo.main(BASE + ["--steps", "3", "--save-every", "3", "--out", part])
     assert os.path.isfile(os.path.join(part, "checkpoint", "state.pt"))
-    dpo.main(SMALL + ["--steps", "6", "--save-every", "3", "--resume", "--out", part])
+    dpo.main(BASE + ["--steps", "6", "--save-every", "3", "--resume", "--out", part])
     a = [r for r in C.read_metrics(full) if "loss" in r]
     b = [r for r in C.read_metrics(part) if "loss" in r]
     assert [r["step"] for r in b] == list(range(1, 7))

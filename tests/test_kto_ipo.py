@@ -144,9 +144,8 @@ def test_make_dataset_then_kto_learns(tmp_path):
     # the files round-trip through the loaders
     assert len(K.load_unpaired(str(tmp_path / "kto.jsonl"))) == len(kto) and len(C.load_pairs(str(tmp_path / "pairs.jsonl"))) == len(pairs)
     # learned: on held-out answers to the test prompts the implicit reward separates desirable from
-    # undesirable (AUC 0.5 -> 0.61, margin 0 -> 0.046 with seed 0; seed 1: 0.55, 0.026) while greedy
-    # accuracy stays near the start (0.84 -> 0.80; seed 1: 0.82). Higher lr raises the margin faster
-    # but breaks the task (see the module docstring).
+    # undesirable (AUC 0.5 -> 0.70, margin 0 -> 0.107 with seed 0) while greedy accuracy stays near
+    # the start (0.84 -> 0.81): 94 desirable answers are too few for the NLL term to lift it.
     assert s["heldout_reward_margin_before"] == 0 and s["heldout_reward_acc_before"] == 0.5
     assert s["heldout_reward_margin_after"] > 0.015 and s["heldout_reward_acc_after"] > 0.53, s
     assert s["accuracy_after"] >= s["accuracy_before"] - 0.07, s
@@ -173,7 +172,7 @@ def test_make_dataset_with_reward_model_judge(tmp_path):
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, monkeypatch):
-    flags = CPU + ["--steps", "4", "--batch-size", "4", "--n-train", "32", "--eval-n", "8", "--out", str(tmp_path)]
+    flags = CPU + ["--steps", "4", "--batch-size", "4", "--n-train", "32", "--eval-n", "8", "--builtin", "corrupt", "--out", str(tmp_path)]
     calls, real = [], K.kto_loss
 
     def interrupted(*a, **kw):  # Ctrl-C during the 3rd update
@@ -197,20 +196,22 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, monkeypatch):
         K.main(flags + ["--resume", "--seed", "1"])
 
 
-@pytest.mark.parametrize("loss", ["ipo", "orpo"])
-def test_ipo_and_orpo_learn(tmp_path, loss):
-    """Built-in pairs (reference solution vs a realistic error), default lr per loss. Measured (seeds 0 / 1):
-    IPO reward acc 0 (ties) -> 0.74 / 0.68, per-token margin +0.0028 / +0.0029, task accuracy 0.84 -> 0.84 / 0.82;
-    ORPO log-odds margin 1.75 -> 2.01 / 1.92 (reward acc starts at 0.98: no reference), accuracy 0.84 -> 0.89 / 0.77."""
-    s = K.main(CPU + ["--loss", loss, "--steps", "30", "--batch-size", "16", "--eval-n", "100", "--seed", "0", "--out", str(tmp_path)])
-    if loss == "ipo":
-        assert s["heldout_reward_acc_before"] == 0 and s["heldout_reward_acc_after"] >= 0.6, s
-        assert s["heldout_reward_margin_after"] > 0.001, s
-    else:
-        assert s["heldout_reward_acc_after"] >= 0.95 and s["heldout_reward_margin_after"] > s["heldout_reward_margin_before"] + 0.1, s
-    assert s["accuracy_after"] >= s["accuracy_before"] - 0.1, s
+@pytest.mark.parametrize("loss", ["kto", "ipo", "orpo"])
+def test_each_loss_learns_on_the_builtin_data(tmp_path, loss):
+    """Built-in data with the defaults per loss: the reference solution vs the start model's own wrong
+    sample (KTO: one of the two per prompt, balanced labels). Measured with these flags, seed 0 (the
+    full defaults, 200 problems, seeds 0 / 1, in the module docstring): accuracy rises for all three."""
+    s = K.main(CPU + ["--loss", loss, "--n-train", "2048", "--eval-n", "100", "--seed", "0", "--out", str(tmp_path)])
+    assert s["train_rows"] > 500, s
+    if loss == "kto":    # AUC of the implicit reward over (desirable, undesirable) held-out couples
+        assert s["heldout_reward_acc_before"] == 0.5 and s["heldout_reward_acc_after"] >= 0.75, s
+    elif loss == "ipo":  # ties at the start (policy = reference)
+        assert s["heldout_reward_acc_before"] == 0 and s["heldout_reward_acc_after"] >= 0.75, s
+    else:                # no reference: log-odds margin, already positive at the start
+        assert s["heldout_reward_margin_after"] > s["heldout_reward_margin_before"] + 0.3, s
+    assert s["accuracy_after"] >= s["accuracy_before"] + 0.02, s
     rows = [r for r in C.read_metrics(str(tmp_path)) if "loss" in r]
-    assert len(rows) == 30 and ("h" if loss == "ipo" else "nll") in rows[0]
+    assert len(rows) == 80 and {"kto": "z0", "ipo": "h", "orpo": "nll"}[loss] in rows[0]
 
 
 def test_bad_flags_are_one_line_errors(tmp_path):
@@ -257,7 +258,7 @@ def test_hh_rlhf_pairs_as_kto_rows(tmp_path):
 
 def test_ddp_kto_matches_single_process(tmp_path):
     """2 gloo ranks, global batch 8 (z0 over the global batch via all-reduce) take the same steps as one process."""
-    flags = CPU + ["--steps", "2", "--batch-size", "8", "--eval-n", "8", "--n-train", "64", "--lr", "1e-4", "--beta", "1"]
+    flags = CPU + ["--steps", "2", "--batch-size", "8", "--eval-n", "8", "--n-train", "64", "--lr", "1e-4", "--beta", "1", "--builtin", "corrupt"]
     K.main(flags + ["--out", str(tmp_path / "one")])
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547",
                         os.path.join(ROOT, "kto_ipo.py")] + flags + ["--out", str(tmp_path / "two")],
