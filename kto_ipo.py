@@ -218,16 +218,23 @@ def load_unpaired(spec, split="train", n=None):
 
 
 @torch.no_grad()
+def sample_answers(model, tok, problems, samples, temperature, max_new_tokens):
+    """This rank's share of the problems, each with `samples` sampled answers: [(index, [answers])]."""
+    mine = C.DIST.shard(list(range(len(problems))))
+    with autocast(C.DIST.device):
+        texts = C.generate(model, tok, [problems[i]["prompt"] for i in mine], n=samples, temperature=temperature,
+                           max_new_tokens=max_new_tokens)["texts"] if mine else []
+    return [(i, texts[k * samples:(k + 1) * samples]) for k, i in enumerate(mine)]
+
+
+@torch.no_grad()
 def make_dataset(model, tok, problems, samples, max_new_tokens, temperature, judge=None, threshold=None):
     """Dataset engineering: K answers per problem from the current model, scored by the verifier
     (1 = correct) or a reward model, then (pairs, unpaired): per prompt the best vs the worst
     answer when their scores differ, and every distinct answer labelled score > threshold
     (verifier: correct; reward model: --judge-threshold, default the median score)."""
-    mine = C.DIST.shard(list(range(len(problems))))
-    with autocast(C.DIST.device):
-        texts = C.generate(model, tok, [problems[i]["prompt"] for i in mine], n=samples, max_new_tokens=max_new_tokens,
-                           temperature=temperature)["texts"] if mine else []
-    cand = [(i, t) for k, i in enumerate(mine) for t in dict.fromkeys(texts[k * samples:(k + 1) * samples]) if t.strip()]
+    cand = [(i, t) for i, answers in sample_answers(model, tok, problems, samples, temperature, max_new_tokens)
+            for t in dict.fromkeys(answers) if t.strip()]  # this rank's distinct non-empty answers
     if judge is None:
         scores = [float(C.verify(problems[i], t)) for i, t in cand]
     else:  # reward_model.py's contract: right padding, prompt text + completion, one logit
@@ -251,17 +258,13 @@ def make_dataset(model, tok, problems, samples, max_new_tokens, temperature, jud
     return pairs, unpaired
 
 
-@torch.no_grad()
 def own_mistakes(model, tok, problems, tries, temperature, max_new_tokens, paired, seed):
     """The built-in data (--builtin model): `tries` samples per problem from the start model; where
     one is wrong (verifier), pair it with the reference solution. Unpaired (KTO): each such problem
     contributes ONE row, the solution (desirable) or the wrong answer (undesirable) by a seeded
     coin, so no prompt has both labels and the classes are balanced. Same recipe as dpo.py."""
-    mine = C.DIST.shard(list(range(len(problems))))
-    with autocast(C.DIST.device):
-        texts = C.generate(model, tok, [problems[i]["prompt"] for i in mine], n=tries, temperature=temperature,
-                           max_new_tokens=max_new_tokens)["texts"] if mine else []
-    found = [(i, w[0]) for k, i in enumerate(mine) if (w := [t for t in texts[k * tries:(k + 1) * tries] if not C.verify(problems[i], t)])]
+    found = [(i, w[0]) for i, answers in sample_answers(model, tok, problems, tries, temperature, max_new_tokens)
+             if (w := [t for t in answers if not C.verify(problems[i], t)])]
     found, rng = sorted(C.all_gather_list(found)), random.Random(seed + 2)
     if paired:
         return [dict(prompt=problems[i]["prompt"], chosen=problems[i]["solution"], rejected=w) for i, w in found]
