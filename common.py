@@ -120,9 +120,32 @@ def all_gather_list(items):
     return [x for part in out for x in part]
 
 
-def cleanup():
+def shard_model(model):
+    """FSDP2 (torch.distributed.fsdp.fully_shard; Zhao et al. 2023): parameters, gradients and
+    optimizer state are split over the ranks, and each decoder layer (HF's _no_split_modules)
+    is all-gathered only while it runs: for models that do not fit on one GPU. Every forward is
+    then a collective, so all ranks must run the same number of forwards (generate() keeps them
+    in step). Call it before creating the optimizer."""
+    from torch.distributed.fsdp import fully_shard
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    for m in model.modules():
+        if type(m).__name__ in blocks:
+            fully_shard(m)
+    return fully_shard(model)
+
+
+def is_sharded(model):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(getattr(model, "module", model), FSDPModule)
+
+
+def cleanup(barrier=True):
+    """Leave the process group. barrier: wait for every rank first, so none tears its connections
+    down while another still uses them (off on Ctrl-C paths, where a rank may never arrive)."""
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 # ----------------------------------------------------------------------------- 2. tasks
@@ -477,7 +500,7 @@ def build_tiny(folder, seed=0, steps=TINY_SFT_STEPS):
     import platform, subprocess
     print0(f"[common] building the built-in 'tiny' model: {steps} SFT steps on chain-of-thought data -> {folder}")
     env = {**os.environ, **(PORTABLE_NUMERICS if platform.machine().lower() in ("x86_64", "amd64") else {})}
-    code = f"import common; common._build_tiny_here({folder!r}, {seed}, {steps})"
+    code = f"import common; common._build_tiny_here({os.path.abspath(folder)!r}, {seed}, {steps})"  # the child runs in this folder
     r = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)), env=env)
     check(r.returncode == 0, f"building the tiny model in {folder} failed (exit {r.returncode})")
 
@@ -543,11 +566,22 @@ def load_model(name, kind="causal", device=None, dtype=None, trust_remote_code=F
 
 
 def save_pretrained_atomic(folder, model, tok=None):
-    """save_pretrained (safetensors) into a temp folder, then rename over `folder`."""
+    """save_pretrained (safetensors) into a temp folder, then rename over `folder`. Rank 0 writes;
+    a sharded (FSDP) model must be saved by every rank (the gather is a collective)."""
     folder = folder.rstrip("/")
     tmp = f"{folder}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    getattr(model, "module", model).save_pretrained(tmp, safe_serialization=True)
+    state = None
+    if is_sharded(model):  # collective: every rank takes part, rank 0 gets the whole state dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not DIST.master:
+        return
+    getattr(model, "module", model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
+    if state is not None:  # fully_shard renamed the class to FSDP<Name>: record the real architecture
+        cfg = json.load(open(os.path.join(tmp, "config.json")))
+        cfg["architectures"] = [a.removeprefix("FSDP") for a in cfg.get("architectures") or []]
+        json.dump(cfg, open(os.path.join(tmp, "config.json"), "w"), indent=2)
     if tok is not None:
         tok.save_pretrained(tmp)
     _swap_in(tmp, folder)
@@ -609,12 +643,20 @@ def generate(model, tok, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p
     p_ids, p_mask = p_ids.repeat_interleave(n, 0), p_mask.repeat_interleave(n, 0)
     kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else kw.update(do_sample=False)
-    if device.type == "cuda":
+    n_batches, synced = -(-len(p_ids) // batch_size), is_sharded(model)
+    if synced:  # FSDP: ranks decode in lock-step to the longest sequence, and run as many batches
+        import torch.distributed as dist
+        kw["synced_gpus"] = True
+        t = torch.tensor(n_batches, device=device); dist.all_reduce(t, op=dist.ReduceOp.MAX); n_batches = int(t)
+    elif device.type == "cuda":
         # Fast path: a static KV cache lets transformers compile the one-token decode step
         # (fixed shapes -> torch.compile / CUDA graphs); ~3.5x the dynamic cache on an H100.
         kw["cache_implementation"] = "static"
     outs = []
-    for i in range(0, len(p_ids), batch_size):
+    for i in range(0, n_batches * batch_size, batch_size):
+        if i >= len(p_ids):  # FSDP: this rank is out of prompts but must take part; output dropped
+            model.generate(input_ids=p_ids[:1], attention_mask=p_mask[:1], **kw)
+            continue
         seq = model.generate(input_ids=p_ids[i:i + batch_size], attention_mask=p_mask[i:i + batch_size], **kw)
         outs.append(seq[:, p_ids.shape[1]:])
     T = max(o.shape[1] for o in outs)

@@ -31,6 +31,7 @@ Run:
         --max-len 1024 --eval-winrate --eval-prompts mt_bench__question.jsonl \\
         --judge-lm Qwen/Qwen2.5-7B-Instruct --max-new-tokens 512
     torchrun --nproc_per_node=8 dpo.py ...           # same flags; --batch-size stays the global batch
+    torchrun --nproc_per_node=8 dpo.py --fsdp ...    # FSDP2: the model sharded over the ranks (no checkpoints)
     python dpo.py --save-every 50 ...; python dpo.py --resume ...   # resume is exact on CPU
 Outputs in --out (default out/dpo): metrics.jsonl, rewards.png, loss.png, logps.png, winrate.jsonl,
 model/ (HF folder), checkpoint/ (with --save-every or Ctrl-C), summary.json.
@@ -107,10 +108,10 @@ def all_pair_logps(model, tok, pairs, batch_size, max_len):
     """(chosen, rejected) summed log-probs of every pair: sharded over ranks, gathered in order."""
     was = model.training; model.eval()
     mine, rows = DIST.shard(list(range(len(pairs)))), []
-    for i in range(0, len(mine), batch_size):
+    for i in range(0, -(-len(pairs) // DIST.world_size), batch_size):  # as many forwards as the largest shard (FSDP: in step)
         j = mine[i:i + batch_size]
         with autocast(DIST.device):
-            c, r, _ = pair_logps(model, tok, [pairs[k] for k in j], max_len)
+            c, r, _ = pair_logps(model, tok, [pairs[k] for k in j or [0]], max_len)  # empty slice: one dropped pair
         rows += zip(j, c.float().tolist(), r.float().tolist())
     model.train(was)
     rows = sorted(C.all_gather_list(rows))
@@ -266,6 +267,7 @@ def parse_args(argv):
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
     p.add_argument("--max-len", type=int, default=1024, help="max tokens of prompt + completion (completions are cut)")
     p.add_argument("--max-prompt-len", type=int, default=512, help="pairs whose prompt is longer (tokens) are dropped")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model over the ranks (FSDP2) instead of DDP, for models that do not fit on one GPU; no --save-every/--resume")
     p.add_argument("--ref-on-the-fly", action="store_true", help="keep the reference model and compute its log-probs every step (default: precompute once, no second model)")
     p.add_argument("--log-every", type=int, default=1, help="log training metrics every N steps")
     p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (0 = only before and after)")
@@ -294,6 +296,7 @@ def parse_args(argv):
     check(args.rpo_alpha >= 0, f"--rpo-alpha must be >= 0, got {args.rpo_alpha}")
     check(0 <= args.label_smoothing < 0.5, f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
     check(not (args.judge and args.judge_lm), "give --judge or --judge-lm, not both")
+    check(not (args.fsdp and (args.save_every or args.resume)), "--fsdp: checkpoints of sharded optimizer state are not implemented; drop --save-every/--resume")
     args.judge = args.judge or (None if args.judge_lm else "verifier" if args.dataset is None else None)
     check(not args.eval_winrate or args.judge or args.judge_lm, "--eval-winrate on a --dataset needs --judge <reward model> or --judge-lm <model>")
     return args
@@ -311,6 +314,9 @@ def main(argv=None):
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     max_len = min(args.max_len, getattr(model.config, "max_position_embeddings", None) or args.max_len)
+    fsdp = args.fsdp and d.world_size > 1
+    if fsdp:  # before anything runs the model or creates the optimizer
+        C.shard_model(model)
 
     # ---- data: built-in pairs (chosen = reference solution, rejected = the start model's own
     # mistake, or a hand-made error with --builtin corrupt) or real pairs. `problems`: accuracy set.
@@ -372,7 +378,7 @@ def main(argv=None):
     logger = C.Logger(args.out, vars(args), args.wandb, resume_step=start if args.resume else None)  # drops rows after the checkpoint
     if start == 0:
         logger.log(0, **extra["before"])
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world_size > 1 else model
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world_size > 1 and not fsdp else model
 
     # ---- training: one flat loop; batch = DIST.shard(global batch of this step)
     model.train()
@@ -386,7 +392,7 @@ def main(argv=None):
             chunks = [idx[i:i + mb] for i in range(0, len(idx), mb)]  # same count on every rank
             for k, chunk in enumerate(chunks):
                 pairs = [train[i] for i in chunk]
-                sync = k == len(chunks) - 1 or d.world_size == 1
+                sync = k == len(chunks) - 1 or d.world_size == 1 or fsdp  # FSDP reduce-scatters every micro-batch
                 with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast(d.device):
                     pc, pr, n_c = pair_logps(ddp, tok, pairs, max_len)
                     if ref is not None:
@@ -406,6 +412,7 @@ def main(argv=None):
                 stats += torch.stack([losses.sum(), (c_rew > r_rew).float().sum(), (c_rew - r_rew).sum(), c_rew.sum(),
                                       r_rew.sum(), pc.detach().sum(), pr.detach().sum()]).double().cpu()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
             opt.step(); sched.step(); done = step
             if step % args.log_every == 0 or step == args.steps:
                 s = C.all_reduce_mean(stats / len(idx)).tolist()  # equal local batches: mean of means = global mean
@@ -417,6 +424,9 @@ def main(argv=None):
             if args.save_every and step % args.save_every == 0:
                 C.save_checkpoint(ckpt, model, tok, step, opt, sched, extra)
     except KeyboardInterrupt:
+        if fsdp:
+            print0(f"interrupted at step {done}: no checkpoint under --fsdp")
+            raise SystemExit(130)
         C.save_checkpoint(ckpt, model, tok, done, opt, sched, extra)
         print0(f"interrupted: checkpoint at step {done} in {ckpt} (continue with --resume)")
         raise SystemExit(130)
@@ -442,8 +452,7 @@ def main(argv=None):
             with open(os.path.join(args.out, "winrate.jsonl"), "w") as f:
                 for p, a, b, o in zip(win_prompts, answers, extra["start_answers"], outcome):
                     f.write(json.dumps(dict(prompt=p, dpo=a, start=b, outcome={1: "win", 0: "tie", -1: "loss"}[o])) + "\n")
-    if d.master:
-        C.save_pretrained_atomic(os.path.join(args.out, "model"), model, tok)
+    C.save_pretrained_atomic(os.path.join(args.out, "model"), model, tok)  # rank 0 writes (FSDP: all ranks gather)
     C.plot_metrics(args.out, ["chosen_reward", "rejected_reward", "reward_margin"], "rewards.png", title="DPO implicit rewards")
     C.plot_metrics(args.out, ["loss", "reward_acc"], "loss.png", title="DPO loss and reward accuracy")
     C.plot_metrics(args.out, ["logp_chosen", "logp_rejected"], "logps.png", title="policy log-probs (chosen falls too)")

@@ -355,7 +355,7 @@ def main(argv=None) -> dict:
     except KeyboardInterrupt:  # the interrupted step is redone on --resume
         save(step)
         print0(f"[grpo] interrupted: checkpoint at step {step} in {ckpt}; continue with --resume")
-        cleanup()
+        cleanup(barrier=False)
         raise SystemExit(130)
 
     # -- evaluation, summary, final model

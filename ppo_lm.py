@@ -452,7 +452,7 @@ def run(args, out):
     except KeyboardInterrupt:  # the interrupted step is redone on --resume
         save(step)
         print0(f"[ppo_lm] interrupted: checkpoint at step {step} in {ckpt}; continue with --resume")
-        cleanup()
+        cleanup(barrier=False)
         raise SystemExit(130)
 
     # -- evaluation, summary, final model (a plain causal-LM folder + value_head.pt)

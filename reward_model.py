@@ -288,7 +288,7 @@ def main(argv=None) -> dict:
     except KeyboardInterrupt:
         common.save_checkpoint(os.path.join(args.out, "checkpoint"), model, tok, step, opt, sched, extra={"order": order})
         common.print0(f"\n[reward_model] interrupted at step {step}: checkpoint in {args.out}/checkpoint (--resume)")
-        common.cleanup()
+        common.cleanup(barrier=False)
         sys.exit(130)
     train_time = time.time() - t0
 

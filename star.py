@@ -240,7 +240,7 @@ def main(argv=None) -> dict:
             common.save_checkpoint(os.path.join(args.out, "checkpoint"), model, tok, gstep, opt, sched,
                                    extra=dict(iteration=it, args=vars(args)))
             print0(f"interrupted: checkpoint saved to {os.path.join(args.out, 'checkpoint')}")
-            common.cleanup()
+            common.cleanup(barrier=False)
             raise SystemExit(130)
 
         # -- 5. held-out accuracy of M_n (M_n samples the next iteration's rationales)

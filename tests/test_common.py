@@ -242,3 +242,12 @@ def test_conftest_pins_the_numerics_tiny_is_built_with():
         pytest.skip("the AVX2 pins apply to x86 only")
     for k in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA"):
         assert os.environ[k] == C.PORTABLE_NUMERICS[k], k
+
+
+def test_build_tiny_from_another_folder(tmp_path, monkeypatch):
+    """The build runs in a child process started in the repository; a relative cache folder must
+    still land where the caller looks (running `python /path/to/dpo.py` from elsewhere)."""
+    monkeypatch.chdir(tmp_path)
+    C.build_tiny(os.path.join("cache", "tiny"), steps=1)
+    assert open(tmp_path / "cache" / "tiny" / "built_with_steps.txt").read() == C.TINY_RECIPE
+    assert os.path.isfile(tmp_path / "cache" / "tiny" / "config.json")
