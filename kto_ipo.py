@@ -39,6 +39,7 @@ Run (measured numbers: seed 0, 200 test problems, 2 CPU cores, ~1 min each):
     python kto_ipo.py --make-dataset --model Qwen/Qwen2.5-0.5B-Instruct --dataset ../shared/realdata/gsm8k/train.jsonl \\
         --n-prompts 2000 --samples 8 --max-new-tokens 256 --nll-weight 1 --lr 5e-7 --steps 200 --micro-batch-size 4
     torchrun --nproc_per_node=2 kto_ipo.py ...    # same flags; --batch-size stays the global batch
+    torchrun --nproc_per_node=8 kto_ipo.py --fsdp ...   # FSDP2: policy and reference sharded (no checkpoints)
 Outputs in --out (default out/kto_ipo): metrics.jsonl, rewards.png, health.png, summary.json
 (held-out task accuracy and implicit-reward accuracy/margin before and after), model/,
 pairs.jsonl + kto.jsonl (with --make-dataset), checkpoint/ on Ctrl-C (--resume continues).
@@ -170,10 +171,10 @@ def autocast(device):
 def all_logps(model, tok, prompts, completions, mb, max_len):
     """(sum, mean) log-probs of every (prompt, completion): sharded over ranks, gathered in order."""
     mine, rows = C.DIST.shard(list(range(len(prompts)))), []
-    for i in range(0, len(mine), mb):
+    for i in range(0, -(-len(prompts) // C.DIST.world_size), mb):  # as many forwards as the largest shard (FSDP: in step)
         j = mine[i:i + mb]
-        with autocast(C.DIST.device):
-            s, m = seq_logps(model, tok, [prompts[k] for k in j], [completions[k] for k in j], max_len)
+        with autocast(C.DIST.device):  # an empty slice still runs one (dropped) row
+            s, m = seq_logps(model, tok, [prompts[k] for k in j or [0]], [completions[k] for k in j or [0]], max_len)
         rows += zip(j, s.float().tolist(), m.float().tolist())
     rows = sorted(C.all_gather_list(rows))
     return torch.tensor([r[1] for r in rows]), torch.tensor([r[2] for r in rows])
@@ -330,6 +331,7 @@ def parse_args(argv):
     p.add_argument("--log-every", type=int, default=1, help="log training metrics every N steps")
     p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (0 = only before and after)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint (same flags)")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the policy and the reference over the ranks (FSDP2) instead of DDP; no checkpoints")
     p.add_argument("--out", default=os.path.join("out", "kto_ipo"), help="output folder")
     p.add_argument("--seed", type=int, default=0, help="random seed (weights, sampling, data order)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
@@ -348,6 +350,7 @@ def parse_args(argv):
     check(a.desirable_weight is None or a.desirable_weight > 0, f"--desirable-weight must be > 0, got {a.desirable_weight}")
     check(a.loss != "kto" or a.batch_size >= 2 and a.micro_batch_size != 1, "kto: --batch-size and --micro-batch-size must be >= 2 (z0 needs mismatched pairs)")
     check(a.judge is None or a.make_dataset, "--judge labels answers for --make-dataset; add --make-dataset")
+    check(not (a.fsdp and a.resume), "--fsdp: checkpoints of sharded optimizer state are not implemented; drop --resume")
     check(not (a.resume and a.make_dataset), "--resume cannot re-make the data: pass <out>/kto.jsonl or pairs.jsonl as --dataset")
     return a
 
@@ -362,6 +365,10 @@ def main(argv=None):
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     ref = None if args.loss == "orpo" else copy.deepcopy(model).eval().requires_grad_(False)  # frozen start model
+    fsdp = args.fsdp and d.world_size > 1
+    if fsdp:  # both sharded (FSDP2), before anything runs them or creates the optimizer
+        C.shard_model(model)
+        ref = ref if ref is None else C.shard_model(ref)
     max_len = min(args.max_len, getattr(model.config, "max_position_embeddings", None) or args.max_len)
 
     # ---- data: made from the model's own samples, the built-in task, or --dataset rows
@@ -458,7 +465,7 @@ def main(argv=None):
     logger = C.Logger(args.out, vars(args), args.wandb, resume_step=start if args.resume else None)
     if start == 0:
         logger.log(0, **extra["before"])
-    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world_size > 1 else model
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world_size > 1 and not fsdp else model
 
     # ---- training: one flat loop; this rank's rows = C.DIST.shard(global batch of this step)
     model.train()
@@ -474,7 +481,7 @@ def main(argv=None):
             stats = torch.zeros(7, dtype=torch.float64)  # sums: loss, correct, r_c, r_r, n_c, n_r, aux (ipo h / orpo nll)
             chunks = [rows[i:i + mb] for i in range(0, len(rows), mb)]  # same count on every rank
             for k, chunk in enumerate(chunks):
-                sync = k == len(chunks) - 1 or d.world_size == 1
+                sync = k == len(chunks) - 1 or d.world_size == 1 or fsdp  # FSDP reduce-scatters every micro-batch
                 with (contextlib.nullcontext() if sync else ddp.no_sync()), autocast(d.device):
                     x = [r["prompt"] for r in chunk]
                     if paired:  # chosen and rejected of b pairs in ONE forward pass (2b rows)
@@ -505,6 +512,7 @@ def main(argv=None):
                 stats += torch.tensor([losses.detach().sum().item(), correct.item(), c.sum().item(), r.sum().item(),
                                        len(c), len(r), aux.item()], dtype=torch.float64)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
             opt.step(); sched.step(); done = step
             if step % args.log_every == 0 or step == args.steps:
                 s = C.all_reduce_mean(stats).tolist()  # means of per-rank sums: their ratios are global ratios
@@ -518,6 +526,9 @@ def main(argv=None):
             if args.eval_every and step % args.eval_every == 0 and step != args.steps:
                 logger.log(step, **heldout_eval())
     except KeyboardInterrupt:
+        if fsdp:
+            print0(f"interrupted at step {done}: no checkpoint under --fsdp")
+            raise SystemExit(130)
         C.save_checkpoint(ckpt, model, tok, done, opt, sched, extra)
         print0(f"interrupted: checkpoint at step {done} in {ckpt} (continue with --resume)")
         raise SystemExit(130)
@@ -533,8 +544,7 @@ def main(argv=None):
         summary.update(desirable_weight=lam_d, undesirable_weight=lam_u)
     if made:
         summary["made_dataset"] = made
-    if d.master:
-        C.save_pretrained_atomic(os.path.join(args.out, "model"), model, tok)
+    C.save_pretrained_atomic(os.path.join(args.out, "model"), model, tok)  # rank 0 writes (FSDP: all ranks gather)
     C.plot_metrics(args.out, ["chosen_reward", "rejected_reward", "reward_margin"], "rewards.png",
                    title=f"{args.loss}: implicit rewards (chosen/desirable vs rejected/undesirable)")
     C.plot_metrics(args.out, ["loss", "reward_acc"] + {"kto": ["z0"], "ipo": ["h"], "orpo": ["nll"]}[args.loss], "health.png", title=f"{args.loss}: health")
