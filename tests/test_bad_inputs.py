@@ -133,15 +133,21 @@ def test_nan_loss_stops_before_overwriting_the_checkpoint(tmp_path, monkeypatch)
 
 def test_ctrl_c_saves_a_checkpoint_then_exits(tmp_path):
     out = str(tmp_path / "run")
+    # SIG_DFL in the child: a test run started in the background (`cmd &`) ignores SIGINT, the child
+    # would inherit that, Python would install no KeyboardInterrupt handler, and the run would go on
     p = subprocess.Popen([sys.executable, "dpo.py", *DPO_SMALL, "--steps", "100000", "--log-every", "1", "--out", out], cwd=ROOT,
-                         env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics, t0 = os.path.join(out, "metrics.jsonl"), time.time()
-    while p.poll() is None and time.time() - t0 < 300:
-        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:  # the before-row and two steps
-            break
-        time.sleep(0.05)
-    p.send_signal(signal.SIGINT)
-    stdout, _ = p.communicate(timeout=120)
+                         env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        metrics, t0 = os.path.join(out, "metrics.jsonl"), time.time()
+        while p.poll() is None and time.time() - t0 < 300:
+            if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:  # the before-row and two steps
+                break
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        stdout, _ = p.communicate(timeout=120)
+    finally:
+        p.kill()  # never leave a 100000-step run behind
     assert p.returncode == 130, stdout[-2000:]
     assert "continue with --resume" in stdout
     st = torch.load(os.path.join(out, "checkpoint", "state.pt"), weights_only=True)
