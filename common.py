@@ -422,31 +422,48 @@ def _content(x):
     return x[-1]["content"] if isinstance(x, list) else x
 
 
-def load_pairs(spec, split="train", n=None):
+def load_pairs(spec, split="train", n=None, skip_bad=False):
     """Preference pairs {prompt, chosen, rejected} from hh-rlhf transcripts, UltraFeedback-style
-    message lists, or prompt/chosen/rejected text. Bad rows raise an error naming the row."""
+    message lists, or prompt/chosen/rejected text. A bad row raises an error naming the row;
+    with skip_bad (--skip-bad-rows) bad rows are dropped and counted instead."""
     if spec.endswith(".gz"):
         import gzip
         with gzip.open(spec, "rt", encoding="utf-8") as f:
             rows = [json.loads(l) for l in f if l.strip()]
     else:
         rows = read_rows(spec, "train_prefs" if "ultrafeedback" in spec and split == "train" else split)
-    out = []
-    for i, r in enumerate(rows[:n] if n else rows, 1):
-        where = f"{spec} row {i}"
-        require(r, ["chosen", "rejected"], where)
-        c, rj = r["chosen"], r["rejected"]
-        if isinstance(c, list):                      # message lists: the prompt is all but the last turn
-            prompt, c, rj = c[:-1] if "prompt" not in r or isinstance(r["prompt"], str) else r["prompt"], _content(c), _content(rj)
-            prompt = prompt or [{"role": "user", "content": r.get("prompt", "")}]
-        elif "prompt" in r:
-            prompt = r["prompt"]
-        else:
-            prompt, c, rj = split_hh(c, rj)
-        check(c.strip() and rj.strip(), f"{where}: empty chosen or rejected completion")
-        check(c != rj, f"{where}: chosen is identical to rejected")
-        out.append(dict(prompt=prompt, chosen=c, rejected=rj))
-    check(out, f"--dataset {spec}: no rows")
+    return keep_good_rows(rows[:n] if n else rows, spec, _pair, skip_bad)
+
+
+def _pair(r, where):
+    require(r, ["chosen", "rejected"], where)
+    c, rj = r["chosen"], r["rejected"]
+    if isinstance(c, list):                      # message lists: the prompt is all but the last turn
+        prompt, c, rj = c[:-1] if "prompt" not in r or isinstance(r["prompt"], str) else r["prompt"], _content(c), _content(rj)
+        prompt = prompt or [{"role": "user", "content": r.get("prompt", "")}]
+    elif "prompt" in r:
+        prompt = r["prompt"]
+    else:
+        prompt, c, rj = split_hh(c, rj)
+    check(c.strip() and rj.strip(), f"{where}: empty chosen or rejected completion")
+    check(c != rj, f"{where}: chosen is identical to rejected")
+    return dict(prompt=prompt, chosen=c, rejected=rj)
+
+
+def keep_good_rows(rows, spec, parse, skip_bad):
+    """[parse(row, "<spec> row i")] for every row; a row it rejects (InputError) stops the run,
+    or with skip_bad is dropped and counted."""
+    out, bad = [], []
+    for i, r in enumerate(rows, 1):
+        try:
+            out.append(parse(r, f"{spec} row {i}"))
+        except InputError as e:
+            if not skip_bad:
+                raise InputError(f"{e} (--skip-bad-rows drops such rows)") from None
+            bad.append(f"{i} ({str(e).split(': ', 1)[-1]})")
+    if bad:
+        print0(f"--skip-bad-rows: dropped {len(bad)} of {len(rows)} rows of {spec}: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+    check(out, f"--dataset {spec}: no usable rows")
     return out
 
 # ----------------------------------------------------------------------------- 4. models

@@ -252,6 +252,7 @@ def parse_args(argv):
     p.add_argument("--model", default="tiny", help="start (SFT) model: built-in name, local folder or hub id; also the reference")
     p.add_argument("--dataset", default=None, help="preference pairs: hub id (UltraFeedback binarized, hh-rlhf) or local jsonl/parquet/.jsonl.gz; default: built-in task pairs")
     p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic or countdown")
+    p.add_argument("--skip-bad-rows", action="store_true", help="--dataset: drop (and count) rows with a missing field, empty text or chosen == rejected instead of stopping")
     p.add_argument("--builtin", default="model", choices=["model", "corrupt"], help="built-in pairs' rejected answers: the start model's own wrong samples, or hand-made errors (dropped carry, off-by-one)")
     p.add_argument("--sample-tries", type=int, default=2, help="--builtin model: answers sampled per prompt to find a wrong one")
     p.add_argument("--sample-temperature", type=float, default=0.7, help="--builtin model: sampling temperature")
@@ -329,12 +330,12 @@ def main(argv=None):
             sample = lambda probs: sample_pairs(model, tok, probs, args.sample_tries, args.sample_temperature, args.max_new_tokens)
             train, heldout = sample(C.make_task(args.task, args.n_pairs, args.seed)), sample(problems)
     elif os.path.isfile(args.dataset):  # a local file: the last --eval-n rows are held out
-        rows = C.load_pairs(args.dataset)
+        rows = C.load_pairs(args.dataset, skip_bad=args.skip_bad_rows)
         check(len(rows) > args.eval_n, f"--dataset {args.dataset}: {len(rows)} rows, need more than --eval-n {args.eval_n}")
         train, heldout = rows[:-args.eval_n][:args.n_pairs], rows[-args.eval_n:]
     else:
-        train = C.load_pairs(args.dataset, "train", args.n_pairs)
-        heldout = C.load_pairs(args.dataset, "test_prefs" if "ultrafeedback" in args.dataset else "test", args.eval_n)
+        train = C.load_pairs(args.dataset, "train", args.n_pairs, args.skip_bad_rows)
+        heldout = C.load_pairs(args.dataset, "test_prefs" if "ultrafeedback" in args.dataset else "test", args.eval_n, args.skip_bad_rows)
     fits = lambda p: len(tok(C.format_prompt(tok, p["prompt"]))["input_ids"]) <= min(args.max_prompt_len, max_len // 2)
     n0, train, heldout = len(train), [p for p in train if fits(p)], [p for p in heldout if fits(p)]
     print0(f"{len(train)} training pairs ({n0 - len(train)} dropped: prompt > {min(args.max_prompt_len, max_len // 2)} tokens), {len(heldout)} held out")

@@ -52,7 +52,7 @@ solution, that wrong answer), and for KTO one of the two, chosen by a seeded coi
     Without it, at the same lr 2e-5: IPO 0.83 -> 0.545, KTO 0.83 -> 0.28 while their implicit
     rewards still separate good from bad (0.74 / 0.56): log pi(y_w) falls along with log pi(y_l).
   * IPO's tau: the target 1/(2 tau) is per token here (mean log-probs); TRL's 0.1 asks for a
-    5-nat-per-token margin and tiny's accuracy falls (0.775 with the NLL term at tau 0.1), so tau = 1.
+    5-nat-per-token margin and tiny's accuracy falls (0.775 with the NLL term at tau 0.1, 40 steps), so tau = 1.
   * --builtin corrupt (hand-made errors: dropped carries, off-by-one) is the older data: KTO on it
     (lr 5e-6, 40 steps, no NLL term) fell to 0.28: a dropped-carry answer is made of locally correct steps
     ("7+9+0=16"), an unpaired sequence-level label cannot say which step was wrong, and the model
@@ -194,28 +194,27 @@ def kl_estimate(policy, ref, tok, prompts, completions, mb, max_len):
 # ----------------------------------------------------------------------------- data
 
 
-def load_unpaired(spec, split="train", n=None):
+def load_unpaired(spec, split="train", n=None, skip_bad=False):
     """KTO rows {prompt, completion, label} from trl-lib/kto-mix-14k-style data: prompt a string
     or chat messages, completion a string or messages (the last message's content), label a
     bool (or 0/1). Paired data (chosen/rejected, no label) becomes two rows, True and False, as
-    TRL does. Bad rows raise an InputError naming the row and the field."""
+    TRL does. A bad row raises an InputError naming the row and the field (skip_bad: dropped)."""
     rows = [] if spec.endswith(".gz") else C.read_rows(spec, split)
     if spec.endswith(".gz") or (rows and "label" not in rows[0] and "chosen" in rows[0]):
-        return [dict(prompt=p["prompt"], completion=p[k], label=k == "chosen") for p in C.load_pairs(spec, split, n) for k in ("chosen", "rejected")]
-    out = []
-    for i, r in enumerate(rows[:n] if n else rows, 1):
-        where = f"{spec} row {i}"
-        C.require(r, ["prompt", "completion", "label"], where)
-        for f in ("prompt", "completion"):
-            v = r[f] = list(r[f]) if isinstance(r[f], (list, tuple, np.ndarray)) else r[f]
-            check(isinstance(v, str) or (v and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in v)),
-                  f"{where}: field {f!r} must be a string or a list of {{role, content}} messages")
-        label, comp = r["label"], r["completion"] if isinstance(r["completion"], str) else r["completion"][-1]["content"]
-        check(isinstance(label, (bool, np.bool_)) or label in (0, 1), f"{where}: field 'label' must be true/false, got {label!r}")
-        check(comp.strip(), f"{where}: field 'completion' is empty")
-        out.append(dict(prompt=r["prompt"], completion=comp, label=bool(label)))
-    check(out, f"--dataset {spec}: no rows")
-    return out
+        return [dict(prompt=p["prompt"], completion=p[k], label=k == "chosen") for p in C.load_pairs(spec, split, n, skip_bad) for k in ("chosen", "rejected")]
+    return C.keep_good_rows(rows[:n] if n else rows, spec, unpaired_row, skip_bad)
+
+
+def unpaired_row(r, where):
+    C.require(r, ["prompt", "completion", "label"], where)
+    for f in ("prompt", "completion"):
+        v = r[f] = list(r[f]) if isinstance(r[f], (list, tuple, np.ndarray)) else r[f]
+        check(isinstance(v, str) or (v and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in v)),
+              f"{where}: field {f!r} must be a string or a list of {{role, content}} messages")
+    label, comp = r["label"], r["completion"] if isinstance(r["completion"], str) else r["completion"][-1]["content"]
+    check(isinstance(label, (bool, np.bool_)) or label in (0, 1), f"{where}: field 'label' must be true/false, got {label!r}")
+    check(comp.strip(), f"{where}: field 'completion' is empty")
+    return dict(prompt=r["prompt"], completion=comp, label=bool(label))
 
 
 @torch.no_grad()
@@ -312,6 +311,7 @@ def parse_args(argv):
     p.add_argument("--builtin", default="model", choices=["model", "corrupt"], help="built-in data's bad answers: the start model's own wrong samples, or hand-made errors (dropped carry, off-by-one)")
     p.add_argument("--sample-tries", type=int, default=2, help="--builtin model: answers sampled per prompt to find a wrong one")
     p.add_argument("--sample-temperature", type=float, default=0.7, help="--builtin model: sampling temperature")
+    p.add_argument("--skip-bad-rows", action="store_true", help="--dataset: drop (and count) rows with a missing field, empty text or chosen == rejected instead of stopping")
     p.add_argument("--n-train", type=int, default=4096, help="training rows at most (--builtin model: prompts sampled; rows = those with a wrong answer)")
     p.add_argument("--steps", type=int, default=80, help="optimizer updates (0: only make/evaluate)")
     p.add_argument("--batch-size", type=int, default=32, help="GLOBAL batch in rows (pairs or unpaired examples), split over ranks")
@@ -403,7 +403,7 @@ def main(argv=None):
             own = lambda ps, seed: own_mistakes(model, tok, ps, args.sample_tries, args.sample_temperature, args.max_new_tokens, paired, seed)
             train, heldout = own(C.make_task(args.task, args.n_train, args.seed), args.seed), own(problems, 1)
     else:
-        load = C.load_pairs if paired else load_unpaired
+        load = functools.partial(C.load_pairs if paired else load_unpaired, skip_bad=args.skip_bad_rows)
         if os.path.isfile(args.dataset):  # a local file: its first n-train + eval-n rows, the last eval-n held out
             rows = load(args.dataset, "train", args.n_train + args.eval_n)
             check(len(rows) > args.eval_n, f"--dataset {args.dataset}: {len(rows)} rows, need more than --eval-n {args.eval_n}")

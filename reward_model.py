@@ -58,7 +58,7 @@ center_rewards_coefficient) and a per-pair margin in the loss (Llama 2, Touvron 
 the loss takes it, the built-in data has none). Real data is held out as its last
 --eval-size rows.
 """
-import argparse, json, math, os, random, sys, tempfile, time
+import argparse, math, os, random, sys, time
 
 import numpy as np
 import torch
@@ -130,39 +130,6 @@ def evaluate(model, tok, pairs, max_length, batch_size):
                  chosen_mean=float(rc.mean()), rejected_mean=float(rr.mean()))
     return stats, rc, rr, lens
 
-# ----------------------------------------------------------------------------- data
-
-def load_real_pairs(spec, skip_bad):
-    """common.load_pairs; with skip_bad, the rows it rejects are dropped and counted instead.
-    (common.load_pairs has no skip option, so then each row goes through it on its own.)"""
-    try:
-        return common.load_pairs(spec, "train")
-    except common.InputError as e:
-        if " row " not in str(e):                            # not a row problem (no such file, ...)
-            raise
-        if not skip_bad:
-            raise common.InputError(f"{e} (--skip-bad-rows drops such rows)") from None
-    if spec.endswith(".gz"):
-        import gzip
-        with gzip.open(spec, "rt", encoding="utf-8") as f:
-            rows = [json.loads(l) for l in f if l.strip()]
-    else:
-        rows = common.read_rows(spec, "train_prefs" if "ultrafeedback" in spec else "train")
-    good, bad = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "row.jsonl")
-        for i, row in enumerate(rows, 1):
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(json.dumps(row, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)) + "\n")
-            try:
-                good += common.load_pairs(path)
-            except common.InputError as e:
-                bad.append(f"{i} ({str(e).split(': ', 1)[-1]})")
-    common.print0(f"[reward_model] --skip-bad-rows: dropped {len(bad)} of {len(rows)} rows: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
-    common.check(good, f"--dataset {spec}: no usable rows")
-    return good
-
-
 def plot_hist(out, before, after):
     """Held-out chosen vs rejected reward histograms, before and after training (matplotlib optional)."""
     if not common.DIST.master:
@@ -228,7 +195,7 @@ def main(argv=None) -> dict:
         train = common.make_pairs(args.task, args.train_size or 4096, args.seed)
         test = common.make_pairs(args.task, args.eval_size, args.seed + 1, split="test")  # disjoint problems
     else:
-        pairs = load_real_pairs(args.dataset, args.skip_bad_rows)
+        pairs = common.load_pairs(args.dataset, "train", skip_bad=args.skip_bad_rows)
         common.check(len(pairs) > args.eval_size, f"--eval-size {args.eval_size}: {args.dataset} has only {len(pairs)} usable pairs")
         train, test = pairs[:-args.eval_size], pairs[-args.eval_size:]
         train = train[:args.train_size] if args.train_size else train

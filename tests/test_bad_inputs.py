@@ -51,6 +51,24 @@ def test_missing_field_names_row_and_field(tmp_path):
     assert_one_line_error("reward_model.py", ["--dataset", f, "--out", str(tmp_path / "o")], "pairs.jsonl row 2", "'rejected'")
 
 
+def test_skip_bad_rows_drops_and_counts(tmp_path, capsys):
+    """Real data has a few bad rows (hh-rlhf: empty responses). The error names the row and the flag;
+    --skip-bad-rows (dpo, kto_ipo, reward_model) drops exactly those rows and says how many."""
+    import kto_ipo
+    good = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(12)]
+    f = write_jsonl(tmp_path / "pairs.jsonl", good[:5] + [{"prompt": "q", "chosen": "", "rejected": "b"}] + good[5:])
+    err = assert_one_line_error("dpo.py", ["--dataset", f, "--eval-n", "2", "--out", str(tmp_path / "o")], "pairs.jsonl row 6", "--skip-bad-rows")
+    assert "field 'chosen' is empty" in err
+    assert C.load_pairs(f, skip_bad=True) == [{"prompt": r["prompt"], "chosen": "a", "rejected": "b"} for r in good]
+    assert "dropped 1 of 13 rows" in capsys.readouterr().out
+    u = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "q", "completion": "a", "label": True}, {"prompt": "q", "completion": "a", "label": "yes"},
+                                             {"prompt": "q", "completion": "b", "label": False}])
+    with pytest.raises(C.InputError, match="kto.jsonl row 2: field 'label' must be true/false"):
+        kto_ipo.load_unpaired(u)
+    assert [r["label"] for r in kto_ipo.load_unpaired(u, skip_bad=True)] == [True, False]
+    assert len(kto_ipo.load_unpaired(f, skip_bad=True)) == 24  # paired rows -> a desirable and an undesirable row each
+
+
 def test_empty_prompt_or_completion(tmp_path):
     f = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "a", "chosen": "  ", "rejected": "c"}])
     with pytest.raises(C.InputError, match="row 1: field 'chosen' is empty"):
