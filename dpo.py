@@ -362,16 +362,16 @@ def main(argv=None):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
     win_prompts, win_problems = eval_prompts(args, heldout, problems) if args.eval_winrate else ([], [])
+    cfg = dict(seed=args.seed, batch_size=args.batch_size, n_train=len(train), model=args.model, dataset=args.dataset, builtin=args.builtin)
     if args.resume:
         start, extra = C.load_checkpoint(ckpt, model, opt, sched)
-        cfg = dict(seed=args.seed, batch_size=args.batch_size, n_train=len(train), model=args.model, dataset=args.dataset, builtin=args.builtin)
         check(extra["config"] == cfg, f"--resume: flags differ from the checkpoint's {extra['config']}")
         check(start < args.steps, f"--resume: the checkpoint is at step {start}, --steps is {args.steps}")
         print0(f"resumed from {ckpt} at step {start}")
     else:
         # Reference log-probs: the reference IS the start model, so precompute them with the policy
         # before its first update; no second model is ever held in memory (unless --ref-on-the-fly).
-        start, extra = 0, dict(config=dict(seed=args.seed, batch_size=args.batch_size, n_train=len(train), model=args.model, dataset=args.dataset, builtin=args.builtin))
+        start, extra = 0, dict(config=cfg)
         extra["heldout_ref"] = all_pair_logps(ref or model, tok, heldout, mb, max_len)
         extra["train_ref"] = None if ref else all_pair_logps(model, tok, train, mb, max_len)
         extra["before"] = heldout_eval(*extra["heldout_ref"])
