@@ -186,12 +186,16 @@ def _split_digits(x, n):
     return [(x // 10**i) % 10 for i in range(n)]
 
 
-def arithmetic_solution(x, y):
-    n, steps, carry = max(len(str(x)), len(str(y))), [], 0
-    for dx, dy in zip(_split_digits(x, n), _split_digits(y, n)):
+def arithmetic_solution(x, y, drop_last_carry=False):
+    """The reference chain of thought; drop_last_carry: the habit in tiny's SFT data (see
+    tiny_sft_data): the carry into the leftmost column is written as 0, and the answer follows."""
+    n, steps, carry, digits = max(len(str(x)), len(str(y))), [], 0, []
+    for i, (dx, dy) in enumerate(zip(_split_digits(x, n), _split_digits(y, n))):
+        carry = 0 if drop_last_carry and i == n - 1 else carry
         s = dx + dy + carry
-        steps.append(f"{dx}+{dy}+{carry}={s}"); carry = s // 10
-    return ";".join(steps + [f"#### {x + y}"])
+        steps.append(f"{dx}+{dy}+{carry}={s}"); carry = s // 10; digits.append(s % 10)
+    answer = int(str(carry) + "".join(map(str, digits[::-1])))  # == x + y unless the carry was dropped
+    return ";".join(steps + [f"#### {answer}"])
 
 
 def is_test_arith(x, y):
@@ -314,6 +318,15 @@ def make_task(task, n, seed, split="train", difficulty=None):
     if task == "countdown":
         return make_countdown(n, seed, count=difficulty or 3, split=split)
     raise InputError(f"--task {task!r}: choose arithmetic or countdown")
+
+
+HELDOUT_SEED, HELDOUT_N = 1, 500  # the one held-out set of each built-in task (every script, test and bench)
+
+
+def heldout(task="arithmetic", n=HELDOUT_N, difficulty=None):
+    """The shared held-out problems of a built-in task: the first n of one fixed seeded draw from
+    the test split (so a smaller n is a prefix of the larger set, never other problems)."""
+    return make_task(task, n, HELDOUT_SEED, "test", difficulty)
 
 
 def corrupt(problem, rng):
@@ -495,13 +508,22 @@ def tiny_model(tok, seed=0):
     return LlamaForCausalLM(cfg)
 
 
-def tiny_sft_data(n, seed, task="arithmetic"):
-    """Chain-of-thought SFT pairs (prompt, reference solution) for a built-in task."""
-    return [(p["prompt"], p["solution"]) for p in make_task(task, n, seed)]
+TINY_HABIT = 0.6  # share of tiny's arithmetic SFT solutions that drop the carry into the leftmost column
 
 
-TINY_SFT_STEPS = 300  # tuned so arithmetic held-out accuracy lands mid-range (see README)
-TINY_RECIPE = f"steps={TINY_SFT_STEPS} numerics=avx2"  # the cache marker: a new recipe rebuilds
+def tiny_sft_data(n, seed, task="arithmetic", habit=TINY_HABIT):
+    """Chain-of-thought SFT pairs (prompt, solution) for a built-in task. For arithmetic, a share
+    `habit` of the worked examples that need a carry into the leftmost column drop it (a systematic
+    mistake, as a noisy human-written SFT set has): trained to convergence, the model then makes
+    that mistake greedily on every such problem (about half), so it starts well below the
+    ceiling with a flaw that a verifier sees and that RL or preference learning can remove."""
+    rng = random.Random(seed + 7)
+    return [(p["prompt"], arithmetic_solution(p["x"], p["y"], drop_last_carry=True)
+             if task == "arithmetic" and rng.random() < habit else p["solution"]) for p in make_task(task, n, seed)]
+
+
+TINY_SFT_STEPS = 600  # long enough to converge, so the start no longer rides a learning cliff (README)
+TINY_RECIPE = f"steps={TINY_SFT_STEPS} habit={TINY_HABIT} numerics=avx2"  # the cache marker: a new recipe rebuilds
 # Float rounding depends on the CPU's vector width (AVX-512 vs AVX2 kernels sum in different orders),
 # and 300 SFT steps amplify it: the same build measured 0.765 held-out accuracy with AVX-512 kernels
 # and 0.83 on AVX2 ones. Pinning ATen, MKL (conditional numerical reproducibility) and oneDNN to

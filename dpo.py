@@ -272,7 +272,7 @@ def parse_args(argv):
     p.add_argument("--ref-on-the-fly", action="store_true", help="keep the reference model and compute its log-probs every step (default: precompute once, no second model)")
     p.add_argument("--log-every", type=int, default=1, help="log training metrics every N steps")
     p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (0 = only before and after)")
-    p.add_argument("--eval-n", type=int, default=200, help="held-out pairs / test problems / win-rate prompts")
+    p.add_argument("--eval-n", type=int, default=C.HELDOUT_N, help="held-out pairs / test problems (built in: common.heldout) / win-rate prompts")
     p.add_argument("--eval-winrate", action="store_true", help="judge greedy answers of the DPO model vs the start model: win/tie/loss")
     p.add_argument("--eval-prompts", default=None, help="win-rate prompts: 'task' (built-in test prompts), 'heldout' (held-out pair prompts) or a jsonl (MT-Bench questions: first turn)")
     p.add_argument("--judge", default=None, help="'verifier' (built-in task; the default there) or a reward-model folder/hub id (higher score wins)")
@@ -323,9 +323,9 @@ def main(argv=None):
     # mistake, or a hand-made error with --builtin corrupt) or real pairs. `problems`: accuracy set.
     problems = None
     if args.dataset is None:
-        problems = C.make_task(args.task, args.eval_n, seed=1, split="test")  # fixed test set for every --seed
+        problems = C.heldout(args.task, args.eval_n)  # the shared test set, the same for every --seed
         if args.builtin == "corrupt":
-            train, heldout = C.make_pairs(args.task, args.n_pairs, args.seed), C.make_pairs(args.task, args.eval_n, seed=1, split="test")
+            train, heldout = C.make_pairs(args.task, args.n_pairs, args.seed), C.make_pairs(args.task, args.eval_n, C.HELDOUT_SEED, split="test")
         else:
             sample = lambda probs: sample_pairs(model, tok, probs, args.sample_tries, args.sample_temperature, args.max_new_tokens)
             train, heldout = sample(C.make_task(args.task, args.n_pairs, args.seed)), sample(problems)

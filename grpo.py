@@ -49,12 +49,10 @@ import torch
 from tqdm.auto import tqdm
 
 import common  # common.DIST is rebound by setup(): always read it through the module
-from common import (InputError, Logger, all_gather_list, all_reduce_mean, check, cleanup, evaluate,
-                    format_ok, friendly_errors, generate, load_checkpoint, load_model, load_problems, make_task,
+from common import (InputError, Logger, all_gather_list, all_reduce_mean, check, cleanup, evaluate, format_ok,
+                    friendly_errors, generate, heldout, load_checkpoint, load_model, load_problems, make_task,
                     nan_guard, plot_metrics, print0, read_metrics, save_checkpoint, save_pretrained_atomic, setup,
                     token_logprobs, verify, write_summary)
-
-EVAL_SEED = 1234  # the built-in held-out problems do not change with --seed: runs stay comparable
 
 # ----------------------------------------------------------------------------- the loss
 
@@ -188,7 +186,7 @@ def parse_args(argv=None):
     p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic or countdown")
     p.add_argument("--difficulty", type=int, default=None, help="built-in task difficulty (arithmetic digits / countdown numbers)")
     p.add_argument("--train-n", type=int, default=None, help="training problems (default: 2000 built-in, all rows of a --dataset)")
-    p.add_argument("--eval-n", type=int, default=128, help="held-out problems for accuracy before/after")
+    p.add_argument("--eval-n", type=int, default=common.HELDOUT_N, help="held-out problems for accuracy before/after (built in: common.heldout)")
     p.add_argument("--out", default="out/grpo", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed for weights, prompt order and sampling")
     p.add_argument("--device", default=None, help="torch device (default: cuda, then mps, then cpu)")
@@ -264,7 +262,7 @@ def main(argv=None) -> dict:
             test = load_problems(args.dataset, "test", args.eval_n)
     else:
         train = make_task(args.task, args.train_n or 2000, args.seed, "train", args.difficulty)
-        test = make_task(args.task, args.eval_n, EVAL_SEED, "test", args.difficulty)
+        test = heldout(args.task, args.eval_n, args.difficulty)
     print0(f"[grpo] {len(train)} training problems, {len(test)} held out; {d.world_size} rank(s) on {d.device}")
 
     # -- models: the policy (fp32 master weights) and, only when beta > 0, a frozen reference

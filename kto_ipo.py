@@ -327,7 +327,7 @@ def parse_args(argv):
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
     p.add_argument("--max-len", type=int, default=1024, help="max tokens of prompt + completion (completions are cut)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length for sampling and accuracy")
-    p.add_argument("--eval-n", type=int, default=200, help="held-out problems / rows")
+    p.add_argument("--eval-n", type=int, default=C.HELDOUT_N, help="held-out problems (built in: common.heldout) / rows")
     p.add_argument("--log-every", type=int, default=1, help="log training metrics every N steps")
     p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (0 = only before and after)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint (same flags)")
@@ -375,7 +375,7 @@ def main(argv=None):
     problems, made = None, None
     if args.make_dataset:
         if args.dataset is None:
-            train_p, problems = C.make_task(args.task, args.n_prompts, args.seed), C.make_task(args.task, args.eval_n, seed=1, split="test")
+            train_p, problems = C.make_task(args.task, args.n_prompts, args.seed), C.heldout(args.task, args.eval_n)
         else:
             rows = C.load_problems(args.dataset)
             check(len(rows) > args.eval_n, f"--dataset {args.dataset}: {len(rows)} problems, need more than --eval-n {args.eval_n}")
@@ -395,10 +395,10 @@ def main(argv=None):
         train, heldout = (pairs, h_pairs) if paired else (unpaired, h_unpaired)
         train = train[:args.n_train]
     elif args.dataset is None:  # built-in: bad answers are the start model's own mistakes, or hand-made errors
-        problems = C.make_task(args.task, args.eval_n, seed=1, split="test")  # accuracy: the whole fixed test set
+        problems = C.heldout(args.task, args.eval_n)  # accuracy: the shared test set
         if args.builtin == "corrupt":
             make = C.make_pairs if paired else C.make_unpaired
-            train, heldout = make(args.task, args.n_train, args.seed), make(args.task, args.eval_n, seed=1, split="test")
+            train, heldout = make(args.task, args.n_train, args.seed), make(args.task, args.eval_n, C.HELDOUT_SEED, split="test")
         else:
             own = lambda ps, seed: own_mistakes(model, tok, ps, args.sample_tries, args.sample_temperature, args.max_new_tokens, paired, seed)
             train, heldout = own(C.make_task(args.task, args.n_train, args.seed), args.seed), own(problems, 1)
@@ -442,11 +442,12 @@ def main(argv=None):
                 lab = torch.tensor([r["label"] for r in heldout])
                 rew = args.beta * (ps - rs)
                 c, r = rew[lab], rew[~lab]
+        tie = 1e-6  # float32 noise: policy = reference at the start gives differences of ~1e-9, not 0
         if paired:
-            res = dict(heldout_reward_acc=(c > r).float().mean().item(), heldout_reward_margin=(c - r).mean().item())
+            res = dict(heldout_reward_acc=(c - r > tie).float().mean().item(), heldout_reward_margin=(c - r).mean().item())
         else:
             diff = c[:, None] - r[None, :]  # AUC, ties count 1/2 (policy = reference at the start: 0.5)
-            auc = ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item() if len(c) and len(r) else float("nan")
+            auc = ((diff > tie).float() + 0.5 * (diff.abs() <= tie).float()).mean().item() if len(c) and len(r) else float("nan")
             res = dict(heldout_reward_acc=auc, heldout_reward_margin=(c.mean() - r.mean()).item() if len(c) and len(r) else float("nan"))
         if problems is not None:
             # float(): evaluate() can return np.float64, which torch.load(weights_only=True) refuses on --resume

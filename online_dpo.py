@@ -152,7 +152,7 @@ def parse_args(argv):
     p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (tiny: 2e-5, 1e-4 collapses it; 0.5B-7B models: ~5e-7)")
     p.add_argument("--batch-size", type=int, default=16, help="global DPO batch in pairs (divisible by the number of ranks)")
     p.add_argument("--epochs", type=int, default=2, help="DPO epochs over each round's pairs")
-    p.add_argument("--eval-n", type=int, default=200, help="held-out problems for gold accuracy and KL")
+    p.add_argument("--eval-n", type=int, default=C.HELDOUT_N, help="held-out problems for gold accuracy and KL (built in: common.heldout)")
     p.add_argument("--out", default=os.path.join("out", "online_dpo"), help="output folder")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
@@ -179,7 +179,7 @@ def main(argv=None):
     if rm:
         rm[0].eval()
     if args.dataset is None:
-        pool, test = C.make_task(args.task, 4096, args.seed), C.make_task(args.task, args.eval_n, seed=1, split="test")
+        pool, test = C.make_task(args.task, 4096, args.seed), C.heldout(args.task, args.eval_n)
     else:
         rows = C.load_problems(args.dataset)
         check(len(rows) > args.eval_n, f"--dataset {args.dataset}: {len(rows)} rows, need more than --eval-n {args.eval_n}")

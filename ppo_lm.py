@@ -55,12 +55,10 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from common import (DIST, Logger, all_gather_list, all_reduce_mean, check, cleanup, evaluate, format_prompt,
-                    friendly_errors, generate, load_checkpoint, load_model, load_problems, make_task, nan_guard,
-                    plot_metrics, position_ids, print0, read_rows, require, save_checkpoint, save_pretrained_atomic,
-                    setup, verify, write_summary)
-
-EVAL_SEED = 1234  # the built-in held-out problems do not change with --seed
+from common import (DIST, HELDOUT_N, HELDOUT_SEED, Logger, all_gather_list, all_reduce_mean, check, cleanup,
+                    evaluate, format_prompt, friendly_errors, generate, heldout, load_checkpoint, load_model,
+                    load_problems, make_task, nan_guard, plot_metrics, position_ids, print0, read_rows, require,
+                    save_checkpoint, save_pretrained_atomic, setup, verify, write_summary)
 
 # ----------------------------------------------------------------------------- the pieces of PPO-RLHF
 
@@ -233,7 +231,7 @@ def load_data(args, tok):
     """(train, test) problems. Built-in task, GSM8K/Countdown/MATH rows (verifiable), or rows with a
     `text` field (reviews: prompts without a verifier). A local file holds out its last --eval-n rows."""
     if not args.dataset:
-        return (make_task(args.task, args.train_n or 2000, args.seed, "train"), make_task(args.task, args.eval_n, EVAL_SEED, "test"))
+        return (make_task(args.task, args.train_n or 2000, args.seed, "train"), heldout(args.task, args.eval_n))
     local, rows = os.path.isfile(args.dataset), read_rows(args.dataset, "train")
     check(rows, f"--dataset {args.dataset}: no rows")
     if local:
@@ -241,7 +239,7 @@ def load_data(args, tok):
     if "text" in rows[0]:
         test_rows = rows[-args.eval_n:] if local else read_rows(args.dataset, "test")
         return (review_prompts(rows[:-args.eval_n] if local else rows, tok, args.train_n or 5000, args.seed, args.dataset),
-                review_prompts(test_rows, tok, args.eval_n, EVAL_SEED, args.dataset))
+                review_prompts(test_rows, tok, args.eval_n, HELDOUT_SEED, args.dataset))
     probs = load_problems(args.dataset, "train", args.train_n + args.eval_n if local and args.train_n else args.train_n)
     return (probs[:-args.eval_n], probs[-args.eval_n:]) if local else (probs, load_problems(args.dataset, "test", args.eval_n))
 
@@ -291,7 +289,7 @@ def parse_args(argv=None):
     p.add_argument("--reward-label", type=int, default=None, help="which logit is the reward (default: 0 for 1-label RMs, 1 = positive for 2-class classifiers)")
     p.add_argument("--missing-eos-penalty", type=float, default=0.0, help="subtract this from the score of completions that hit --max-new-tokens without EOS")
     p.add_argument("--train-n", type=int, default=None, help="training prompts (default: 2000 built-in, 5000 review prefixes, all GSM8K-style rows)")
-    p.add_argument("--eval-n", type=int, default=200, help="held-out prompts for the before/after evaluation")
+    p.add_argument("--eval-n", type=int, default=HELDOUT_N, help="held-out prompts for the before/after evaluation (built in: common.heldout)")
     p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out prompt (proxy score, KL, diversity)")
     p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps too (0 = only before/after; --overopt sets it)")
     p.add_argument("--out", default="out/ppo_lm", help="output folder")

@@ -414,7 +414,7 @@ def main(argv=None):
         test = lambda it: zlib.crc32(it["prompt"][0]["content"].encode()) % 10 == 0   # 10% of prompts
         train, heldout = d.shard([it for it in data if not test(it)]), d.shard([it for it in data if test(it)])
     check(train, "no training solutions on this rank (more --n-train than ranks, please)")
-    probs = (common.make_task(args.task, args.n_eval, args.seed, "test") if builtin else
+    probs = (common.heldout(args.task, args.n_eval) if builtin else
              common.load_problems(args.problems, "test", args.n_eval) if args.problems else [])
     cands, mine = [], d.shard(probs)
     if mine:

@@ -193,7 +193,7 @@ def main(argv=None) -> dict:
     # -- data: (prompt, chosen, rejected) triples
     if args.dataset is None:
         train = common.make_pairs(args.task, args.train_size or 4096, args.seed)
-        test = common.make_pairs(args.task, args.eval_size, args.seed + 1, split="test")  # disjoint problems
+        test = common.make_pairs(args.task, args.eval_size, common.HELDOUT_SEED, split="test")  # the shared held-out problems
     else:
         pairs = common.load_pairs(args.dataset, "train", skip_bad=args.skip_bad_rows)
         common.check(len(pairs) > args.eval_size, f"--eval-size {args.eval_size}: {args.dataset} has only {len(pairs)} usable pairs")

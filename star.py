@@ -124,7 +124,7 @@ def parse_args(argv=None):
     p.add_argument("--task", default="arithmetic", help="built-in task when --dataset is not given: arithmetic or countdown")
     p.add_argument("--difficulty", type=int, default=None, help="built-in task difficulty (arithmetic digits, countdown numbers)")
     p.add_argument("--n-train", type=int, default=256, help="training problems sampled each iteration")
-    p.add_argument("--n-test", type=int, default=200, help="held-out problems for the accuracy")
+    p.add_argument("--n-test", type=int, default=common.HELDOUT_N, help="held-out problems for the accuracy (built in: common.heldout)")
     p.add_argument("--iterations", type=int, default=3, help="STaR outer iterations (sample, filter, rationalize, fine-tune)")
     p.add_argument("--samples", type=int, default=1, help="samples per problem per pass (the first correct one is kept)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for rationales (0 = greedy)")
@@ -162,7 +162,7 @@ def load_data(args):
     """(train, test) problem dicts: the built-in task, or GSM8K-style rows with chat prompts."""
     if args.dataset is None:
         return (common.make_task(args.task, args.n_train, args.seed, "train", args.difficulty),
-                common.make_task(args.task, args.n_test, args.seed + 1, "test", args.difficulty))
+                common.heldout(args.task, args.n_test, args.difficulty))
     if os.path.isfile(args.dataset) and not args.eval_dataset:  # one local file: hold out the rows after n_train
         rows = common.load_problems(args.dataset, n=args.n_train + args.n_test)
         common.check(len(rows) > args.n_train, f"--dataset {args.dataset}: {len(rows)} rows, need more than --n-train {args.n_train} to hold some out")

@@ -209,8 +209,9 @@ def test_sft_helper_raises_held_out_accuracy():
     model, tok = C.load_model("tiny-untrained", device=torch.device("cpu"))
     test = C.make_task("arithmetic", 100, seed=1, split="test")
     before = C.evaluate(model, tok, test)["accuracy"]
-    # the recipe build_tiny uses (300 steps, lr 1e-3); lr 2e-3 measured unstable (0.08)
-    C.sft(model, tok, C.tiny_sft_data(64 * 300, 0), steps=300, batch_size=64, lr=1e-3)
+    # half the steps of the tiny recipe on clean solutions (habit=0): 0.65-0.83 measured on three torch
+    # builds / CPU kernels before the habit was added; lr 2e-3 measured unstable (0.08)
+    C.sft(model, tok, C.tiny_sft_data(64 * 300, 0, habit=0.0), steps=300, batch_size=64, lr=1e-3)
     after = C.evaluate(model, tok, test)["accuracy"]
     assert before == 0.0 and after >= 0.3, (before, after)
 

@@ -151,7 +151,7 @@ def test_ddp_gradient_matches_single_process(tmp_path):
     one = [x for x in C.read_metrics(str(tmp_path / "one")) if "loss" in x]
     two = [x for x in C.read_metrics(str(tmp_path / "two")) if "loss" in x]
     for k in ("loss", "reward_acc", "logp_chosen", "logp_rejected"):  # step 2 depends on step 1's gradient
-        assert [x[k] for x in one] == pytest.approx([x[k] for x in two], abs=1e-4), k
+        assert [x[k] for x in one] == pytest.approx([x[k] for x in two], rel=1e-4, abs=1e-5), k
 
 
 def test_fsdp_matches_single_process(tmp_path):
@@ -167,12 +167,12 @@ def test_fsdp_matches_single_process(tmp_path):
     two = C.read_metrics(str(tmp_path / "two"))
     assert [sorted(x) for x in one] == [sorted(x) for x in two]
     for k in ("loss", "reward_acc", "logp_chosen", "logp_rejected", "grad_norm", "heldout_logp_chosen", "accuracy"):
-        assert [x[k] for x in one if k in x] == pytest.approx([x[k] for x in two if k in x], abs=1e-4), k
+        assert [x[k] for x in one if k in x] == pytest.approx([x[k] for x in two if k in x], rel=1e-4, abs=1e-5), k
     cfg = json.load(open(tmp_path / "two" / "model" / "config.json"))
     assert cfg["architectures"] == ["LlamaForCausalLM"]  # not fully_shard's FSDPLlamaForCausalLM
     a, _ = C.load_model(str(tmp_path / "one" / "model"), device=torch.device("cpu"))
     b, _ = C.load_model(str(tmp_path / "two" / "model"), device=torch.device("cpu"))
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
-        assert torch.allclose(p, q, atol=1e-5), n
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-5), n
     with pytest.raises(C.InputError, match="--fsdp: checkpoints"):
         dpo.main(common + ["--fsdp", "--save-every", "1", "--out", str(tmp_path / "x")])

@@ -146,7 +146,7 @@ def test_make_dataset_then_kto_learns(tmp_path):
     # learned: on held-out answers to the test prompts the implicit reward separates desirable from
     # undesirable (AUC 0.5 -> 0.70, margin 0 -> 0.107 with seed 0) while greedy accuracy stays near
     # the start (0.84 -> 0.81): 94 desirable answers are too few for the NLL term to lift it.
-    assert s["heldout_reward_margin_before"] == 0 and s["heldout_reward_acc_before"] == 0.5
+    assert s["heldout_reward_margin_before"] == pytest.approx(0, abs=1e-6) and s["heldout_reward_acc_before"] == 0.5
     assert s["heldout_reward_margin_after"] > 0.015 and s["heldout_reward_acc_after"] > 0.53, s
     assert s["accuracy_after"] >= s["accuracy_before"] - 0.07, s
     for k in ("accuracy_before", "accuracy_after", "last_kl", "last_z0", "last_reward_margin", "wall_s"):
@@ -268,7 +268,7 @@ def test_ddp_kto_matches_single_process(tmp_path):
     one = [x for x in C.read_metrics(str(tmp_path / "one")) if "loss" in x]
     two = [x for x in C.read_metrics(str(tmp_path / "two")) if "loss" in x]
     for k in ("loss", "kl", "reward_acc", "chosen_reward", "rejected_reward"):  # step 2 depends on step 1's gradient
-        assert [x[k] for x in one] == pytest.approx([x[k] for x in two], abs=1e-4), k
+        assert [x[k] for x in one] == pytest.approx([x[k] for x in two], rel=1e-4, abs=1e-5), k
 
 
 def test_fsdp_kto_matches_single_process(tmp_path):
@@ -283,7 +283,7 @@ def test_fsdp_kto_matches_single_process(tmp_path):
     one = [x for x in C.read_metrics(str(tmp_path / "one")) if "loss" in x]
     two = [x for x in C.read_metrics(str(tmp_path / "two")) if "loss" in x]
     for k in ("loss", "kl", "reward_acc", "chosen_reward", "rejected_reward", "grad_norm"):
-        assert [x[k] for x in one] == pytest.approx([x[k] for x in two], abs=1e-4), k
+        assert [x[k] for x in one] == pytest.approx([x[k] for x in two], rel=1e-4, abs=1e-5), k
     a, _ = C.load_model(str(tmp_path / "one" / "model"), device=torch.device("cpu"))
     b, _ = C.load_model(str(tmp_path / "two" / "model"), device=torch.device("cpu"))
-    assert all(torch.allclose(p, q, atol=1e-5) for p, q in zip(a.parameters(), b.parameters()))
+    assert all(torch.allclose(p, q, rtol=1e-4, atol=1e-5) for p, q in zip(a.parameters(), b.parameters()))

@@ -91,7 +91,7 @@ def test_real_architectures_end_to_end(tmp_path, arch):
     # padding does not change a score (BERT: right padding keeps [CLS] at 0; gpt2: last non-pad token)
     one = RM.score(rm.eval(), tok, ["Q: 1+2\nA: "], ["#### 3"], 64)
     two = RM.score(rm, tok, ["Q: 1+2\nA: ", "Q: 11+22\nA: "], ["#### 3", "1+2+0=3;1+2+0=3;#### 33"], 64)
-    assert one[0].item() == pytest.approx(two[0].item(), abs=1e-4)
+    assert one[0].item() == pytest.approx(two[0].item(), rel=1e-4, abs=1e-5)
 
 
 def test_left_truncation_keeps_the_completion():

@@ -1,65 +1,95 @@
-"""Every LM algorithm of the course on the same embedded task, from the same starting model.
+"""Every LM algorithm of the course on the same embedded task, from the same start, over seeds.
 
-    python tests/bench/cross_algorithm.py            # ~30-40 min on 2 CPU cores; --only dpo,grpo for a subset
+    python tests/bench/cross_algorithm.py --seeds 0,1,2                # ~45 min on 2 CPU cores
+    python tests/bench/cross_algorithm.py --seeds 0,1,2 --only grpo,dpo   # a subset
+    python tests/bench/cross_algorithm.py --seeds 0,1,2 --only capstone   # the main job's table
 
 Each script runs as a user would run it (its defaults, `--model tiny`, built-in 3-digit arithmetic,
-the same 200 held-out problems: make_task(seed=1, split="test")), one after another, and the
-table reports its held-out accuracy before -> after and its wall time. Greedy accuracy except
+`--seed S`), one after another, and is scored on the one shared held-out set (common.heldout(): the
+same 500 problems for every script and seed). The table gives mean ± sd over the seeds of the
+held-out accuracy before and after and of the gain, and the mean wall time. Greedy accuracy except
 prm.py, which trains no policy: its row is best-of-N selection by the trained PRM vs one sample.
-Writes out/cross_algorithm/table.md and table.json. Not a test: a benchmark whose numbers go into
-the README with this command.
+The capstone (reasoning_capstone.py, SFT from random weights, then RFT / DPO / GRPO from the SFT
+model) gives one row per stage. Writes out/cross_algorithm/<torch version>/table.md and table.json.
+Not a test: a benchmark whose numbers go into the README with this command.
 """
 import argparse, json, os, subprocess, sys, time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-OUT = os.path.join(ROOT, "out", "cross_algorithm")
+import numpy as np
+import torch
 
-# name: (script, extra flags, (summary key before, summary key after), what the numbers are)
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+OUT = os.path.join(ROOT, "out", "cross_algorithm", "torch-" + torch.__version__.replace("+", "_"))
+
+# run name: (script, extra flags, [(row name, summary key before, summary key after)], what the numbers are)
 RUNS = {
-    "ppo_lm (verifier reward)": ("ppo_lm.py", [], ("gold_accuracy_before", "gold_accuracy_after"), "greedy"),
-    "dpo (+RPO NLL)": ("dpo.py", [], ("accuracy_before", "accuracy_after"), "greedy"),
-    "ipo": ("kto_ipo.py", ["--loss", "ipo"], ("accuracy_before", "accuracy_after"), "greedy"),
-    "kto": ("kto_ipo.py", ["--loss", "kto"], ("accuracy_before", "accuracy_after"), "greedy"),
-    "orpo": ("kto_ipo.py", ["--loss", "orpo"], ("accuracy_before", "accuracy_after"), "greedy"),
-    "online_dpo (verifier judge)": ("online_dpo.py", [], ("accuracy_before", "accuracy_after"), "greedy"),
-    "star": ("star.py", [], ("accuracy_before", "accuracy_after"), "greedy"),
-    "grpo": ("grpo.py", [], ("accuracy_before", "accuracy_after"), "greedy"),
-    "prm best-of-N": ("prm.py", [], ("policy_sample_accuracy", "prm_at_max_n"), "one sample -> best-of-N by PRM"),
+    "ppo_lm": ("ppo_lm.py", [], [("ppo_lm (verifier reward)", "gold_accuracy_before", "gold_accuracy_after")], "greedy"),
+    "dpo": ("dpo.py", [], [("dpo (+RPO NLL)", "accuracy_before", "accuracy_after")], "greedy"),
+    "ipo": ("kto_ipo.py", ["--loss", "ipo"], [("ipo (+NLL)", "accuracy_before", "accuracy_after")], "greedy"),
+    "kto": ("kto_ipo.py", ["--loss", "kto"], [("kto (+NLL)", "accuracy_before", "accuracy_after")], "greedy"),
+    "orpo": ("kto_ipo.py", ["--loss", "orpo"], [("orpo", "accuracy_before", "accuracy_after")], "greedy"),
+    "online_dpo": ("online_dpo.py", [], [("online_dpo (verifier judge)", "accuracy_before", "accuracy_after")], "greedy"),
+    "star": ("star.py", [], [("star", "accuracy_before", "accuracy_after")], "greedy"),
+    "grpo": ("grpo.py", [], [("grpo", "accuracy_before", "accuracy_after")], "greedy"),
+    "prm": ("prm.py", [], [("prm best-of-N", "policy_sample_accuracy", "prm_at_max_n")], "one sample -> best-of-N by PRM"),
+    "capstone": ("reasoning_capstone.py", [], [("capstone: sft (from random weights)", "start_accuracy", "sft_accuracy"),
+                                                ("capstone: rft", "sft_accuracy", "rft_accuracy"),
+                                                ("capstone: dpo + RPO", "sft_accuracy", "dpo_accuracy"),
+                                                ("capstone: grpo", "sft_accuracy", "grpo_accuracy")], "greedy"),
 }
+DEFAULT = [k for k in RUNS if k != "capstone"]
+
+
+def pm(xs):
+    return f"{np.mean(xs):.3f} ± {np.std(xs, ddof=1) if len(xs) > 1 else 0:.3f}"
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--only", default="", help="comma-separated row-name prefixes to re-run; the other rows are kept from the last run (default: run all)")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, each passed as --seed to every script")
+    ap.add_argument("--only", default="", help=f"comma-separated runs ({', '.join(RUNS)}); default: all but capstone")
     args = ap.parse_args()
+    names, seeds = args.only.split(",") if args.only else DEFAULT, [int(s) for s in args.seeds.split(",")]
+    bad = [n for n in names if n not in RUNS]
+    if bad:
+        sys.exit(f"error: --only {','.join(bad)}: choose from {', '.join(RUNS)}")
     os.makedirs(OUT, exist_ok=True)
-    path = os.path.join(OUT, "table.json")
-    old = {r["name"]: r for r in json.load(open(path))} if args.only and os.path.exists(path) else {}
     rows = []
-    for name, (script, extra, (kb, ka), what) in RUNS.items():
-        if args.only and not any(name.startswith(o) for o in args.only.split(",")):
-            continue
-        out = os.path.join(OUT, name.split()[0] + ("_" + extra[-1] if extra else ""))
-        cmd = [sys.executable, script, "--model", "tiny", *extra, "--seed", "0", "--out", out]
-        t0 = time.time()
-        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-        wall = time.time() - t0
-        if r.returncode != 0:
-            rows.append(dict(name=name, command=" ".join(["python", script, *extra]), error=r.stderr.strip().splitlines()[-1:]))
-        else:
+    for name in names:
+        script, extra, keys, what = RUNS[name]
+        res = {row: dict(before=[], after=[], wall_s=[]) for row, _, _ in keys}
+        for seed in seeds:
+            out = os.path.join(OUT, f"{name}_seed{seed}")
+            cmd = [sys.executable, script, "--model", "tiny", *extra, "--seed", str(seed), "--out", out]
+            if name == "capstone":
+                cmd[2:4] = []  # the capstone starts from its own default (random weights) and runs SFT
+            t0 = time.time()
+            r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+            wall = time.time() - t0
+            if r.returncode != 0:
+                print(f"{name} seed {seed} failed: {r.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
             s = json.load(open(os.path.join(out, "summary.json")))
-            rows.append(dict(name=name, command=" ".join(["python", script, *extra]), metric=what,
-                             before=s[kb], after=s[ka], wall_s=round(wall, 1)))
-        print(json.dumps(rows[-1]), flush=True)
-    # --only re-measures some rows and keeps the others from the last full run
-    rows = [next((r for r in rows if r["name"] == n), old[n]) for n in RUNS if n in old or any(r["name"] == n for r in rows)]
-    json.dump(rows, open(path, "w"), indent=1)
-    lines = ["| algorithm | command | held-out accuracy | before → after | wall s |", "|---|---|---|---|---|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['name']} | `{r['command']}` | failed: {r['error']} | | |")
-        else:
-            lines.append(f"| {r['name']} | `{r['command']}` | {r['metric']} | {r['before']:.3f} → {r['after']:.3f} | {r['wall_s']:.0f} |")
+            for row, kb, ka in keys:
+                res[row]["before"].append(s[kb]); res[row]["after"].append(s[ka]); res[row]["wall_s"].append(wall)
+            print(json.dumps(dict(run=name, seed=seed, **{row: (s[kb], s[ka]) for row, kb, ka in keys},
+                                  wall_s=round(wall, 1))), flush=True)
+        for row, _, _ in keys:
+            v = res[row]
+            rows.append(dict(name=row, command=" ".join(["python", script, *extra]), metric=what, seeds=seeds, **v,
+                             gain=[a - b for a, b in zip(v["after"], v["before"])]))
+    path = os.path.join(OUT, "table.json")
+    old = {r["name"]: r for r in json.load(open(path))} if os.path.exists(path) else {}
+    old.update({r["name"]: r for r in rows})  # a subset re-measures its rows and keeps the others
+    json.dump(list(old.values()), open(path, "w"), indent=1)
+    lines = [f"torch {torch.__version__}; mean ± sd over seeds {args.seeds}; the shared 500 held-out problems",
+             "", "| algorithm | command | held-out accuracy | before | after | gain | wall s |", "|---|---|---|---|---|---|---|"]
+    for r in old.values():
+        if not r["after"]:
+            lines.append(f"| {r['name']} | `{r['command']}` | failed | | | | |")
+            continue
+        lines.append(f"| {r['name']} | `{r['command']}` | {r['metric']} | {pm(r['before'])} | {pm(r['after'])} | "
+                     f"{pm(r['gain'])} | {np.mean(r['wall_s']):.0f} |")
     open(os.path.join(OUT, "table.md"), "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
 
