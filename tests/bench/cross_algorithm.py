@@ -31,13 +31,23 @@ RUNS = {
     "online_dpo": ("online_dpo.py", [], [("online_dpo (verifier judge)", "accuracy_before", "accuracy_after")], "greedy"),
     "star": ("star.py", [], [("star", "accuracy_before", "accuracy_after")], "greedy"),
     "grpo": ("grpo.py", [], [("grpo", "accuracy_before", "accuracy_after")], "greedy"),
-    "prm": ("prm.py", [], [("prm best-of-N", "policy_sample_accuracy", "prm_at_max_n")], "one sample -> best-of-N by PRM"),
+    "prm": ("prm.py", [], [("prm: best of 8 by the PRM", "policy_sample_accuracy", "best_of_n.prm.3"),
+                           ("prm: best of 64 by the PRM", "policy_sample_accuracy", "prm_at_max_n"),
+                           ("prm: PRM-weighted vote of 64", "policy_sample_accuracy", "prm_vote_at_max_n")],
+            "one T=1 sample -> selection"),
     "capstone": ("reasoning_capstone.py", [], [("capstone: sft (from random weights)", "start_accuracy", "sft_accuracy"),
                                                 ("capstone: rft", "sft_accuracy", "rft_accuracy"),
                                                 ("capstone: dpo + RPO", "sft_accuracy", "dpo_accuracy"),
                                                 ("capstone: grpo", "sft_accuracy", "grpo_accuracy")], "greedy"),
 }
 DEFAULT = [k for k in RUNS if k != "capstone"]
+
+
+def get(summary, key):
+    """summary["a"]["b"][3] for key "a.b.3"."""
+    for k in key.split("."):
+        summary = summary[int(k)] if isinstance(summary, list) else summary[k]
+    return summary
 
 
 def pm(xs):
@@ -47,6 +57,8 @@ def pm(xs):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, each passed as --seed to every script")
+    ap.add_argument("--reuse", action="store_true", help="take a run's numbers from its existing summary.json "
+                    "instead of running it again (e.g. to rebuild the table from runs made elsewhere)")
     ap.add_argument("--only", default="", help=f"comma-separated runs ({', '.join(RUNS)}); default: all but capstone")
     args = ap.parse_args()
     names, seeds = args.only.split(",") if args.only else DEFAULT, [int(s) for s in args.seeds.split(",")]
@@ -63,16 +75,19 @@ def main():
             cmd = [sys.executable, script, "--model", "tiny", *extra, "--seed", str(seed), "--out", out]
             if name == "capstone":
                 cmd[2:4] = []  # the capstone starts from its own default (random weights) and runs SFT
-            t0 = time.time()
-            r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-            wall = time.time() - t0
-            if r.returncode != 0:
-                print(f"{name} seed {seed} failed: {r.stderr.strip().splitlines()[-1:]}", flush=True)
-                continue
-            s = json.load(open(os.path.join(out, "summary.json")))
+            t0, done = time.time(), os.path.join(out, "summary.json")
+            if not (args.reuse and os.path.exists(done)):
+                r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+                if r.returncode != 0:
+                    print(f"{name} seed {seed} failed: {r.stderr.strip().splitlines()[-1:]}", flush=True)
+                    continue
+                open(os.path.join(out, "bench_wall_s.txt"), "w").write(f"{time.time() - t0:.1f}")  # with start-up
+            s = json.load(open(done))
+            wall = float(open(os.path.join(out, "bench_wall_s.txt")).read()) if os.path.exists(
+                os.path.join(out, "bench_wall_s.txt")) else s.get("wall_time_s") or s.get("wall_s") or s.get("total_wall_s")
             for row, kb, ka in keys:
-                res[row]["before"].append(s[kb]); res[row]["after"].append(s[ka]); res[row]["wall_s"].append(wall)
-            print(json.dumps(dict(run=name, seed=seed, **{row: (s[kb], s[ka]) for row, kb, ka in keys},
+                res[row]["before"].append(get(s, kb)); res[row]["after"].append(get(s, ka)); res[row]["wall_s"].append(wall)
+            print(json.dumps(dict(run=name, seed=seed, **{row: (get(s, kb), get(s, ka)) for row, kb, ka in keys},
                                   wall_s=round(wall, 1))), flush=True)
         for row, _, _ in keys:
             v = res[row]
