@@ -63,7 +63,7 @@ def test_embedded_run_learns(tmp_path):
     assert s == json.load(open(tmp_path / "summary.json"))
     assert s["train_pairs"] > 500 and s["heldout_reward_acc"] >= 0.7 and s["heldout_reward_margin"] > 0.03, s
     assert s["heldout_likelihood_acc_after"] > s["heldout_likelihood_acc_before"], s
-    assert s["accuracy_after"] >= s["accuracy_before"] + 0.02, s   # measured +0.03
+    assert s["accuracy_after"] >= s["accuracy_before"] + 0.05, s   # measured 0.49 -> 0.72 (100 problems)
     rows = [r for r in C.read_metrics(str(tmp_path)) if "loss" in r]
     assert len(rows) == 60 and {"logp_chosen", "logp_rejected", "chosen_reward", "rejected_reward", "reward_margin"} <= set(rows[0])
     last = sum(r["reward_acc"] for r in rows[-10:]) / 10

@@ -133,8 +133,8 @@ def test_make_dataset_then_kto_learns(tmp_path):
     kto = [json.loads(l) for l in open(tmp_path / "kto.jsonl")]
     assert made["pairs"] == len(pairs) > 20 and made["unpaired"] == len(kto) == s["train_rows"]
     assert made["desirable"] == sum(r["label"] for r in kto) and made["undesirable"] == sum(not r["label"] for r in kto)
-    # duplicates are dropped: tiny's right answers repeat, its wrong ones differ -> ~20% desirable (measured 0.20)
-    assert 0.1 < made["desirable_frac"] < 0.5
+    # duplicates are dropped: tiny's right answers repeat, its wrong ones differ (measured 0.46 desirable)
+    assert 0.2 < made["desirable_frac"] < 0.8
     assert all(set(r) == {"prompt", "chosen", "rejected"} and r["chosen"] != r["rejected"] for r in pairs)
     probs = {p["prompt"]: p for p in C.make_task("arithmetic", 128, 0)}
     assert all(C.verify(probs[r["prompt"]], r["chosen"]) and not C.verify(probs[r["prompt"]], r["rejected"]) for r in pairs)
@@ -144,11 +144,11 @@ def test_make_dataset_then_kto_learns(tmp_path):
     # the files round-trip through the loaders
     assert len(K.load_unpaired(str(tmp_path / "kto.jsonl"))) == len(kto) and len(C.load_pairs(str(tmp_path / "pairs.jsonl"))) == len(pairs)
     # learned: on held-out answers to the test prompts the implicit reward separates desirable from
-    # undesirable (AUC 0.5 -> 0.70, margin 0 -> 0.107 with seed 0) while greedy accuracy stays near
-    # the start (0.84 -> 0.81): 94 desirable answers are too few for the NLL term to lift it.
+    # undesirable and greedy accuracy rises (measured, seed 0: AUC 0.5 -> 0.81, margin 0 -> 0.29,
+    # accuracy 0.49 -> 0.92 on 100 problems).
     assert s["heldout_reward_margin_before"] == pytest.approx(0, abs=1e-6) and s["heldout_reward_acc_before"] == 0.5
-    assert s["heldout_reward_margin_after"] > 0.015 and s["heldout_reward_acc_after"] > 0.53, s
-    assert s["accuracy_after"] >= s["accuracy_before"] - 0.07, s
+    assert s["heldout_reward_margin_after"] > 0.05 and s["heldout_reward_acc_after"] > 0.6, s
+    assert s["accuracy_after"] >= s["accuracy_before"] + 0.1, s
     for k in ("accuracy_before", "accuracy_after", "last_kl", "last_z0", "last_reward_margin", "wall_s"):
         assert k in s, k
     assert s == json.load(open(tmp_path / "summary.json"))
@@ -209,7 +209,8 @@ def test_each_loss_learns_on_the_builtin_data(tmp_path, loss):
         assert s["heldout_reward_acc_before"] == 0 and s["heldout_reward_acc_after"] >= 0.75, s
     else:                # no reference: log-odds margin, already positive at the start
         assert s["heldout_reward_margin_after"] > s["heldout_reward_margin_before"] + 0.3, s
-    assert s["accuracy_after"] >= s["accuracy_before"] + 0.02, s
+    # measured (seed 0, torch 2.13 CPU, pinned numerics, 100 problems): 0.49 -> kto 0.89, ipo 0.84, orpo 0.73
+    assert s["accuracy_after"] >= s["accuracy_before"] + 0.05, s
     rows = [r for r in C.read_metrics(str(tmp_path)) if "loss" in r]
     assert len(rows) == 80 and {"kto": "z0", "ipo": "h", "orpo": "nll"}[loss] in rows[0]
 

@@ -43,13 +43,12 @@ def test_bad_flags():
 
 
 def test_verifier_judge_raises_accuracy_over_rounds(tmp_path):
-    """Defaults (k 8, RPO alpha 8, T 0.7), 4 rounds, seed 0. Measured: held-out T=1 sample accuracy
-    0.165 -> 0.295 (200 problems: SE ~0.03), greedy 0.83 -> 0.86, judge score (round r: the round
-    r-1 policy's 2048 samples on 256 fresh prompts) 0.744 -> 0.780."""
+    """Defaults (k 8, RPO alpha 8, T 0.7), 4 rounds, seed 0. Measured (torch 2.13 CPU, pinned numerics,
+    the first 200 shared held-out problems): T=1 sample accuracy 0.49 -> 0.74, greedy 0.475 -> 0.925."""
     s = online_dpo.main(["--rounds", "4", "--prompts", "256", "--eval-n", "200", "--seed", "0", "--out", str(tmp_path)])
     t = s["table"]
-    assert s["sampled_accuracy_after"] >= s["sampled_accuracy_before"] + 0.06, t
-    assert s["accuracy_after"] >= s["accuracy_before"] - 0.02, t      # greedy: no loss
+    assert s["sampled_accuracy_after"] >= s["sampled_accuracy_before"] + 0.1, t
+    assert s["accuracy_after"] >= s["accuracy_before"] + 0.2, t
     assert t[-1]["judge_score"] >= t[1]["judge_score"], t              # its own samples do not get worse
     assert all(r["pairs"] > 0 for r in t[1:])
     assert json.load(open(tmp_path / "summary.json"))["accuracy_after"] == s["accuracy_after"]

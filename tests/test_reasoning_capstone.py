@@ -31,10 +31,9 @@ def test_short_capstone_run_no_stage_breaks_the_model(tmp_path):
                   "--batch-size", "16", "--seed", "0", "--out", str(tmp_path)])
     stages = [r["stage"] for r in s["table"]]
     assert stages == ["start", "sft", "rft", "dpo", "grpo"]
-    # A short budget (10-20 steps per stage) is a plumbing run, not a learning run (test_grpo.py,
-    # test_star.py and test_online_dpo.py assert the learning). A fresh AdamW's first steps cost the
-    # tiny model a few points (measured from 0.84: rft 0.80, dpo 0.77, grpo 0.75; 100 problems, SE
-    # ~0.04), so this checks that no stage collapses it (dpo.py with plain DPO measured a collapse to 0.0 accuracy).
+    # A short budget (10-20 steps per stage) is a plumbing run, not a learning run (the next test,
+    # test_grpo.py, test_star.py and test_online_dpo.py assert the learning): this checks that no stage
+    # collapses the model (measured, seed 0: sft 0.49, rft 0.93, dpo 0.90, grpo 0.90 on 100 problems).
     for m in ("rft", "dpo", "grpo"):
         assert s[f"{m}_accuracy"] >= s["sft_accuracy"] - 0.15, s["table"]
     saved = json.load(open(tmp_path / "summary.json"))
@@ -43,9 +42,8 @@ def test_short_capstone_run_no_stage_breaks_the_model(tmp_path):
 
 def test_default_budgets_from_tiny_no_stage_below_sft(tmp_path):
     """The default RL budgets from the built-in tiny model (SFT skipped: tiny is already SFT'd), seed 0.
-    Measured (200 problems, SE ~0.025): sft 0.830, rft 0.885, dpo 0.835 (RPO alpha 8; 0.815 at
-    alpha 4), grpo 0.860; ~2 min. No stage ends below SFT."""
+    Measured (torch 2.13 CPU, pinned numerics, the 500 shared held-out problems): sft 0.476, rft 0.938,
+    dpo 0.912, grpo 0.912. Every RL stage removes most of the SFT data's habit."""
     s = cap.main(["--model", "tiny", "--sft-steps", "0", "--seed", "0", "--out", str(tmp_path)])
-    assert s["rft_accuracy"] >= s["sft_accuracy"] + 0.03, s["table"]
-    assert s["grpo_accuracy"] >= s["sft_accuracy"] + 0.02, s["table"]
-    assert s["dpo_accuracy"] >= s["sft_accuracy"], s["table"]          # DPO + RPO on offline verified pairs
+    for m in ("rft", "dpo", "grpo"):
+        assert s[f"{m}_accuracy"] >= s["sft_accuracy"] + 0.2, s["table"]

@@ -96,7 +96,7 @@ def one_thread():
 
 
 def test_embedded_star_raises_heldout_accuracy(tmp_path, one_thread):
-    """Seed 0: 0.83 -> 0.895 after 2 iterations (seeds 1, 2 by hand: +0.06, +0.04)."""
+    """Seed 0, torch 2.13 CPU, pinned numerics: 0.476 -> 0.922 -> 0.972 on the 500 shared held-out problems."""
     s = star.main(["--iterations", "2", "--seed", "0", "--out", str(tmp_path)])
     for k in ["accuracy_before", "accuracy_per_iteration", "accuracy_after", "kept_direct", "kept_rationalized", "steps"]:
         assert k in s
@@ -104,7 +104,7 @@ def test_embedded_star_raises_heldout_accuracy(tmp_path, one_thread):
     assert (tmp_path / "star.png").exists() and (tmp_path / "model" / "config.json").exists()
     assert s["steps"] == [40, 48]  # +20% per iteration
     assert min(s["kept_direct"]) > 100  # most training problems are solved by sampling
-    assert s["accuracy_after"] >= s["accuracy_before"] + 0.04, s
+    assert s["accuracy_after"] >= s["accuracy_before"] + 0.25, s
 
 
 @pytest.mark.skipif(not os.path.isdir(REALDATA), reason="../shared/realdata absent")
