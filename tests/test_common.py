@@ -39,6 +39,29 @@ def test_arithmetic_task_and_step_verifier():
     assert not C.verify(p, "#### 1405")
 
 
+def test_one_shared_held_out_set():
+    """common.heldout: 500 test-split problems, the same for every script and seed; a smaller n is a prefix."""
+    test = C.heldout()
+    assert len(test) == C.HELDOUT_N == 500 and len({p["prompt"] for p in test}) == 500
+    assert C.heldout("arithmetic", 100) == test[:100] and all(C.is_test_arith(p["x"], p["y"]) for p in test)
+    train = C.make_task("arithmetic", 5000, seed=0)
+    assert not {p["prompt"] for p in train} & {p["prompt"] for p in test}
+
+
+def test_tiny_sft_data_has_the_habit():
+    """A share TINY_HABIT of the examples that carry into the leftmost column drop that carry; no other change."""
+    probs = C.make_task("arithmetic", 4000, seed=0)
+    data = C.tiny_sft_data(4000, 0)
+    changed = [(p, sol) for p, (_, sol) in zip(probs, data) if sol != p["solution"]]
+    needs = [p for p in probs if "+1=" in p["solution"].split(";")[2]]
+    assert abs(len(changed) / len(needs) - C.TINY_HABIT) < 0.03
+    for p, sol in changed:
+        assert sol == C.arithmetic_solution(p["x"], p["y"], drop_last_carry=True) and not C.verify(p, sol)
+        assert C.arithmetic_step_labels(p, sol) == [True, True, False, False]   # the third step is the wrong one
+    assert C.arithmetic_solution(347, 285, drop_last_carry=True) == "7+5+0=12;4+8+1=13;3+2+0=5;#### 532"
+    assert C.tiny_sft_data(50, 0, habit=0.0) == [(p["prompt"], p["solution"]) for p in probs[:50]]
+
+
 def test_countdown_task_and_verifier():
     probs = C.make_task("countdown", 100, seed=0)
     for p in probs:

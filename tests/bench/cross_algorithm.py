@@ -3,6 +3,7 @@
     python tests/bench/cross_algorithm.py --seeds 0,1,2                # ~45 min on 2 CPU cores
     python tests/bench/cross_algorithm.py --seeds 0,1,2 --only grpo,dpo   # a subset
     python tests/bench/cross_algorithm.py --seeds 0,1,2 --only capstone   # the main job's table
+    python tests/bench/cross_algorithm.py --seeds 0,1,2 --only dpo --extra="--rpo-alpha 0"   # an ablation row
 
 Each script runs as a user would run it (its defaults, `--model tiny`, built-in 3-digit arithmetic,
 `--seed S`), one after another, and is scored on the one shared held-out set (common.heldout(): the
@@ -59,6 +60,8 @@ def main():
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, each passed as --seed to every script")
     ap.add_argument("--reuse", action="store_true", help="take a run's numbers from its existing summary.json "
                     "instead of running it again (e.g. to rebuild the table from runs made elsewhere)")
+    ap.add_argument("--extra", default="", help="flags added to every run of --only (an ablation); its rows and "
+                    "output folders carry the flags in their names")
     ap.add_argument("--only", default="", help=f"comma-separated runs ({', '.join(RUNS)}); default: all but capstone")
     args = ap.parse_args()
     names, seeds = args.only.split(",") if args.only else DEFAULT, [int(s) for s in args.seeds.split(",")]
@@ -69,9 +72,13 @@ def main():
     rows = []
     for name in names:
         script, extra, keys, what = RUNS[name]
+        if args.extra:  # an ablation: its own rows and folders, next to the defaults' ones
+            extra = extra + args.extra.split()
+            keys = [(f"{row} {args.extra}", kb, ka) for row, kb, ka in keys]
         res = {row: dict(before=[], after=[], wall_s=[]) for row, _, _ in keys}
         for seed in seeds:
-            out = os.path.join(OUT, f"{name}_seed{seed}")
+            tag = "".join(c if c.isalnum() else "_" for c in args.extra)
+            out = os.path.join(OUT, f"{name}{'_' + tag if tag else ''}_seed{seed}")
             cmd = [sys.executable, script, "--model", "tiny", *extra, "--seed", str(seed), "--out", out]
             if name == "capstone":
                 cmd[2:4] = []  # the capstone starts from its own default (random weights) and runs SFT
