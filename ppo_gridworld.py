@@ -179,12 +179,8 @@ def ppo_loss(new_logp, old_logp, adv, new_values, old_values, returns, entropy,
 # gridworld: ent_coef 0.05 (with 0.01 one seed in 8 settled for dodging pits until the time limit).
 # CartPole-v1: rl-baselines3-zoo's settings (8 envs x 32 steps, one 256-row minibatch, 20 epochs, lr 1e-3
 # and clip 0.2 both annealed to 0, gamma 0.98, lambda 0.8, no entropy bonus, no value clipping as in SB3)
-# on 60k env steps instead of the zoo's 100k. `python tests/bench/cartpole_seeds.py --seeds 0,1,2,3,4`:
-# greedy eval 500.0 ± 0.0 on seeds 0-4, 11.3 ± 0.2 s wall per run on one CPU core (CleanRL ppo.py, 100k
-# steps, same machine: 14.3-15.4 s); seeds 5-9 and the AVX2 numerics pins of tests/conftest.py: also 500.
-# Measured at 100k steps without clip annealing, seeds 0-4: 10 epochs with value clipping 500, 140, 500,
-# 143, 500 (the critic could move 0.2 per update towards returns ~50); without it 500, 500, 500, 134, 500;
-# 20 epochs, 60k steps, no clip annealing: seeds 1, 2 fell back from 500 to 460, 194 (AVX2 numerics).
+# on 60k env steps instead of the zoo's 100k. Value clipping at 0.2 held the critic back (returns reach
+# ~500) and without clip annealing a policy at 500 could collapse; seeds and times: README "Results".
 PRESETS = {
     "default":     dict(total_steps=500_000, num_envs=4, num_steps=128, lr=2.5e-4, gamma=0.99, gae_lambda=0.95,
                         num_minibatches=4, update_epochs=4, ent_coef=0.01, vf_clip=0.2, anneal_clip=False),
