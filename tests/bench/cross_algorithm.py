@@ -24,12 +24,14 @@ OUT = os.path.join(ROOT, "out", "cross_algorithm", "torch-" + torch.__version__.
 
 # run name: (script, extra flags, [(row name, summary key before, summary key after)], what the numbers are)
 RUNS = {
-    "ppo_lm": ("ppo_lm.py", [], [("ppo_lm (verifier reward)", "gold_accuracy_before", "gold_accuracy_after")], "greedy"),
+    "ppo_lm": ("ppo_lm.py", [], [("ppo_lm (verifier reward)", "gold_accuracy_before", "gold_accuracy_after")],
+               "greedy"),
     "dpo": ("dpo.py", [], [("dpo (+RPO NLL)", "accuracy_before", "accuracy_after")], "greedy"),
     "ipo": ("kto_ipo.py", ["--loss", "ipo"], [("ipo (+NLL)", "accuracy_before", "accuracy_after")], "greedy"),
     "kto": ("kto_ipo.py", ["--loss", "kto"], [("kto (+NLL)", "accuracy_before", "accuracy_after")], "greedy"),
     "orpo": ("kto_ipo.py", ["--loss", "orpo"], [("orpo", "accuracy_before", "accuracy_after")], "greedy"),
-    "online_dpo": ("online_dpo.py", [], [("online_dpo (verifier judge)", "accuracy_before", "accuracy_after")], "greedy"),
+    "online_dpo": ("online_dpo.py", [], [("online_dpo (verifier judge)", "accuracy_before", "accuracy_after")],
+                   "greedy"),
     "star": ("star.py", [], [("star", "accuracy_before", "accuracy_after")], "greedy"),
     "grpo": ("grpo.py", [], [("grpo", "accuracy_before", "accuracy_after")], "greedy"),
     "prm": ("prm.py", [], [("prm: best of 8 by the PRM", "policy_sample_accuracy", "best_of_n.prm.3"),
@@ -37,9 +39,9 @@ RUNS = {
                            ("prm: PRM-weighted vote of 64", "policy_sample_accuracy", "prm_vote_at_max_n")],
             "one T=1 sample -> selection"),
     "capstone": ("reasoning_capstone.py", [], [("capstone: sft (from random weights)", "start_accuracy", "sft_accuracy"),
-                                                ("capstone: rft", "sft_accuracy", "rft_accuracy"),
-                                                ("capstone: dpo + RPO", "sft_accuracy", "dpo_accuracy"),
-                                                ("capstone: grpo", "sft_accuracy", "grpo_accuracy")], "greedy"),
+                                               ("capstone: rft", "sft_accuracy", "rft_accuracy"),
+                                               ("capstone: dpo + RPO", "sft_accuracy", "dpo_accuracy"),
+                                               ("capstone: grpo", "sft_accuracy", "grpo_accuracy")], "greedy"),
 }
 DEFAULT = [k for k in RUNS if k != "capstone"]
 
@@ -84,16 +86,19 @@ def main():
                 cmd[2:4] = []  # the capstone starts from its own default (random weights) and runs SFT
             t0, done = time.time(), os.path.join(out, "summary.json")
             if not (args.reuse and os.path.exists(done)):
-                r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+                r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                                   env={**os.environ, "TQDM_DISABLE": "1"})
                 if r.returncode != 0:
                     print(f"{name} seed {seed} failed: {r.stderr.strip().splitlines()[-1:]}", flush=True)
                     continue
                 open(os.path.join(out, "bench_wall_s.txt"), "w").write(f"{time.time() - t0:.1f}")  # with start-up
             s = json.load(open(done))
-            wall = float(open(os.path.join(out, "bench_wall_s.txt")).read()) if os.path.exists(
-                os.path.join(out, "bench_wall_s.txt")) else s.get("wall_time_s") or s.get("wall_s") or s.get("total_wall_s")
+            timed = os.path.join(out, "bench_wall_s.txt")
+            wall = float(open(timed).read()) if os.path.exists(timed) else \
+                s.get("wall_time_s") or s.get("wall_s") or s.get("total_wall_s")
             for row, kb, ka in keys:
-                res[row]["before"].append(get(s, kb)); res[row]["after"].append(get(s, ka)); res[row]["wall_s"].append(wall)
+                res[row]["before"].append(get(s, kb)); res[row]["after"].append(get(s, ka))
+                res[row]["wall_s"].append(wall)
             print(json.dumps(dict(run=name, seed=seed, **{row: (get(s, kb), get(s, ka)) for row, kb, ka in keys},
                                   wall_s=round(wall, 1))), flush=True)
         for row, _, _ in keys:
@@ -105,7 +110,8 @@ def main():
     old.update({r["name"]: r for r in rows})  # a subset re-measures its rows and keeps the others
     json.dump(list(old.values()), open(path, "w"), indent=1)
     lines = [f"torch {torch.__version__}; mean ± sd over seeds {args.seeds}; the shared 500 held-out problems",
-             "", "| algorithm | command | held-out accuracy | before | after | gain | wall s |", "|---|---|---|---|---|---|---|"]
+             "", "| algorithm | command | held-out accuracy | before | after | gain | wall s |",
+             "|---|---|---|---|---|---|---|"]
     for r in old.values():
         if not r["after"]:
             lines.append(f"| {r['name']} | `{r['command']}` | failed | | | | |")

@@ -34,9 +34,12 @@ def main():
             C.build_tiny(folder, seed=seed, steps=steps)
             model, tok = C.load_model(folder, device=torch.device("cpu"))
             accs.append(C.evaluate(model, tok, test)["accuracy"])
-            print(json.dumps(dict(steps=steps, seed=seed, accuracy=accs[-1], wall_s=round(time.time() - t0, 1))), flush=True)
-        rows.append(dict(steps=steps, seeds=args.seeds, accuracies=accs, mean=float(np.mean(accs)), sd=float(np.std(accs, ddof=1))))
-        print(f"steps {steps}: {rows[-1]['mean']:.3f} ± {rows[-1]['sd']:.3f} over seeds {args.seeds} (torch {torch.__version__})")
+            print(json.dumps(dict(steps=steps, seed=seed, accuracy=accs[-1], wall_s=round(time.time() - t0, 1))),
+                  flush=True)
+        rows.append(dict(steps=steps, seeds=args.seeds, accuracies=accs, mean=float(np.mean(accs)),
+                         sd=float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0))
+        print(f"steps {steps}: {rows[-1]['mean']:.3f} ± {rows[-1]['sd']:.3f} over seeds {args.seeds} "
+              f"(torch {torch.__version__})")
     path = os.path.join(ROOT, "out", "tiny_spread", f"torch-{torch.__version__.replace('+', '_')}.json")
     json.dump(rows, open(path, "w"), indent=1)
 
