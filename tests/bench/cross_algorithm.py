@@ -38,7 +38,7 @@ RUNS = {
                            ("prm: best of 64 by the PRM", "policy_sample_accuracy", "prm_at_max_n"),
                            ("prm: PRM-weighted vote of 64", "policy_sample_accuracy", "prm_vote_at_max_n")],
             "one T=1 sample -> selection"),
-    "capstone": ("reasoning_capstone.py", [], [("capstone: sft (from random weights)", "start_accuracy", "sft_accuracy"),
+    "capstone": ("reasoning_capstone.py", [], [("capstone: sft (random weights)", "start_accuracy", "sft_accuracy"),
                                                ("capstone: rft", "sft_accuracy", "rft_accuracy"),
                                                ("capstone: dpo + RPO", "sft_accuracy", "dpo_accuracy"),
                                                ("capstone: grpo", "sft_accuracy", "grpo_accuracy")], "greedy"),
