@@ -508,7 +508,9 @@ def tiny_model(tok, seed=0):
     return LlamaForCausalLM(cfg)
 
 
-TINY_HABIT = 0.6  # share of tiny's arithmetic SFT solutions that drop the carry into the leftmost column
+TINY_HABIT = 0.7  # share of tiny's arithmetic SFT solutions that drop the carry into the leftmost column
+# (far enough from 0.5 that the last SFT batches cannot tip the greedy choice: at 0.6 one in-process build
+# of the same recipe landed at 0.87 instead of ~0.48; 0.7 gave 0.482 pinned and unpinned)
 
 
 def tiny_sft_data(n, seed, task="arithmetic", habit=TINY_HABIT):

@@ -257,7 +257,7 @@ def parse_args(argv):
     p.add_argument("--sample-tries", type=int, default=2, help="--builtin model: answers sampled per prompt to find a wrong one")
     p.add_argument("--sample-temperature", type=float, default=0.7, help="--builtin model: sampling temperature")
     p.add_argument("--n-pairs", type=int, default=4096, help="training pairs at most (rows of --dataset; --builtin model: prompts sampled, pairs = those with a wrong answer)")
-    p.add_argument("--steps", type=int, default=60, help="optimizer updates")
+    p.add_argument("--steps", type=int, default=120, help="optimizer updates")
     p.add_argument("--batch-size", type=int, default=32, help="GLOBAL batch in pairs (split evenly over torchrun ranks)")
     p.add_argument("--micro-batch-size", type=int, default=0, help="pairs per forward pass per rank (gradient accumulation); 0 = whole local batch")
     p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (tiny: 2e-5; 1e-4 lowered the "

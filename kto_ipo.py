@@ -313,7 +313,7 @@ def parse_args(argv):
     p.add_argument("--sample-temperature", type=float, default=0.7, help="--builtin model: sampling temperature")
     p.add_argument("--skip-bad-rows", action="store_true", help="--dataset: drop (and count) rows with a missing field, empty text or chosen == rejected instead of stopping")
     p.add_argument("--n-train", type=int, default=4096, help="training rows at most (--builtin model: prompts sampled; rows = those with a wrong answer)")
-    p.add_argument("--steps", type=int, default=80, help="optimizer updates (0: only make/evaluate)")
+    p.add_argument("--steps", type=int, default=160, help="optimizer updates (0: only make/evaluate)")
     p.add_argument("--batch-size", type=int, default=32, help="GLOBAL batch in rows (pairs or unpaired examples), split over ranks")
     p.add_argument("--micro-batch-size", type=int, default=0, help="rows per forward pass per rank (gradient accumulation); 0 = whole local batch")
     p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default per loss, tuned on tiny: {LR}; real models ~5e-7, ORPO ~8e-6)")

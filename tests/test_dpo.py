@@ -65,7 +65,7 @@ def test_embedded_run_learns(tmp_path):
     assert s["heldout_likelihood_acc_after"] > s["heldout_likelihood_acc_before"], s
     assert s["accuracy_after"] >= s["accuracy_before"] + 0.05, s   # measured 0.49 -> 0.72 (100 problems)
     rows = [r for r in C.read_metrics(str(tmp_path)) if "loss" in r]
-    assert len(rows) == 60 and {"logp_chosen", "logp_rejected", "chosen_reward", "rejected_reward", "reward_margin"} <= set(rows[0])
+    assert len(rows) == 120 and {"logp_chosen", "logp_rejected", "chosen_reward", "rejected_reward", "reward_margin"} <= set(rows[0])
     last = sum(r["reward_acc"] for r in rows[-10:]) / 10
     assert abs(rows[0]["reward_margin"]) < 1e-3 and last >= 0.75  # policy = reference at step 1: zero margin (measured last: 0.83)
     assert all(os.path.isfile(tmp_path / f) for f in ("rewards.png", "loss.png", "logps.png", "model/config.json"))

@@ -212,7 +212,7 @@ def test_each_loss_learns_on_the_builtin_data(tmp_path, loss):
     # measured (seed 0, torch 2.13 CPU, pinned numerics, 100 problems): 0.49 -> kto 0.89, ipo 0.84, orpo 0.73
     assert s["accuracy_after"] >= s["accuracy_before"] + 0.05, s
     rows = [r for r in C.read_metrics(str(tmp_path)) if "loss" in r]
-    assert len(rows) == 80 and {"kto": "z0", "ipo": "h", "orpo": "nll"}[loss] in rows[0]
+    assert len(rows) == 160 and {"kto": "z0", "ipo": "h", "orpo": "nll"}[loss] in rows[0]
 
 
 def test_bad_flags_are_one_line_errors(tmp_path):
