@@ -52,10 +52,9 @@ def test_data_order_is_a_function_of_seed_and_step():
 def test_embedded_run_learns(tmp_path):
     """Seeded DPO on built-in pairs (reference solution vs the start model's own wrong sample):
     implicit-reward accuracy rises on held-out pairs and task accuracy rises over the start.
-    Measured with these flags: seed 0 accuracy 0.84 -> 0.87, held-out reward accuracy 0.82;
-    seed 1 0.84 -> 0.86, 0.77. Honest caveat (README): most of the accuracy gain comes from the
-    RPO NLL term (beta -> 0 reached 0.88 at the full defaults); a stronger preference term
-    (beta 0.5 or rpo-alpha 2) gave 0.84 / 0.825, and plain DPO collapses accuracy to ~0."""
+    Measured with these flags (seed 0, torch 2.13 CPU, pinned numerics): accuracy 0.50 -> 0.93, held-out
+    reward accuracy 1.0. On the earlier start model most of the gain came from the RPO NLL term (not
+    re-measured on this one)."""
     s = dpo.main(["--n-pairs", "2048", "--eval-n", "100", "--device", "cpu", "--seed", "0", "--out", str(tmp_path)])
     for k in ("accuracy_before", "accuracy_after", "heldout_reward_acc", "heldout_reward_margin", "heldout_likelihood_acc_before",
               "heldout_likelihood_acc_after", "heldout_logp_chosen_before", "heldout_logp_chosen_after", "wall_s"):
@@ -63,7 +62,7 @@ def test_embedded_run_learns(tmp_path):
     assert s == json.load(open(tmp_path / "summary.json"))
     assert s["train_pairs"] > 500 and s["heldout_reward_acc"] >= 0.7 and s["heldout_reward_margin"] > 0.03, s
     assert s["heldout_likelihood_acc_after"] > s["heldout_likelihood_acc_before"], s
-    assert s["accuracy_after"] >= s["accuracy_before"] + 0.05, s   # measured 0.49 -> 0.72 (100 problems)
+    assert s["accuracy_after"] >= s["accuracy_before"] + 0.2, s   # measured 0.50 -> 0.93 (100 problems)
     rows = [r for r in C.read_metrics(str(tmp_path)) if "loss" in r]
     assert len(rows) == 120 and {"logp_chosen", "logp_rejected", "chosen_reward", "rejected_reward", "reward_margin"} <= set(rows[0])
     last = sum(r["reward_acc"] for r in rows[-10:]) / 10

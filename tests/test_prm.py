@@ -139,12 +139,13 @@ def tiny_run(tmp_path_factory):
 def test_prm_beats_chance_on_held_out_steps(tiny_run):
     _, s = tiny_run
     # held-out = policy samples on test problems; chance AUC is 0.5 and the untrained head is the baseline.
-    # Measured (seed 0, torch 2.13 CPU): step AUC 0.90; best of 8 by the PRM 0.79 vs one sample 0.55. Not
-    # asserted: step accuracy at p = 0.5 (0.46 vs the 0.74 majority baseline): the training mix (policy
-    # samples + reference + two hand-made errors) has more bad steps than the held-out samples, so the
-    # threshold is miscalibrated while the ranking, which best-of-N uses, is good.
+    # Measured (seed 0, torch 2.13 CPU, pinned numerics): step AUC 0.92; a PRM-weighted vote over 8 samples
+    # 0.875 vs one sample 0.625 (the best single pick by the PRM: 0.75). Not asserted: step accuracy at
+    # p = 0.5 (0.34 vs the 0.77 majority baseline): the training mix (policy samples + reference + two
+    # hand-made errors) has more bad steps than the held-out samples, so that threshold is miscalibrated
+    # while the ranking, which selection uses, is good.
     assert s["step_auc"] > 0.8 and s["step_auc"] > s["before"]["step_auc"] + 0.2, (s["step_auc"], s["before"])
-    assert s["prm_at_max_n"] >= s["policy_sample_accuracy"] + 0.1, s
+    assert s["prm_vote_at_max_n"] >= s["policy_sample_accuracy"] + 0.1, s
 
 
 def test_end_to_end_writes_summary_and_table(tiny_run):

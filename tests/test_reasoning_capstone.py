@@ -33,17 +33,17 @@ def test_short_capstone_run_no_stage_breaks_the_model(tmp_path):
     assert stages == ["start", "sft", "rft", "dpo", "grpo"]
     # A short budget (10-20 steps per stage) is a plumbing run, not a learning run (the next test,
     # test_grpo.py, test_star.py and test_online_dpo.py assert the learning): this checks that no stage
-    # collapses the model (measured, seed 0: sft 0.49, rft 0.93, dpo 0.90, grpo 0.90 on 100 problems).
+    # collapses the model (measured, seed 0: sft 0.50, rft 1.00, dpo 1.00, grpo 1.00 on 100 problems).
     for m in ("rft", "dpo", "grpo"):
-        assert s[f"{m}_accuracy"] >= s["sft_accuracy"] - 0.15, s["table"]
+        assert s[f"{m}_accuracy"] >= s["sft_accuracy"], s["table"]
     saved = json.load(open(tmp_path / "summary.json"))
     assert saved["table"][1]["pass@2"] >= saved["table"][1]["accuracy"] - 0.2
 
 
 def test_default_budgets_from_tiny_no_stage_below_sft(tmp_path):
     """The default RL budgets from the built-in tiny model (SFT skipped: tiny is already SFT'd), seed 0.
-    Measured (torch 2.13 CPU, pinned numerics, the 500 shared held-out problems): sft 0.476, rft 0.938,
-    dpo 0.912, grpo 0.912. Every RL stage removes most of the SFT data's habit."""
+    Measured (torch 2.13 CPU, pinned numerics, the 500 shared held-out problems): sft 0.482, rft 0.998,
+    dpo 0.970, grpo 0.996. Every RL stage removes the SFT data's habit."""
     s = cap.main(["--model", "tiny", "--sft-steps", "0", "--seed", "0", "--out", str(tmp_path)])
     for m in ("rft", "dpo", "grpo"):
         assert s[f"{m}_accuracy"] >= s["sft_accuracy"] + 0.2, s["table"]
