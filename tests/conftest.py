@@ -24,3 +24,10 @@ if __import__("platform").machine().lower() in ("x86_64", "amd64"):
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+def pytest_sessionstart(session):
+    """Build (or find) the cached `tiny` once, before any test runs: its build takes ~3 min on one core,
+    longer on a loaded machine, and must not count against a subprocess test's timeout."""
+    import common
+    common.load_model("tiny", device=torch.device("cpu"))
