@@ -209,8 +209,9 @@ def test_each_loss_learns_on_the_builtin_data(tmp_path, loss):
         assert s["heldout_reward_acc_before"] == 0 and s["heldout_reward_acc_after"] >= 0.75, s
     else:                # no reference: log-odds margin, already positive at the start
         assert s["heldout_reward_margin_after"] > s["heldout_reward_margin_before"] + 0.3, s
-    # measured (seed 0, torch 2.13 CPU, pinned numerics, 100 problems): 0.50 -> kto 0.95, ipo 0.95, orpo 0.85
-    assert s["accuracy_after"] >= s["accuracy_before"] + 0.15, s
+    # measured (seed 0, torch 2.13 CPU, pinned numerics, 100 problems): 0.50 -> kto 0.95, ipo 0.95, orpo 0.85;
+    # 0.1 leaves ORPO 3x the sd of its default run's gain over seeds (0.084, README)
+    assert s["accuracy_after"] >= s["accuracy_before"] + 0.1, s
     rows = [r for r in C.read_metrics(str(tmp_path)) if "loss" in r]
     assert len(rows) == 160 and {"kto": "z0", "ipo": "h", "orpo": "nll"}[loss] in rows[0]
 
