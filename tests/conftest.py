@@ -17,9 +17,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # their AVX2 code paths (read when torch loads, so before the import; subprocesses inherit them).
 # Without this, AVX-512 and AVX2 machines round differently and the runs diverge (common.py,
 # PORTABLE_NUMERICS, has the measurement).
+# A value already in the environment wins (e.g. ATEN_CPU_CAPABILITY=avx512 to run the suite unpinned).
+PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}  # == common.PORTABLE_NUMERICS
 if __import__("platform").machine().lower() in ("x86_64", "amd64"):
-    # the same values as common.PORTABLE_NUMERICS (test_common checks they stay equal)
-    for k, v in {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}.items():
+    for k, v in PINS.items():
         os.environ.setdefault(k, v)
 import torch  # noqa: E402
 
