@@ -509,8 +509,8 @@ def tiny_model(tok, seed=0):
 
 
 TINY_HABIT = 0.7  # share of tiny's arithmetic SFT solutions that drop the carry into the leftmost column
-# (far enough from 0.5 that the last SFT batches cannot tip the greedy choice: at 0.6 one in-process build
-# of the same recipe landed at 0.87 instead of ~0.48; 0.7 gave 0.482 pinned and unpinned)
+# (far enough from 0.5 that the last SFT batches cannot tip the greedy choice, which one build at 0.6 did:
+# README, "The embedded world")
 
 
 def tiny_sft_data(n, seed, task="arithmetic", habit=TINY_HABIT):
@@ -537,7 +537,7 @@ PORTABLE_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_
 
 def build_tiny(folder, seed=0, steps=TINY_SFT_STEPS):
     """`--model tiny`: a short SFT of the untrained tiny model on the tasks' chain of thought,
-    run in a child process with PORTABLE_NUMERICS (see above; ~2 min on one CPU core)."""
+    run in a child process with PORTABLE_NUMERICS (see above; ~3 min on one CPU core)."""
     import platform, subprocess
     print0(f"[common] building the built-in 'tiny' model: {steps} SFT steps on chain-of-thought data -> {folder}")
     env = {**os.environ, **(PORTABLE_NUMERICS if platform.machine().lower() in ("x86_64", "amd64") else {})}
