@@ -78,8 +78,8 @@ def main():
             extra = extra + args.extra.split()
             keys = [(f"{row} {args.extra}", kb, ka) for row, kb, ka in keys]
         res = {row: dict(before=[], after=[], wall_s=[]) for row, _, _ in keys}
+        tag = "".join(c if c.isalnum() else "_" for c in args.extra)
         for seed in seeds:
-            tag = "".join(c if c.isalnum() else "_" for c in args.extra)
             out = os.path.join(OUT, f"{name}{'_' + tag if tag else ''}_seed{seed}")
             cmd = [sys.executable, script, "--model", "tiny", *extra, "--seed", str(seed), "--out", out]
             if name == "capstone":
