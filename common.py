@@ -6,9 +6,10 @@ Sections, top to bottom:
                  verifiers, preference data, plus a GSM8K-style answer extractor for real data
   3. data        local jsonl/parquet or hub datasets, with errors that name the row and field
   4. models      load_model(): hub id, local folder, or the built-in ~0.8M-param char-level Llama
-  5. generation  batched sampling (left padding, EOS masks; static-cache fast path on CUDA)
+  5. generation  batched sampling (left padding, stop at end-of-turn/EOS; static-cache fast path on CUDA)
   6. log-probs   per-token log-probs without a float32 [batch, seq, vocab] blow-up; SFT helper
-  7. checkpoints atomic save / resume, metrics (stdout + jsonl + optional wandb) and plots
+  7. rewards     rm_score(): the one reward-model scorer (right padding, the RM's own template)
+  8. checkpoints atomic save / resume, metrics (stdout + jsonl + optional wandb) and plots
 """
 import ast, contextlib, json, math, os, random, re, shutil, sys, time
 from dataclasses import dataclass
@@ -564,8 +565,8 @@ def tiny_cache_dir():
 
 def load_model(name, kind="causal", device=None, dtype=None, trust_remote_code=False):
     """(model, tokenizer) for a built-in name, a local folder or a hub id.
-    kind='causal' -> AutoModelForCausalLM; kind='reward' -> AutoModelForSequenceClassification
-    with one label (BERT-style or causal backbones; causal ones score the last non-pad token)."""
+    kind='causal' -> AutoModelForCausalLM; kind='reward' -> AutoModelForSequenceClassification:
+    a saved classifier keeps its labels, a bare backbone gets a new one-label head (score with rm_score)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     device = device or DIST.device
     if name == "tiny-untrained":
@@ -592,7 +593,11 @@ def load_model(name, kind="causal", device=None, dtype=None, trust_remote_code=F
     kw = dict(trust_remote_code=trust_remote_code, dtype=dtype or get_dtype(device))
     try:
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        model = auto.from_pretrained(name, **({"num_labels": 1} if kind == "reward" else {}), **kw)
+        if kind == "reward":  # a new one-number head on a backbone; a trained classifier keeps its labels
+            from transformers import AutoConfig
+            archs = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).architectures or []
+            kw.update({} if any(a.endswith("ForSequenceClassification") for a in archs) else {"num_labels": 1})
+        model = auto.from_pretrained(name, **kw)
     except (OSError, ValueError) as e:
         if os.path.isdir(name):
             raise InputError(f"--model {name}: could not load the folder ({str(e).splitlines()[0]})") from None
@@ -638,19 +643,62 @@ def _swap_in(tmp, folder):
 
 
 def format_prompt(tok, prompt):
-    """Prompt text: chat messages go through the tokenizer's chat template when it has one."""
+    """Prompt TEXT (for reward models and judges that read text): chat messages go through the
+    tokenizer's chat template when it has one. A policy's prompt ids come from prompt_ids()."""
     if isinstance(prompt, str):
         return prompt
     if getattr(tok, "chat_template", None):
         return tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
     return "".join(f"{m['role']}: {m['content']}\n" for m in prompt) + "assistant: "
 
+
+def _ids(x):
+    return list(x["input_ids"] if hasattr(x, "keys") else x)  # apply_chat_template: a list or a BatchEncoding
+
+
+def prompt_ids(tok, prompt):
+    """A prompt's ids exactly as the model meets them in use: chat messages ->
+    apply_chat_template(add_generation_prompt=True, tokenize=True) (the template writes BOS itself;
+    rendering to text and tokenizing again would add a second one), plain text -> tok(text)."""
+    if isinstance(prompt, str) or not getattr(tok, "chat_template", None):
+        return tok(format_prompt(tok, prompt))["input_ids"]
+    return _ids(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
+
+
+def end_token_id(tok, prompt=""):
+    """The token that ends a completion: for a chat prompt, the end-of-turn token the template
+    writes after an assistant message (Qwen <|im_end|>, Llama 3 <|eot_id|>, Gemma <end_of_turn>);
+    for plain text, and for tokenizers without a template, the tokenizer's EOS."""
+    if isinstance(prompt, str) or not getattr(tok, "chat_template", None):
+        return tok.eos_token_id
+    if getattr(tok, "_end_of_turn_id", None) is None:  # read the template once per tokenizer
+        mark, end = "\x1fEND-OF-TURN\x1f", tok.eos_token_id
+        try:
+            text = tok.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": mark}],
+                                           tokenize=False)
+            tail = tok(text[text.rindex(mark) + len(mark):], add_special_tokens=False)["input_ids"]
+            special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}))
+            end = tail[0] if tail and tail[0] in special else end
+        except Exception:  # a template that rejects this conversation: fall back to EOS
+            pass
+        tok._end_of_turn_id = end
+    return tok._end_of_turn_id
+
+
+def stop_ids(tok, model=None):
+    """Every id that ends generation: the template's end-of-turn token, the tokenizer's EOS and
+    each id of the model's generation_config.eos_token_id (Llama 3.1 lists three)."""
+    ids = [end_token_id(tok, [{"role": "user", "content": ""}]), tok.eos_token_id]
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None)
+    ids += extra if isinstance(extra, (list, tuple)) else [extra]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
 # ----------------------------------------------------------------------------- 5. generation
 
 def encode_prompts(tok, prompts, device, max_prompt_len=None):
-    """Left-padded prompt ids; prompts longer than the budget are cut from the left (warned)."""
-    texts = [format_prompt(tok, p) for p in prompts]
-    ids = [tok(t, add_special_tokens=True)["input_ids"] for t in texts]
+    """Left-padded prompt ids (prompt_ids() per row); prompts longer than the budget are cut from the left (warned)."""
+    ids = [prompt_ids(tok, p) for p in prompts]
     limit = max_prompt_len or 10**9
     if any(len(x) > limit for x in ids):
         print0(f"[common] warning: {sum(len(x) > limit for x in ids)} prompt(s) longer than {limit} tokens, truncated from the left")
@@ -662,9 +710,10 @@ def encode_prompts(tok, prompts, device, max_prompt_len=None):
     return input_ids, mask
 
 
-def completion_mask(tokens, eos_id):
-    """1 for completion tokens up to and including the first EOS; returns (mask, has_eos)."""
-    is_eos = tokens == eos_id
+def completion_mask(tokens, stop):
+    """1 for completion tokens up to and including the first stop token (an id or a list of ids);
+    returns (mask, has_eos). Positions, not pad ids, decide: pad == EOS never hides a token."""
+    is_eos = torch.isin(tokens, torch.as_tensor(stop, device=tokens.device))
     after = (is_eos.cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
     return (~after).long(), is_eos.any(1)
 
@@ -682,7 +731,8 @@ def generate(model, tok, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p
     budget = max_prompt_len or (max_len - max_new_tokens if max_len else None)
     p_ids, p_mask = encode_prompts(tok, prompts, device, budget)
     p_ids, p_mask = p_ids.repeat_interleave(n, 0), p_mask.repeat_interleave(n, 0)
-    kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    stop = stop_ids(tok, model)                              # end-of-turn, EOS, generation_config's EOS ids
+    kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=stop)
     kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else kw.update(do_sample=False)
     n_batches, synced = -(-len(p_ids) // batch_size), is_sharded(model)
     if synced:  # FSDP: ranks decode in lock-step to the longest sequence, and run as many batches
@@ -702,7 +752,7 @@ def generate(model, tok, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p
         outs.append(seq[:, p_ids.shape[1]:])
     T = max(o.shape[1] for o in outs)
     c_ids = torch.cat([F.pad(o, (0, T - o.shape[1]), value=tok.pad_token_id) for o in outs])
-    c_mask, has_eos = completion_mask(c_ids, tok.eos_token_id)
+    c_mask, has_eos = completion_mask(c_ids, stop)
     c_ids = c_ids.masked_fill(c_mask == 0, tok.pad_token_id)
     texts = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(c_ids, c_mask)]
     model.train(was_training)
@@ -737,11 +787,16 @@ def token_logprobs(model, input_ids, attention_mask, n_completion, entropy=False
     """Log-probs of the last `n_completion` tokens of each row given everything before them.
     input_ids/attention_mask: (B, T) = [left-padded prompt | completion]. Returns (B, n) log-probs
     (and (B, n) entropies if asked). Only the completion positions' logits are computed
-    (logits_to_keep) and log_softmax is done `chunk` rows at a time in float32, so a 150k vocab
-    never becomes one float32 [B, T, V] tensor."""
+    (logits_to_keep); the softmax is chunked (logits_logprobs)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
                    logits_to_keep=n_completion + 1).logits[:, :-1]       # (B, n, V): position t predicts t+1
-    labels = input_ids[:, -n_completion:]
+    return logits_logprobs(logits, input_ids[:, -n_completion:], entropy, chunk)
+
+
+def logits_logprobs(logits, labels, entropy=False, chunk=8):
+    """log p(labels) (B, n) from logits (B, n, V) in the model's dtype, and the entropies (B, n,
+    detached) if asked. log_softmax runs `chunk` rows at a time in float32, so a 150k-262k vocab
+    never becomes one float32 [B, n, V] tensor (1 GB at B=32, n=256, V=150k)."""
     lps, ents = [], []
     for i in range(0, logits.shape[0], chunk):
         l = logits[i:i + chunk].float()
@@ -756,10 +811,15 @@ def token_logprobs(model, input_ids, attention_mask, n_completion, entropy=False
 
 
 def collate(tok, prompts, completions, device, max_len=None, add_eos=True):
-    """[left-padded prompt | right-padded completion (+EOS)] for training on given text.
-    Returns input_ids, attention_mask (B, T) and completion_mask (B, n_completion)."""
+    """[left-padded prompt | right-padded completion + end token] for training on given text: the
+    prompt's ids from prompt_ids(), the completion's from tok(text, add_special_tokens=False), then the
+    end-of-turn token (end_token_id) exactly once. Returns input_ids, attention_mask (B, T) and
+    completion_mask (B, n_completion), which covers the completion and its end token only."""
     p_ids, p_mask = encode_prompts(tok, prompts, device)
-    c = [tok(t, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if add_eos else []) for t in completions]
+    c = [tok(t, add_special_tokens=False)["input_ids"] for t in completions]
+    if add_eos:
+        ends = [end_token_id(tok, p) for p in prompts]
+        c = [x if x and x[-1] == e else x + [e] for x, e in zip(c, ends)]
     check(all(len(x) > 0 for x in c), "empty completion")
     if max_len:
         c = [x[:max(1, max_len - p_ids.shape[1])] for x in c]
@@ -793,7 +853,57 @@ def sft(model, tok, pairs, steps, batch_size=32, lr=1e-3, weight_decay=0.0, desc
             print0(f"[{desc}] step {step} loss {loss.item():.4f}")
     return losses
 
-# ----------------------------------------------------------------------------- 7. checkpoints, metrics
+# ----------------------------------------------------------------------------- 7. reward-model scoring
+
+def rm_inputs(tok, prompt, completion, max_length):
+    """One reward-model input's ids: the RM's own chat template over [prompt, assistant: completion]
+    when it has one, else format_prompt(prompt) + completion through tok() (BERT: [CLS] text [SEP]).
+    Too long: the first token stays if it is special ([CLS], BOS) and the rest is cut from the LEFT,
+    so the prompt's start goes and the completion, which is what gets judged, is kept."""
+    if getattr(tok, "chat_template", None):
+        msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        ids = _ids(tok.apply_chat_template(msgs + [{"role": "assistant", "content": completion}], tokenize=True))
+    else:
+        ids = tok(format_prompt(tok, prompt) + completion)["input_ids"]
+    if len(ids) <= max_length:
+        return ids
+    lead = int(ids[0] in tok.all_special_ids)
+    return ids[:lead] + ids[len(ids) - (max_length - lead):]
+
+
+def rm_max_length(model, tok):
+    """The RM's input limit: its tokenizer's model_max_length (reward_model.py saves --max-length
+    there) and the backbone's position limit."""
+    max_pos = getattr(getattr(model, "module", model).config, "max_position_embeddings", None) or 10**9
+    return int(min(tok.model_max_length or 10**9, max_pos))
+
+
+def rm_score(model, tok, prompts, completions, max_length=None, label=0, batch_size=None):
+    """(B,) float32 scores r(x, y) of a sequence classifier: reward_model.py's one-label RM, or
+    logit `label` of a hub classifier. The one scorer every script uses (training and judging).
+    Right padding with attention masks; BERT-style models pool [CLS] at position 0, causal
+    backbones (a `.score` head) are read at each row's last real token, found from the attention
+    mask (transformers looks for the last non-pad id, so pad == EOS would hide a final end token).
+    `model` may be DDP-wrapped; gradients flow unless the caller is under torch.no_grad()."""
+    inner = getattr(model, "module", model)
+    device = next(inner.parameters()).device
+    limit = max_length or rm_max_length(inner, tok)
+    rows, out = [rm_inputs(tok, p, c, limit) for p, c in zip(prompts, completions)], []
+    step = batch_size or max(1, len(rows))
+    for i in range(0, len(rows), step):
+        chunk = rows[i:i + step]
+        T = max(map(len, chunk))
+        ids = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in chunk], device=device)
+        mask = torch.tensor([[1] * len(r) + [0] * (T - len(r)) for r in chunk], device=device)
+        if hasattr(inner, "score"):  # causal: the head on the last real token's (final-norm) hidden state
+            h = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+            logits = inner.score(h[torch.arange(len(chunk), device=device), mask.sum(1) - 1])
+        else:
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        out.append(logits[:, label].float())
+    return torch.cat(out) if out else torch.zeros(0, device=device)
+
+# ----------------------------------------------------------------------------- 8. checkpoints, metrics
 
 def rng_state():
     npst = np.random.get_state()

@@ -194,14 +194,8 @@ def judge_pairs(args, prompts, problems, answers_a, answers_b):
         rm.eval()
 
         def score(answers):
-            texts = [C.format_prompt(rtok, p) + a for p, a in zip(prompts, answers)]
-            out = []
-            for i in range(0, len(texts), 16):
-                enc = rtok(texts[i:i + 16], return_tensors="pt", padding=True, truncation=True,
-                           max_length=min(getattr(rtok, "model_max_length", 2048), 2048)).to(DIST.device)
-                with autocast(DIST.device):
-                    out += rm(**enc).logits[:, 0].float().tolist()
-            return out
+            with autocast(DIST.device):
+                return C.rm_score(rm, rtok, prompts, answers, batch_size=16).tolist()
         sa, sb = score(answers_a), score(answers_b)
         return [(x > y) - (x < y) for x, y in zip(sa, sb)]
     jm, jtok = C.load_model(args.judge_lm, trust_remote_code=args.trust_remote_code)
@@ -339,7 +333,7 @@ def main(argv=None):
     else:
         train = C.load_pairs(args.dataset, "train", args.n_pairs, args.skip_bad_rows)
         heldout = C.load_pairs(args.dataset, "test_prefs" if "ultrafeedback" in args.dataset else "test", args.eval_n, args.skip_bad_rows)
-    fits = lambda p: len(tok(C.format_prompt(tok, p["prompt"]))["input_ids"]) <= min(args.max_prompt_len, max_len // 2)
+    fits = lambda p: len(C.prompt_ids(tok, p["prompt"])) <= min(args.max_prompt_len, max_len // 2)
     n0, train, heldout = len(train), [p for p in train if fits(p)], [p for p in heldout if fits(p)]
     print0(f"{len(train)} training pairs ({n0 - len(train)} dropped: prompt > {min(args.max_prompt_len, max_len // 2)} tokens), {len(heldout)} held out")
     check(len(train) >= args.batch_size and heldout, f"{len(train)} training / {len(heldout)} held-out pairs: need >= --batch-size {args.batch_size} "

@@ -237,14 +237,10 @@ def make_dataset(model, tok, problems, samples, max_new_tokens, temperature, jud
             for t in dict.fromkeys(answers) if t.strip()]  # this rank's distinct non-empty answers
     if judge is None:
         scores = [float(C.verify(problems[i], t)) for i, t in cand]
-    else:  # reward_model.py's contract: right padding, prompt text + completion, one logit
+    else:  # reward_model.py's contract: common.rm_score (right padding, prompt + completion, one logit)
         rm, rtok = judge
-        rtok.padding_side, scores = "right", []
-        for b in range(0, len(cand), 32):
-            enc = rtok([C.format_prompt(rtok, problems[i]["prompt"]) + t for i, t in cand[b:b + 32]], padding=True,
-                       truncation=True, return_tensors="pt").to(C.DIST.device)
-            with autocast(C.DIST.device):
-                scores += rm(**enc).logits[:, 0].float().tolist()
+        with autocast(C.DIST.device):
+            scores = C.rm_score(rm, rtok, [problems[i]["prompt"] for i, _ in cand], [t for _, t in cand], batch_size=32).tolist()
     scored = sorted(C.all_gather_list([(i, t, s) for (i, t), s in zip(cand, scores)]))
     thr = 0.5 if judge is None else (threshold if threshold is not None else float(np.median([s for _, _, s in scored] or [0])))
     pairs, unpaired, by_prompt = [], [], {}
@@ -412,7 +408,7 @@ def main(argv=None):
         else:
             train = load(args.dataset, "train", args.n_train)
             heldout = load(args.dataset, "test_prefs" if "ultrafeedback" in args.dataset else "test", args.eval_n)
-    fits = lambda r: len(tok(C.format_prompt(tok, r["prompt"]))["input_ids"]) <= max_len // 2
+    fits = lambda r: len(C.prompt_ids(tok, r["prompt"])) <= max_len // 2
     n0, train, heldout = len(train), [r for r in train if fits(r)], [r for r in heldout if fits(r)]
     print0(f"{len(train)} training rows ({n0 - len(train)} dropped: prompt > {max_len // 2} tokens), {len(heldout)} held out")
     check(len(train) >= args.batch_size and heldout, f"too few rows: {len(train)} to train (need --batch-size {args.batch_size}), {len(heldout)} held out")

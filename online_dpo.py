@@ -93,23 +93,23 @@ def parse_score(text):
     return int(m[-1]) if m else None
 
 
+def _text(prompt):
+    """A prompt as plain text to quote inside a judge prompt (a template's special tokens would be parsed as such)."""
+    return prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+
+
 @torch.no_grad()
 def judge_scores(args, problems, completions, policy, tok, rm):
     """A scalar score per completion (problems are repeated k times, row-aligned)."""
     if args.judge == "verifier":
         return [float(C.verify(p, c)) for p, c in zip(problems, completions)]
     if args.judge == "self":  # the policy judges itself, greedy, averaged over nothing (paper: 3 samples)
-        msgs = [[{"role": "user", "content": SELF_JUDGE.format(prompt=C.format_prompt(tok, p["prompt"]), response=c)}]
+        msgs = [[{"role": "user", "content": SELF_JUDGE.format(prompt=_text(p["prompt"]), response=c)}]
                 for p, c in zip(problems, completions)]
         texts = C.generate(policy, tok, msgs, temperature=0, max_new_tokens=args.judge_max_new_tokens)["texts"]
         return [float(parse_score(t) or 0) for t in texts]
     rm_model, rm_tok = rm  # a reward-model folder: a sequence classifier on prompt text + completion
-    texts = [C.format_prompt(rm_tok, p["prompt"]) + c for p, c in zip(problems, completions)]
-    out = []
-    for i in range(0, len(texts), 32):
-        enc = rm_tok(texts[i:i + 32], return_tensors="pt", padding=True, truncation=True).to(DIST.device)
-        out += rm_model(**enc).logits[:, 0].float().tolist()
-    return out
+    return C.rm_score(rm_model, rm_tok, [p["prompt"] for p in problems], completions, batch_size=32).tolist()
 
 
 def pair_logps(model, tok, pairs, device):

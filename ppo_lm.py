@@ -57,9 +57,9 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from common import (DIST, HELDOUT_N, HELDOUT_SEED, Logger, all_gather_list, all_reduce_mean, check, cleanup,
-                    evaluate, format_prompt, friendly_errors, generate, heldout, load_checkpoint, load_model,
-                    load_problems, make_task, nan_guard, plot_metrics, position_ids, print0, read_rows, require,
-                    save_checkpoint, save_pretrained_atomic, setup, verify, write_summary)
+                    evaluate, friendly_errors, generate, heldout, load_checkpoint, load_model, load_problems,
+                    logits_logprobs, make_task, nan_guard, plot_metrics, position_ids, print0, read_rows, require,
+                    rm_score, save_checkpoint, save_pretrained_atomic, setup, verify, write_summary)
 
 # ----------------------------------------------------------------------------- the pieces of PPO-RLHF
 
@@ -146,10 +146,7 @@ def lm_forward(lm, v_head, ids, attn, n):
     state has read tokens <= j: it predicts token j+1 and is the state s_t in which that token is chosen."""
     out = lm(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), logits_to_keep=n + 1,
              output_hidden_states=v_head is not None)
-    logp = out.logits[:, :-1].float().log_softmax(-1)                  # (B, n, V)
-    lp = logp.gather(-1, ids[:, -n:, None]).squeeze(-1)
-    with torch.no_grad():
-        ent = -(logp.exp() * logp).sum(-1)
+    lp, ent = logits_logprobs(out.logits[:, :-1], ids[:, -n:], entropy=True)   # (B, n) each, chunked softmax
     if v_head is None:
         return lp, None, ent
     h = out.hidden_states[-1][:, -(n + 1):-1]                         # (B, n, H)
@@ -178,44 +175,19 @@ def batched(fn, ids, attn, n, micro):
 # ----------------------------------------------------------------------------- rewards and data
 
 
-def load_reward_model(name, device, trust_remote_code):
-    """(model, tokenizer, num_labels). 1-label RMs (reward_model.py) go through common.load_model;
-    classifiers with more labels are loaded as they are (load_model would force num_labels=1)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-    try:
-        n_labels = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code).num_labels
-    except (OSError, ValueError):
-        n_labels = 1                                          # let load_model produce the one-line error
-    if n_labels == 1:
-        rm, tok = load_model(name, kind="reward", device=device, trust_remote_code=trust_remote_code)
-    else:
-        rm = AutoModelForSequenceClassification.from_pretrained(name, trust_remote_code=trust_remote_code).to(device)
-        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token; rm.config.pad_token_id = tok.pad_token_id
-    tok.padding_side = "right"                                # BERT pools position 0; causal heads find the last token
-    return rm.eval().requires_grad_(False), tok, n_labels
-
-
 def make_scorer(args, device):
     """score(problems, texts) -> (B,) float: the verifier (1 = correct), or a classifier's logit
-    --reward-label of prompt + completion, read as text with the classifier's own tokenizer."""
+    --reward-label of prompt + completion (common.rm_score: the classifier's own tokenizer/template)."""
     if args.reward == "verifier":
         return lambda problems, texts: torch.tensor([float(verify(p, t)) for p, t in zip(problems, texts)], device=device)
-    rm, rm_tok, n_labels = load_reward_model(args.reward_model, device, args.trust_remote_code)
+    rm, rm_tok = load_model(args.reward_model, kind="reward", device=device, trust_remote_code=args.trust_remote_code)
+    rm.eval().requires_grad_(False)
+    n_labels = rm.config.num_labels
     label = args.reward_label if args.reward_label is not None else (0 if n_labels == 1 else 1)
     check(0 <= label < n_labels and (n_labels <= 2 or args.reward_label is not None),
           f"--reward-label must be one of the classifier's {n_labels} labels (pass it for > 2 labels), got {args.reward_label}")
-    max_len = min(rm_tok.model_max_length, getattr(rm.config, "max_position_embeddings", None) or 10**9)
-
-    def score(problems, texts):
-        r, mb = [], args.micro_batch
-        for i in range(0, len(texts), mb):
-            batch = [format_prompt(rm_tok, p["prompt"]) + t for p, t in zip(problems[i:i + mb], texts[i:i + mb])]
-            enc = rm_tok(batch, padding=True, truncation=True, max_length=max_len, return_tensors="pt").to(device)
-            r.append(rm(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[:, label].float())
-        return torch.cat(r)
-    return score
+    return lambda problems, texts: rm_score(rm, rm_tok, [p["prompt"] for p in problems], texts, label=label,
+                                            batch_size=args.micro_batch).to(device)
 
 
 def review_prompts(rows, tok, n, seed, where):

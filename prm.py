@@ -180,17 +180,17 @@ def load_step_data(spec, n=None):
 
 
 def encode(tok, items, sep, device, max_len):
-    """[left pad | prompt | step 1 + sep | ... | last step + EOS] (ids, mask), the solution's
+    """[left pad | prompt | step 1 + sep | ... | last step + end token] (ids, mask), the solution's
     tokens (cmask), the step-end positions (step_mask) and their labels. Steps are tokenized one by one, so a step end is always a token boundary. Rows longer
     than max_len lose their beginning (and any step ends there)."""
-    prompts = tok([common.format_prompt(tok, it["prompt"]) for it in items], add_special_tokens=True)["input_ids"]
+    prompts = [common.prompt_ids(tok, it["prompt"]) for it in items]          # the chat template's ids, once
     pieces = [s if j == len(it["steps"]) - 1 else s + sep for it in items for j, s in enumerate(it["steps"])]
     pieces = iter(tok(pieces, add_special_tokens=False)["input_ids"])   # one batched tokenizer call
     rows, ends, starts = [], [], []
     for it, prompt in zip(items, prompts):
         ids, e = prompt, []
         for j in range(len(it["steps"])):
-            ids = ids + next(pieces) + ([tok.eos_token_id] if j == len(it["steps"]) - 1 else [])
+            ids = ids + next(pieces) + ([common.end_token_id(tok, it["prompt"])] if j == len(it["steps"]) - 1 else [])
             e.append(len(ids) - 1)                          # score the separator / EOS token
         cut = max(0, len(ids) - max_len)
         rows.append(ids[cut:]); ends.append([(j, t - cut) for j, t in enumerate(e) if t >= cut])
@@ -219,8 +219,11 @@ def verifier_logits(model, b, outcome, beta=None, ref_lp=None):
     Labels", eq. 2/3): q_t = beta * sum_{i <= t, i in solution} log pi(y_i | y_<i) / pi_ref(y_i | y_<i)
     with pi_ref the frozen initial LM; the ORM reads q at the last token (EOS)."""
     if ref_lp is None:
-        z = model(input_ids=b["ids"], attention_mask=b["mask"], position_ids=common.position_ids(b["mask"])).logits[..., 0]
-        return z                                          # (B, T) token head; (B,) sequence head
+        out = model(input_ids=b["ids"], attention_mask=b["mask"], position_ids=common.position_ids(b["mask"]),
+                    output_hidden_states=outcome)
+        if outcome and hasattr(getattr(model, "module", model), "score"):  # read the last column, the end token:
+            return getattr(model, "module", model).score(out.hidden_states[-1][:, -1])[:, 0]  # pad == EOS can't hide it
+        return out.logits[..., 0]                         # (B, T) token head; (B,) sequence head
     q = beta * ((logprobs(model, b) - ref_lp) * b["cmask"]).cumsum(1)
     return q[:, -1] if outcome else q                     # left padding: column -1 is every row's EOS
 

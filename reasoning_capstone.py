@@ -34,7 +34,7 @@ Simplified: each stage is a short, fixed budget (it is a comparison, not a leade
 DPO and GRPO losses are duplicated here from dpo.py and grpo.py (on-policy GRPO, one update per
 rollout, so the ratio clip never binds and the loss is the plain group-relative policy gradient).
 """
-import argparse, copy, os, random, time
+import argparse, copy, json, os, random, time
 
 import numpy as np
 import torch
@@ -101,7 +101,9 @@ def wrap(model):
 
 def run_rft(sft_model, tok, cands, args):
     """SFT on the model's own correct samples (deduplicated per prompt)."""
-    data = sorted({(p["prompt"], t) for p, cs in cands for t, ok in cs if ok})
+    key = lambda prompt: prompt if isinstance(prompt, str) else json.dumps(prompt)  # chat messages are lists
+    uniq = {(key(p["prompt"]), t): (p["prompt"], t) for p, cs in cands for t, ok in cs if ok}
+    data = [uniq[k] for k in sorted(uniq)]
     check(data, "rft: no correct samples to train on (try more --candidates or a better SFT model)")
     print0(f"[rft] {len(data)} distinct verified-correct samples from {len(cands)} prompts")
     model = copy.deepcopy(sft_model)

@@ -39,14 +39,13 @@ Outputs in --out (default out/reward_model): metrics.jsonl, curves.png, rewards_
 (held-out chosen vs rejected rewards), summary.json (held-out pairwise accuracy and mean margin
 before and after training), model/ (the reward model), checkpoint/ on Ctrl-C (--resume).
 
-The contract other scripts rely on (ppo_lm.py, online_dpo.py, dpo.py's judge, the capstone):
+The contract other scripts rely on (ppo_lm.py, online_dpo.py, kto_ipo.py, dpo.py's judge):
     rm, tok = common.load_model("<out>/model", kind="reward")
-    texts = [common.format_prompt(tok, prompt) + completion for ...]
-    enc = tok(texts, padding=True, padding_side="right", truncation=True, return_tensors="pt")
-    r = rm(input_ids=enc.input_ids, attention_mask=enc.attention_mask).logits[:, 0]   # (B,)
-Right padding: BERT pools position 0 (load_model's tokenizers pad on the left, for generation);
-the saved tokenizer has truncation_side="left" and model_max_length=--max-length, so
-truncation=True cuts exactly as in training (the prompt's start goes first).
+    r = common.rm_score(rm, tok, prompts, completions)        # (B,) float32
+common.rm_score is the one scorer, used here in training too: the RM's own chat template when
+its tokenizer has one (else prompt text + completion), right padding with attention masks (BERT
+pools [CLS] at position 0; a causal backbone is read at the last real token), and inputs longer
+than --max-length (saved as the tokenizer's model_max_length) lose the prompt's start first.
 Larger r = better; only differences are meaningful (whiten rewards before using them in RL).
 
 Simplified vs the papers: one comparison per prompt (InstructGPT batches all K-choose-2
@@ -92,21 +91,10 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=None, center_coe
 
 # ----------------------------------------------------------------------------- scoring
 
-def score(model, tok, prompts, completions, max_length):
-    """(B,) rewards of prompt + completion texts. Right padding (BERT pools [CLS] at position 0,
-    causal heads take the last non-pad token); over-long texts lose tokens from the LEFT, so the
-    prompt is cut first and the completion is kept."""
-    texts = [common.format_prompt(tok, p) + c for p, c in zip(prompts, completions)]
-    enc = tok(texts, padding=True, padding_side="right", truncation=True, max_length=max_length, return_tensors="pt")
-    device = next(model.parameters()).device
-    out = model(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
-    return out.logits[:, 0].float()                          # (B, 1) -> (B,)
-
-
 def score_pairs(model, tok, pairs, max_length):
     """Chosen and rejected of B pairs in ONE forward pass of 2B texts -> (B,), (B,)."""
     prompts = [p["prompt"] for p in pairs]
-    r = score(model, tok, prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], max_length)
+    r = common.rm_score(model, tok, prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], max_length)
     return r[:len(pairs)], r[len(pairs):]
 
 
@@ -204,9 +192,8 @@ def main(argv=None) -> dict:
     model, tok = common.load_model(args.model, kind="reward", device=d.device, trust_remote_code=args.trust_remote_code)
     max_pos = getattr(model.config, "max_position_embeddings", None) or 10**9
     max_length = min(args.max_length, max_pos)
-    # Truncation from the left keeps the completion. Saved with the model, so
-    # `tok(texts, truncation=True)` in other scripts cuts exactly like training did.
-    tok.truncation_side, tok.model_max_length = "left", max_length
+    # Saved with the model: common.rm_score in other scripts cuts inputs exactly as training did.
+    tok.model_max_length = max_length
     common.print0(f"[reward_model] {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, max {max_length} tokens")
 
     before, rc0, rr0, _ = evaluate(model, tok, test, max_length, args.eval_batch_size)

@@ -89,18 +89,16 @@ def test_real_architectures_end_to_end(tmp_path, arch):
                  "--lr", "1e-3", "--max-length", "1000", "--out", str(out)])
     assert s["max_length"] == (64 if arch == "bert" else 128)        # capped by the model's positions
     rm, tok = C.load_model(str(out / "model"), kind="reward", device=torch.device("cpu"))
-    assert tok.truncation_side == "left" and tok.model_max_length == s["max_length"]
-    # padding does not change a score (BERT: right padding keeps [CLS] at 0; gpt2: last non-pad token)
-    one = RM.score(rm.eval(), tok, ["Q: 1+2\nA: "], ["#### 3"], 64)
-    two = RM.score(rm, tok, ["Q: 1+2\nA: ", "Q: 11+22\nA: "], ["#### 3", "1+2+0=3;1+2+0=3;#### 33"], 64)
+    assert tok.model_max_length == s["max_length"]                   # common.rm_score's default limit
+    # padding does not change a score (BERT: right padding keeps [CLS] at 0; gpt2: the last real token)
+    one = C.rm_score(rm.eval(), tok, ["Q: 1+2\nA: "], ["#### 3"], 64)
+    two = C.rm_score(rm, tok, ["Q: 1+2\nA: ", "Q: 11+22\nA: "], ["#### 3", "1+2+0=3;1+2+0=3;#### 33"], 64)
     assert one[0].item() == pytest.approx(two[0].item(), rel=1e-4, abs=1e-5)
 
 
 def test_left_truncation_keeps_the_completion():
     tok = C.char_tokenizer()
-    tok.truncation_side = "left"                                     # what main() sets and saves
-    enc = tok(["x" * 50 + "PROMPT:" + "answer"], truncation=True, max_length=10)
-    assert tok.decode(enc["input_ids"][0]) == "MPT:answer"
+    assert tok.decode(C.rm_inputs(tok, "x" * 50 + "PROMPT:", "answer", 10)) == "MPT:answer"
 
 
 def test_bad_row_is_one_line_error(tmp_path):
