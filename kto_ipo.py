@@ -240,7 +240,8 @@ def make_dataset(model, tok, problems, samples, max_new_tokens, temperature, jud
     else:  # reward_model.py's contract: common.rm_score (right padding, prompt + completion, one logit)
         rm, rtok = judge
         with autocast(C.DIST.device):
-            scores = C.rm_score(rm, rtok, [problems[i]["prompt"] for i, _ in cand], [t for _, t in cand], batch_size=32).tolist()
+            scores = C.rm_score(rm, rtok, [problems[i]["prompt"] for i, _ in cand], [t for _, t in cand],
+                                batch_size=32).tolist()
     scored = sorted(C.all_gather_list([(i, t, s) for (i, t), s in zip(cand, scores)]))
     thr = 0.5 if judge is None else (threshold if threshold is not None else float(np.median([s for _, _, s in scored] or [0])))
     pairs, unpaired, by_prompt = [], [], {}

@@ -94,7 +94,8 @@ def bradley_terry_loss(chosen_rewards, rejected_rewards, margin=None, center_coe
 def score_pairs(model, tok, pairs, max_length):
     """Chosen and rejected of B pairs in ONE forward pass of 2B texts -> (B,), (B,)."""
     prompts = [p["prompt"] for p in pairs]
-    r = common.rm_score(model, tok, prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], max_length)
+    completions = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    r = common.rm_score(model, tok, prompts + prompts, completions, max_length)
     return r[:len(pairs)], r[len(pairs):]
 
 

@@ -92,7 +92,8 @@ def test_prompt_and_training_ids_are_the_templates(fam, family_dir):
         assert cm.sum() == len(comp) and m[-n:].tolist() == cm.tolist()  # loss covers completion + end token only
     # plain text (a base model's prompt): tok(text), then the tokenizer's EOS
     ids, mask, cmask = C.collate(tok, ["2+3="], ["5"], CPU)
-    assert ids[0][mask[0].bool()].tolist() == tok("2+3=")["input_ids"] + tok("5", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    five = tok("5", add_special_tokens=False)["input_ids"]
+    assert ids[0][mask[0].bool()].tolist() == tok("2+3=")["input_ids"] + five + [tok.eos_token_id]
 
 
 @pytest.mark.parametrize("fam", sorted(FAMILIES))
@@ -180,12 +181,14 @@ def test_rm_score_causal_backbone_reads_the_last_real_token(fam, family_dir):
 
 def _bert(tmp_path):
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz0123456789?,.") + ["hello", "hi"]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz0123456789?,.")
+    vocab += ["hello", "hi"]
     tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)})
     torch.manual_seed(0)
     folder = str(tmp_path / "bert")
-    BertForSequenceClassification(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                             intermediate_size=64, num_labels=1)).save_pretrained(folder)
+    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, num_labels=1)
+    BertForSequenceClassification(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
@@ -223,7 +226,8 @@ def test_no_float32_batch_by_vocab_tensor(family_dir):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             for t in out if isinstance(out, (tuple, list)) else [out]:
-                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.dim() == 3 and t.shape[-1] >= V and t.shape[0] > 8:
+                if (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.dim() == 3
+                        and t.shape[-1] >= V and t.shape[0] > 8):
                     big.append((str(func), tuple(t.shape)))
             return out
     ids, mask, cmask = C.collate(tok, [MSGS] * 32, ["The answer is 72."] * 32, CPU)
@@ -246,30 +250,47 @@ def first_rows(src, n, dst):
 
 SMALL_GEN = ["--device", "cpu", "--max-new-tokens", "8"]
 COMMANDS = {  # script -> argv (the docstring's real-model command with only size flags changed)
-    "grpo": lambda d: ["--dataset", d["gsm8k"], "--train-n", "4", "--eval-n", "2", "--steps", "1", "--prompts-per-step", "2",
-                       "--group-size", "2", "--micro-batch", "4", "--eval-samples", "0", "--warmup-steps", "0", *SMALL_GEN],
-    "star": lambda d: ["--dataset", d["gsm8k"], "--n-train", "4", "--n-test", "2", "--iterations", "1", "--steps", "1",
-                       "--batch-size", "2", *SMALL_GEN],
-    "ppo_lm": lambda d: ["--dataset", d["gsm8k"], "--train-n", "4", "--eval-n", "2", "--eval-samples", "1", "--steps", "1",
-                         "--batch-size", "2", "--mini-batch", "2", "--micro-batch", "2", "--ppo-epochs", "1", *SMALL_GEN],
-    "online_dpo": lambda d: ["--dataset", d["gsm8k"], "--judge", "verifier", "--rounds", "1", "--prompts", "2", "--k", "2",
-                             "--batch-size", "2", "--epochs", "1", "--eval-n", "2", *SMALL_GEN],
-    "reasoning_capstone": lambda d: ["--dataset", d["gsm8k"], "--sft-steps", "1", "--sft-batch-size", "2", "--train-n", "6",
-                                     "--candidates", "4", "--rft-steps", "1", "--dpo-steps", "1", "--grpo-steps", "1",
-                                     "--prompts-per-step", "2", "--group-size", "2", "--batch-size", "2", "--eval-n", "2",
-                                     "--eval-samples", "2", "--pass-k", "1", *SMALL_GEN],
-    "reward_model": lambda d: ["--dataset", d["hh"], "--skip-bad-rows", "--eval-size", "2", "--train-size", "4", "--steps", "1",
-                               "--batch-size", "2", "--eval-batch-size", "4", "--max-length", "96", "--device", "cpu"],
+    "grpo": lambda d: ["--dataset", d["gsm8k"], "--train-n", "4", "--eval-n", "2", "--steps", "1",
+                       "--prompts-per-step", "2", "--group-size", "2", "--micro-batch", "4", "--eval-samples", "0",
+                       "--warmup-steps", "0", *SMALL_GEN],
+    "star": lambda d: ["--dataset", d["gsm8k"], "--n-train", "4", "--n-test", "2", "--iterations", "1",
+                       "--steps", "1", "--batch-size", "2", *SMALL_GEN],
+    "ppo_lm": lambda d: ["--dataset", d["gsm8k"], "--train-n", "4", "--eval-n", "2", "--eval-samples", "1",
+                         "--steps", "1", "--batch-size", "2", "--mini-batch", "2", "--micro-batch", "2",
+                         "--ppo-epochs", "1", *SMALL_GEN],
+    "online_dpo": lambda d: ["--dataset", d["gsm8k"], "--judge", "verifier", "--rounds", "1", "--prompts", "2",
+                             "--k", "2", "--batch-size", "2", "--epochs", "1", "--eval-n", "2", *SMALL_GEN],
+    "reasoning_capstone": lambda d: ["--dataset", d["gsm8k"], "--sft-steps", "1", "--sft-batch-size", "2",
+                                     "--train-n", "6", "--candidates", "4", "--rft-steps", "1", "--dpo-steps", "1",
+                                     "--grpo-steps", "1", "--prompts-per-step", "2", "--group-size", "2",
+                                     "--batch-size", "2", "--eval-n", "2", "--eval-samples", "2", "--pass-k", "1",
+                                     *SMALL_GEN],
+    "reward_model": lambda d: ["--dataset", d["hh"], "--skip-bad-rows", "--eval-size", "2", "--train-size", "4",
+                               "--steps", "1", "--batch-size", "2", "--eval-batch-size", "4", "--max-length", "96",
+                               "--device", "cpu"],
     "dpo": lambda d: ["--dataset", d["hh"], "--skip-bad-rows", "--n-pairs", "6", "--steps", "1", "--batch-size", "2",
                       "--max-len", "384", "--max-prompt-len", "256", "--eval-n", "2", "--warmup-steps", "0",
-                      "--eval-winrate", "--eval-prompts", MT_BENCH, "--judge-lm", d["model"], "--judge-max-new-tokens", "8",
+                      "--eval-winrate", "--eval-prompts", MT_BENCH, "--judge-lm", d["model"],
+                      "--judge-max-new-tokens", "8", *SMALL_GEN],
+    "kto_ipo": lambda d: ["--dataset", d["hh"], "--n-train", "4", "--steps", "1", "--batch-size", "2",
+                          "--max-len", "512", "--eval-n", "2", "--warmup-steps", "0", *SMALL_GEN],
+    "prm": lambda d: ["--dataset", PRM800K, "--n-train", "4", "--problems", d["gsm8k"], "--n-eval", "2",
+                      "--max-n", "2", "--subsets", "1", "--steps", "1", "--batch-size", "2", "--max-len", "256",
                       *SMALL_GEN],
-    "kto_ipo": lambda d: ["--dataset", d["hh"], "--n-train", "4", "--steps", "1", "--batch-size", "2", "--max-len", "512",
-                          "--eval-n", "2", "--warmup-steps", "0", *SMALL_GEN],
-    "prm": lambda d: ["--dataset", PRM800K, "--n-train", "4", "--problems", d["gsm8k"], "--n-eval", "2", "--max-n", "2",
-                      "--subsets", "1", "--steps", "1", "--batch-size", "2", "--max-len", "256", *SMALL_GEN],
 }
-RUNS = [(s, f) for s in COMMANDS for f in ("qwen3", "llama3_1")] + [(s, f) for s in ("grpo", "dpo") for f in ("gemma3", "deepseek_v3")]
+VARIANTS = {  # the other real-model commands of the docstrings: judges and reward models from a folder, ORPO, made data
+    "kto_ipo:make-dataset": lambda d: ["--make-dataset", "--dataset", d["gsm8k"], "--n-prompts", "4",
+                                       "--samples", "2", "--judge", d["rm"], "--steps", "1", "--batch-size", "2",
+                                       "--eval-n", "2", *SMALL_GEN],
+    "kto_ipo:orpo": lambda d: ["--loss", "orpo", *COMMANDS["kto_ipo"](d)],
+    "online_dpo:self": lambda d: [*COMMANDS["online_dpo"](d)[:2], "--judge", "self", *COMMANDS["online_dpo"](d)[4:]],
+    "online_dpo:rm": lambda d: [*COMMANDS["online_dpo"](d)[:2], "--judge", d["rm"], *COMMANDS["online_dpo"](d)[4:]],
+    "dpo:rm-judge": lambda d: [a if a != "--judge-lm" else "--judge" for a in COMMANDS["dpo"](dict(d, model=d["rm"]))],
+    "ppo_lm:rm": lambda d: ["--reward-model", d["rm"], *COMMANDS["ppo_lm"](d)],
+}
+RUNS = ([(s, f) for s in COMMANDS for f in ("qwen3", "llama3_1")]
+        + [(s, f) for s in ("grpo", "dpo") for f in ("gemma3", "deepseek_v3")]
+        + [(v, f) for v, f in zip(VARIANTS, ["qwen3", "llama3_1"] * 3)])
 
 
 @pytest.fixture(scope="module")
@@ -281,10 +302,13 @@ def real_rows(tmp_path_factory):
 @pytest.mark.parametrize("script,fam", RUNS)
 def test_real_model_command_runs(script, fam, family_dir, real_rows, tmp_path, monkeypatch):
     import importlib
+    script, variant = (script.split(":") + [None])[:2]
     mod = importlib.import_module(script)
     if script == "reasoning_capstone":  # a random model is never right: a verifier that accepts about half of the
         monkeypatch.setattr(C, "verify", lambda p, t: sum(map(ord, t)) % 2 == 0)  # samples lets RFT and DPO run
     folder = family_dir(fam)
-    argv = ["--model", folder, *COMMANDS[script](dict(real_rows, model=folder)), "--out", str(tmp_path / "out")]
+    rows = dict(real_rows, model=folder, rm=family_dir(fam, "reward") if variant else None)
+    command = VARIANTS[f"{script}:{variant}"] if variant else COMMANDS[script]
+    argv = ["--model", folder, *command(rows), "--out", str(tmp_path / "out")]
     summary = mod.main(argv)
     assert summary and json.load(open(tmp_path / "out" / "summary.json")) is not None
