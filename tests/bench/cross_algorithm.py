@@ -3,6 +3,7 @@
     python tests/bench/cross_algorithm.py --seeds 0,1,2                # ~45 min on 2 CPU cores
     python tests/bench/cross_algorithm.py --seeds 0,1,2 --only grpo,dpo   # a subset
     python tests/bench/cross_algorithm.py --seeds 0,1,2 --only capstone   # the main job's table
+    python tests/bench/cross_algorithm.py --seeds 0,1,2 --only reviews    # week 3: PPO on the reviews world
     python tests/bench/cross_algorithm.py --seeds 0,1,2 --only dpo --extra="--rpo-alpha 0"   # an ablation row
 
 Each script runs as a user would run it (its defaults, `--model tiny`, built-in 3-digit arithmetic,
@@ -38,12 +39,17 @@ RUNS = {
                            ("prm: best of 64 by the PRM", "policy_sample_accuracy", "prm_at_max_n"),
                            ("prm: PRM-weighted vote of 64", "policy_sample_accuracy", "prm_vote_at_max_n")],
             "one T=1 sample -> selection"),
+    "reviews": ("ppo_lm.py", ["--task", "reviews"], [("ppo_lm reviews: gold positive share", "gold_sampled_before",
+                                                      "gold_sampled_after"),
+                                                     ("ppo_lm reviews: KL to the start (nats)", "kl_before", "kl_after"),
+                                                     ("ppo_lm reviews: word distinct-2", "words_distinct_2_before",
+                                                      "words_distinct_2_after")], "T=1 samples"),
     "capstone": ("reasoning_capstone.py", [], [("capstone: sft (random weights)", "start_accuracy", "sft_accuracy"),
                                                ("capstone: rft", "sft_accuracy", "rft_accuracy"),
                                                ("capstone: dpo + RPO", "sft_accuracy", "dpo_accuracy"),
                                                ("capstone: grpo", "sft_accuracy", "grpo_accuracy")], "greedy"),
 }
-DEFAULT = [k for k in RUNS if k != "capstone"]
+DEFAULT = [k for k in RUNS if k not in ("capstone", "reviews")]
 
 
 def get(summary, key):
