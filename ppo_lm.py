@@ -59,7 +59,8 @@ from tqdm.auto import tqdm
 from common import (DIST, HELDOUT_N, HELDOUT_SEED, Logger, all_gather_list, all_reduce_mean, check, cleanup,
                     evaluate, format_prompt, friendly_errors, generate, heldout, load_checkpoint, load_model,
                     load_problems, make_task, nan_guard, plot_metrics, position_ids, print0, read_rows, require,
-                    save_checkpoint, save_pretrained_atomic, setup, verify, write_summary)
+                    save_checkpoint, save_pretrained_atomic, setup, verify, warn_unknown_chars, write_summary,
+                    SKIP_BAD_ROWS)
 
 # ----------------------------------------------------------------------------- the pieces of PPO-RLHF
 
@@ -187,7 +188,7 @@ def load_reward_model(name, device, trust_remote_code):
     except (OSError, ValueError):
         n_labels = 1                                          # let load_model produce the one-line error
     if n_labels == 1:
-        rm, tok = load_model(name, kind="reward", device=device, trust_remote_code=trust_remote_code)
+        rm, tok = load_model(name, kind="reward", device=device, trust_remote_code=trust_remote_code, flag="--reward-model")
     else:
         rm = AutoModelForSequenceClassification.from_pretrained(name, trust_remote_code=trust_remote_code).to(device)
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -235,14 +236,16 @@ def load_data(args, tok):
         return (make_task(args.task, args.train_n or 2000, args.seed, "train"), heldout(args.task, args.eval_n))
     local, rows = os.path.isfile(args.dataset), read_rows(args.dataset, "train")
     check(rows, f"--dataset {args.dataset}: no rows")
+    warn_unknown_chars(tok, rows, args.dataset)
     if local:
         check(len(rows) > args.eval_n, f"--dataset {args.dataset}: {len(rows)} rows, need more than --eval-n {args.eval_n}")
     if "text" in rows[0]:
         test_rows = rows[-args.eval_n:] if local else read_rows(args.dataset, "test")
-        return (review_prompts(rows[:-args.eval_n] if local else rows, tok, args.train_n or 5000, args.seed, args.dataset),
-                review_prompts(test_rows, tok, args.eval_n, HELDOUT_SEED, args.dataset))
-    probs = load_problems(args.dataset, "train", args.train_n + args.eval_n if local and args.train_n else args.train_n)
-    return (probs[:-args.eval_n], probs[-args.eval_n:]) if local else (probs, load_problems(args.dataset, "test", args.eval_n))
+        where = f"--dataset {args.dataset}"
+        return (review_prompts(rows[:-args.eval_n] if local else rows, tok, args.train_n or 5000, args.seed, where),
+                review_prompts(test_rows, tok, args.eval_n, HELDOUT_SEED, where))
+    probs = load_problems(args.dataset, "train", args.train_n + args.eval_n if local and args.train_n else args.train_n, args.skip_bad_rows)
+    return (probs[:-args.eval_n], probs[-args.eval_n:]) if local else (probs, load_problems(args.dataset, "test", args.eval_n, args.skip_bad_rows))
 
 
 def distinct_n(seqs, n=2):
@@ -283,7 +286,8 @@ def evaluate_policy(ac, ref, tok, test, score_fn, args, has_gold, autocast):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="PPO-RLHF: a policy with a value head, a KL penalty to the reference and a reward model")
     p.add_argument("--model", default="tiny", help="the SFT policy: 'tiny' (built in), a local HF folder or a hub id")
-    p.add_argument("--dataset", default=None, help="prompts: hub id or local .jsonl/.parquet with a `text` field (review prefixes) or GSM8K/Countdown/MATH rows; default: the built-in --task")
+    p.add_argument("--dataset", default=None, help="prompts: hub id or local .jsonl/.json/.parquet (or .gz) with a `text` field (review prefixes) or GSM8K/Countdown/MATH rows; default: the built-in --task")
+    p.add_argument("--skip-bad-rows", action="store_true", help=SKIP_BAD_ROWS)
     p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic or countdown")
     p.add_argument("--reward", default=None, choices=["verifier", "model"], help="reward source (default: 'model' when --reward-model is given, else 'verifier' = 1 if correct)")
     p.add_argument("--reward-model", default=None, help="sequence classifier: reward_model.py's <out>/model, or a hub classifier (lvwerra/distilbert-imdb)")
@@ -498,7 +502,7 @@ def plot_two(out, xs, left, right, filename, title, notes=None, xlabel="KL(π ||
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    setup(args.seed, args.device)
+    setup(args.seed, args.device, out=args.out)
     if not args.kl_sweep:
         summary = run(args, args.out)
     else:  # alignment tax: the same run (same seed, same prompts) at several fixed β

@@ -151,7 +151,7 @@ def plot_hist(out, before, after):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Bradley-Terry reward model on preference pairs")
     p.add_argument("--model", default="tiny", help="backbone: 'tiny', 'tiny-untrained', a local folder or a hub id (BERT-style or causal LM)")
-    p.add_argument("--dataset", default=None, help="preference data: hub id (Anthropic/hh-rlhf, UltraFeedback binarized) or local .jsonl/.jsonl.gz/.parquet; default: built-in pairs of --task")
+    p.add_argument("--dataset", default=None, help="preference data: hub id (Anthropic/hh-rlhf, UltraFeedback binarized) or local .jsonl/.json/.parquet (or .gz); default: built-in pairs of --task")
     p.add_argument("--task", default="arithmetic", help="built-in task for the default data: arithmetic or countdown")
     p.add_argument("--skip-bad-rows", action="store_true", help="drop (and count) rows with a missing field, empty text or chosen == rejected instead of stopping")
     p.add_argument("--train-size", type=int, default=None, help="training pairs (default: 4096 built-in, every non-held-out row of --dataset); small = a deliberately weak RM")
@@ -186,7 +186,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    d = common.setup(args.seed, args.device)
+    d = common.setup(args.seed, args.device, out=args.out)
     common.check(args.batch_size % d.world_size == 0, f"--batch-size {args.batch_size} must be divisible by the {d.world_size} ranks")
 
     # -- data: (prompt, chosen, rejected) triples
@@ -202,6 +202,7 @@ def main(argv=None) -> dict:
 
     # -- model: one-number head on the backbone (new, randomly initialised: seeded by setup)
     model, tok = common.load_model(args.model, kind="reward", device=d.device, trust_remote_code=args.trust_remote_code)
+    common.warn_unknown_chars(tok, train + test, args.dataset)
     max_pos = getattr(model.config, "max_position_embeddings", None) or 10**9
     max_length = min(args.max_length, max_pos)
     # Truncation from the left keeps the completion. Saved with the model, so
