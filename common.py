@@ -91,6 +91,13 @@ def check_out(path, flag="--out"):
         raise InputError(f"{flag} {path}: cannot write in {parent} ({e.strerror or type(e).__name__})") from None
 
 
+def check_model_path(name, flag):
+    """A model flag naming a local path (./x, /x, a/b/c: load_model's rule) that does not exist is an
+    error now, not when the model is first needed (dpo's --judge: after the training)."""
+    local = bool(name) and (name.startswith((".", "/")) or name.count("/") > 1)
+    check(not local or os.path.isdir(name), f"{flag} {name}: no such local folder")
+
+
 def get_dtype(device):
     """bf16 on GPUs that support it, else fp32 (CPU fp32 is the reproducible reference)."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -453,8 +460,8 @@ def _read_file(spec, flag):
                     rows.append(_json_object(text, f"{flag} {spec}:{line}"))
             return rows
     except broken as e:
-        what = "not gzip data" if isinstance(e, gzip.BadGzipFile) else \
-            "truncated gzip data" if isinstance(e, EOFError) else "corrupt gzip data"
+        what = "not gzip data" if str(e).startswith("Not a gzipped file") else \
+            "truncated gzip data" if isinstance(e, EOFError) else "corrupt gzip data"  # bad CRC, bad stream
         at = "" if line is None else f":{line + 1}"
         raise InputError(f"{flag} {spec}{at}: {what} ({e})" if gz else f"{flag} {spec}: cannot read ({e})") from None
 
@@ -503,8 +510,8 @@ def _read_parquet(src, spec, flag):
     except ImportError:
         raise InputError(f"{flag} {spec}: parquet files need `pip install pandas pyarrow`") from None
     except Exception as e:  # pyarrow's ArrowInvalid etc.: not a parquet file, or a damaged one
-        raise InputError(f"{flag} {spec}: not a readable parquet file ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+        why = (str(e).splitlines() or [""])[0].split(f"'{spec}': ", 1)[-1]  # the file is named once, in front
+        raise InputError(f"{flag} {spec}: not a readable parquet file ({type(e).__name__}: {why[:120]})") from None
     return [_plain(r) for r in rows]
 
 
@@ -638,7 +645,7 @@ def warn_unknown_chars(tok, rows, spec, flag="--dataset"):
         for c in set(t) - known:  # set difference first: most strings are plain ASCII
             unk[c] += t.count(c)
     if unk:
-        eg = ", ".join(repr(c) for c, _ in unk.most_common(3))
+        eg = ", ".join(repr(c) for c, _ in sorted(unk.items(), key=lambda kv: (-kv[1], kv[0]))[:3])
         print0(f"[common] warning: {flag} {spec}: {sum(unk.values())} character(s) ({len(unk)} distinct, most often "
                f"{eg}) are outside the built-in tokenizer's alphabet and become <unk>")
     return sum(unk.values())
@@ -799,15 +806,17 @@ def _writing(folder, what):
     A failed write (OSError) then stops the run with one line saying so (InputError: exit 2): a run
     that cannot save would only lose more work by going on."""
     tmp = f"{folder}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove = lambda: shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else os.path.exists(tmp) and os.remove(tmp)
+    remove()
     try:
         yield tmp
         _swap_in(tmp, folder)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove()
         if not (isinstance(e, OSError) or type(e).__name__ == "SafetensorError"):  # e.g. Ctrl-C: as it was
             raise
-        kept = f"the previous {what} there is kept and loadable" if os.path.isdir(folder) else f"there was no {what} there yet"
+        kept = f"there was no {what} there yet" if not os.path.isdir(folder) else f"the previous {what} there is kept and loadable" + \
+            (" (--resume continues from it)" if what == "checkpoint" else "")
         raise InputError(f"saving the {what} to {folder} failed ({type(e).__name__}: {e}); {kept}") from None
 
 
@@ -998,10 +1007,12 @@ def set_rng_state(s):
         torch.cuda.set_rng_state(s["cuda"], DIST.device)
 
 
-def save_checkpoint(folder, model, tok, step, optimizer=None, scheduler=None, extra=None):
+def save_checkpoint(folder, model, tok, step, optimizer=None, scheduler=None, extra=None, rng=None):
     """An HF folder (safetensors) + state.pt (optimizer, scheduler, step, RNG, extra), written
     to a temp folder and renamed into place, so a crash never leaves a half-written checkpoint;
-    a failed write keeps the previous checkpoint and stops the run with one line (_writing)."""
+    a failed write keeps the previous checkpoint and stops the run with one line (_writing).
+    rng: an rng_state() taken earlier, at the start of the step a Ctrl-C interrupted, so that
+    --resume redoes that step with the same random numbers (default: the state now)."""
     if not DIST.master:
         return
     with _writing(folder.rstrip("/"), "checkpoint") as tmp:
@@ -1009,7 +1020,7 @@ def save_checkpoint(folder, model, tok, step, optimizer=None, scheduler=None, ex
         if tok is not None:
             tok.save_pretrained(tmp)
         torch.save({"step": step, "optimizer": optimizer.state_dict() if optimizer else None,
-                    "scheduler": scheduler.state_dict() if scheduler else None, "rng": rng_state(), "extra": extra or {}},
+                    "scheduler": scheduler.state_dict() if scheduler else None, "rng": rng or rng_state(), "extra": extra or {}},
                    os.path.join(tmp, "state.pt"))
 
 

@@ -310,6 +310,8 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     d = C.setup(args.seed, args.device, out=args.out)
+    for flag, name in (("--judge", args.judge), ("--judge-lm", args.judge_lm)):  # loaded after the training
+        C.check_model_path(name, flag)
     check(args.batch_size % d.world_size == 0, f"--batch-size {args.batch_size} must be divisible by the {d.world_size} ranks")
     t0, ckpt = time.time(), os.path.join(args.out, "checkpoint")
 

@@ -287,8 +287,6 @@ def main(argv=None) -> dict:
     if args.resume:  # the checkpoint also restores the RNG: the next samples are the ones we would have drawn
         start, extra = load_checkpoint(ckpt, model, opt, sched)
         before = extra["before"]
-        if extra.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(extra["cuda_rng"])
         print0(f"[grpo] resumed from {ckpt} at step {start}")
     else:
         with autocast():
@@ -303,14 +301,13 @@ def main(argv=None) -> dict:
     loss_kw = dict(eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,
                    max_completion_length=args.max_new_tokens)
 
-    def save(step):
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        save_checkpoint(ckpt, model, tok, step, opt, sched, extra={"before": before, "cuda_rng": cuda_rng})
+    def save(step, rng=None):  # rng: from the start of an interrupted step (common.rng_state: CUDA's too)
+        save_checkpoint(ckpt, model, tok, step, opt, sched, extra={"before": before}, rng=rng)
 
-    step = start
+    step, rng0 = start, None
     try:
         for step in tqdm(range(start, args.steps), desc="grpo", disable=not d.master or None, initial=start, total=args.steps):
-            t0 = time.time()
+            t0, rng0 = time.time(), common.rng_state()
             # -- 1. rollouts: G samples for each of this rank's prompts (rows grouped by prompt)
             problems = d.shard([train[i] for i in prompt_indices(len(train), args.prompts_per_step, args.seed, step)])
             with autocast():
@@ -356,8 +353,8 @@ def main(argv=None) -> dict:
             logger.log(step, **m)
             if args.save_every and (step + 1) % args.save_every == 0:
                 save(step + 1)
-    except KeyboardInterrupt:  # the interrupted step is redone on --resume
-        save(step)
+    except KeyboardInterrupt:  # the interrupted step is redone on --resume, with the same samples
+        save(step, rng0)
         print0(f"[grpo] interrupted: checkpoint at step {step} in {ckpt}; continue with --resume")
         cleanup(barrier=False)
         raise SystemExit(130)

@@ -58,7 +58,7 @@ from tqdm.auto import tqdm
 
 from common import (DIST, HELDOUT_N, HELDOUT_SEED, Logger, all_gather_list, all_reduce_mean, check, cleanup,
                     evaluate, format_prompt, friendly_errors, generate, heldout, load_checkpoint, load_model,
-                    load_problems, make_task, nan_guard, plot_metrics, position_ids, print0, read_rows, require,
+                    load_problems, make_task, nan_guard, plot_metrics, position_ids, print0, read_rows, require, rng_state,
                     save_checkpoint, save_pretrained_atomic, setup, verify, warn_unknown_chars, write_summary,
                     SKIP_BAD_ROWS)
 
@@ -393,12 +393,13 @@ def run(args, out):
     policy = torch.nn.parallel.DistributedDataParallel(ac) if W > 1 else ac
     logger = Logger(out, config=vars(args), wandb=args.wandb, resume_step=start - 1 if args.resume else None)
     B, mb, micro = args.batch_size // W, args.mini_batch // W, args.micro_batch
-    save = lambda s: save_checkpoint(ckpt, model, tok, s, opt, extra={"v_head": ac.v_head.state_dict(), "kl_coef": kl_ctl.value, "before": before})
+    save = lambda s, rng=None: save_checkpoint(ckpt, model, tok, s, opt, extra={"v_head": ac.v_head.state_dict(), "kl_coef": kl_ctl.value,
+                                                                              "before": before}, rng=rng)
 
-    step = start
+    step, rng0 = start, None
     try:
         for step in tqdm(range(start, args.steps), desc="ppo", disable=not d.master or None, initial=start, total=args.steps):
-            t0 = time.time()
+            t0, rng0 = time.time(), rng_state()  # rng0: an interrupted step is redone with the same samples
             # -- 1. rollouts: one completion per prompt (the step's prompts are a function of seed and step)
             problems = d.shard([train[i] for i in random.Random(args.seed * 1_000_003 + step).sample(range(len(train)), args.batch_size)])
             with autocast():
@@ -452,8 +453,8 @@ def run(args, out):
             logger.log(step, **m)
             if args.save_every and (step + 1) % args.save_every == 0:
                 save(step + 1)
-    except KeyboardInterrupt:  # the interrupted step is redone on --resume
-        save(step)
+    except KeyboardInterrupt:  # the interrupted step is redone on --resume, with the same samples
+        save(step, rng0)
         print0(f"[ppo_lm] interrupted: checkpoint at step {step} in {ckpt}; continue with --resume")
         cleanup(barrier=False)
         raise SystemExit(130)

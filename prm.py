@@ -467,14 +467,14 @@ def main(argv=None):
         print0(f"[prm] resumed from {ckpt} at step {start}")
     logger = common.Logger(args.out, vars(args), args.wandb, resume_step=start - 1 if args.resume else None)
 
-    def save(step, ranks):
-        common.save_checkpoint(ckpt, prm, tok, step, opts[0], scheds[0], extra=dict(
+    def save(step, ranks, rng=None):
+        common.save_checkpoint(ckpt, prm, tok, step, opts[0], scheds[0], rng=rng, extra=dict(
             orm=getattr(orm, "module", orm).state_dict(), orm_opt=opts[1].state_dict(), orm_sched=scheds[1].state_dict(), ranks=ranks))
 
-    step, at = start, (list(order), rng.getstate())
+    step, at = start, (list(order), rng.getstate(), common.rng_state())
     try:
         for step in tqdm(range(start, args.steps), desc="prm+orm", disable=not d.master or None):
-            at = (list(order), rng.getstate())   # this step's start: what a Ctrl-C checkpoint redoes it from
+            at = (list(order), rng.getstate(), common.rng_state())   # this step's start: a Ctrl-C redoes it from here
             while len(order) < args.batch_size:
                 order += rng.sample(range(len(train)), len(train))
             batch, order = [train[i] for i in order[:args.batch_size]], order[args.batch_size:]
@@ -499,7 +499,7 @@ def main(argv=None):
             if args.save_every and (step + 1) % args.save_every == 0:
                 save(step + 1, common.all_gather_list([(order, rng.getstate())]))
     except KeyboardInterrupt:  # no collective here (a rank may never arrive): exact for one process
-        save(step, [at] * d.world_size)
+        save(step, [at[:2]] * d.world_size, at[2])
         print0(f"[prm] interrupted at step {step}: checkpoint in {ckpt}; --resume continues")
         raise SystemExit(130)
 

@@ -231,10 +231,11 @@ def main(argv=None) -> dict:
 
     # -- training: one flat loop, every rank runs the same number of forward/backward passes
     model.train()
-    t0, step = time.time(), start
+    t0, step, at = time.time(), start, (list(order), None)
     try:
         for step in tqdm(range(start, args.steps), desc="reward model", disable=not d.master or None):
             # (disable=None: no bar when stderr is not a terminal, e.g. in logs and CI)
+            at = (list(order), common.rng_state())  # this step's start: a Ctrl-C checkpoint redoes it from here
             while len(order) < per_rank:                     # reshuffled epochs over this rank's shard
                 order += random.sample(range(len(mine)), len(mine))
             batch, order = [mine[i] for i in order[:per_rank]], order[per_rank:]
@@ -253,7 +254,7 @@ def main(argv=None) -> dict:
                                reward_mean=common.all_reduce_mean(torch.cat([r_c, r_r]).mean().item()),
                                grad_norm=common.all_reduce_mean(grad_norm.item()), lr=sched.get_last_lr()[0])
     except KeyboardInterrupt:
-        common.save_checkpoint(os.path.join(args.out, "checkpoint"), model, tok, step, opt, sched, extra={"order": order})
+        common.save_checkpoint(os.path.join(args.out, "checkpoint"), model, tok, step, opt, sched, extra={"order": at[0]}, rng=at[1])
         common.print0(f"\n[reward_model] interrupted at step {step}: checkpoint in {args.out}/checkpoint (--resume)")
         common.cleanup(barrier=False)
         sys.exit(130)

@@ -212,9 +212,10 @@ def main(argv=None) -> dict:
     micro = args.micro_batch_size or per_rank
     n_micro = math.ceil(per_rank / micro)  # the same on every rank: DDP needs equal backward counts
 
-    def save(it, phase, opt=None, sched=None, **state):
-        common.save_checkpoint(ckpt, model, tok, gstep, opt, sched, extra=dict(
-            config=cfg, iteration=it, phase=phase, gstep=gstep, acc_before=acc_before, table=table, **state))
+    def save(it, phase, opt=None, sched=None, rng=None, at=None, **state):  # at: the global step of `state`
+        g = gstep if at is None else at
+        common.save_checkpoint(ckpt, model, tok, g, opt, sched, rng=rng, extra=dict(
+            config=cfg, iteration=it, phase=phase, gstep=g, acc_before=acc_before, table=table, **state))
 
     done = None  # mid fine-tuning: the state after the last finished step (what Ctrl-C saves)
     try:
@@ -242,12 +243,12 @@ def main(argv=None) -> dict:
             if here:  # weights, AdamW, lr schedule and RNG as they were after step here["step"]
                 gstep, _ = common.load_checkpoint(ckpt, model, opt, sched)
                 order, losses, first = here["order"], here["losses"], here["step"]
-                rng.setstate((here["rng"][0], tuple(here["rng"][1]), here["rng"][2]))
+                rng.setstate((here["batch_rng"][0], tuple(here["batch_rng"][1]), here["batch_rng"][2]))
             if not kept:
                 print0(f"iteration {it}: nothing kept, the model stays the original one")
             model.train()
-            snap = lambda step: dict(kept_direct=kept_direct, kept_rat=kept_rat, sample_s=t_sample, step=step,
-                                     order=list(order), losses=list(losses), rng=rng.getstate())
+            snap = lambda step: dict(kept_direct=kept_direct, kept_rat=kept_rat, sample_s=t_sample, step=step, order=list(order),
+                                     losses=list(losses), batch_rng=rng.getstate(), rng=common.rng_state(), at=gstep)
             done = snap(first)
             for step in tqdm(range(first, steps if kept else 0), desc=f"star iter {it}", disable=not d.master or None, leave=False):
                 while len(order) < args.batch_size:
