@@ -1,6 +1,8 @@
 """The bad-input catalogue: each case gets a clear one-line error that names the file, row or flag
 (exit status 2, no traceback), or a documented, logged recovery; nothing already written is lost.
-Resume after SIGKILL is tested in test_grpo.py and test_dpo.py (exact metrics after the restart)."""
+The first 17 cases, then the second catalogue (issue 22): seven classes, each over every script that
+has the reader or the flag. Resume after SIGKILL is tested in test_grpo.py, test_dpo.py, test_star.py
+and test_prm.py (exact metrics after the restart); after Ctrl-C, here."""
 import hashlib, json, os, re, signal, subprocess, sys, time
 
 import pytest
