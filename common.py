@@ -479,8 +479,9 @@ def _text(raw, where):
         raise InputError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
 
 
-KIND = {"list": "an array", "str": "a string", "int": "a number", "float": "a number", "bool": "true/false",
-        "NoneType": "null"}
+def _kind(x):
+    kinds = {"list": "an array", "str": "a string", "int": "a number", "float": "a number", "bool": "true/false", "NoneType": "null"}
+    return kinds.get(type(x).__name__, type(x).__name__)
 
 
 def _json_object(text, where):
@@ -488,7 +489,7 @@ def _json_object(text, where):
         r = json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"{where}: not valid JSON ({e.msg})") from None
-    check(isinstance(r, dict), f"{where}: a row must be a JSON object {{...}}, got {KIND.get(type(r).__name__, type(r).__name__)}")
+    check(isinstance(r, dict), f"{where}: a row must be a JSON object {{...}}, got {_kind(r)}")
     return r
 
 
@@ -498,8 +499,7 @@ def _json_array(text, spec, flag):
     except json.JSONDecodeError as e:
         raise InputError(f"{flag} {spec}:{e.lineno}: not valid JSON ({e.msg})") from None
     for i, r in enumerate(items, 1):
-        check(isinstance(r, dict), f"{flag} {spec}: item {i} of the array must be a JSON object {{...}}, "
-              f"got {KIND.get(type(r).__name__, type(r).__name__)}")
+        check(isinstance(r, dict), f"{flag} {spec}: item {i} of the array must be a JSON object {{...}}, got {_kind(r)}")
     return items
 
 
@@ -544,8 +544,10 @@ def problem_row(r, where):
         except (TypeError, ValueError):
             raise InputError(f"{where}: field 'nums' must be a list of integers, got {r['nums']!r}") from None
         check(nums, f"{where}: field 'nums' is empty")
-        q = f"Using the numbers {nums}, create an equation that equals {target}. Use each number once with + - * /. Give the equation in <answer> </answer> tags."
-        return dict(task="countdown", prompt=[{"role": "user", "content": q}], answer=str(target), nums=nums, target=target, solution="")
+        q = (f"Using the numbers {nums}, create an equation that equals {target}. Use each number once with + - * /. "
+             "Give the equation in <answer> </answer> tags.")
+        return dict(task="countdown", prompt=[{"role": "user", "content": q}], answer=str(target), nums=nums, target=target,
+                    solution="")
     qk = "question" if "question" in r else "problem"
     require(r, [qk, "answer"], where)
     check(isinstance(r[qk], str), f"{where}: field {qk!r} must be text")
@@ -596,13 +598,12 @@ def _pair(r, where):
     require(r, ["chosen", "rejected"], where)
     c, rj = r["chosen"], r["rejected"]
     if isinstance(c, list):                      # message lists: the prompt is all but the last turn
-        prompt, c, rj = c[:-1] if "prompt" not in r or isinstance(r["prompt"], str) else r["prompt"], _content(c, where), _content(rj, where)
-        prompt = prompt or [{"role": "user", "content": r.get("prompt", "")}]
+        prompt = (c[:-1] if "prompt" not in r or isinstance(r["prompt"], str) else r["prompt"]) or \
+            [{"role": "user", "content": r.get("prompt", "")}]
+        c, rj = _content(c, where), _content(rj, where)
     check(isinstance(c, str) and isinstance(rj, str), f"{where}: chosen and rejected must be text or message lists")
-    if "prompt" in r and not isinstance(r["chosen"], list):
-        prompt = r["prompt"]
-    elif not isinstance(r["chosen"], list):
-        prompt, c, rj = split_hh(c, rj)
+    if not isinstance(r["chosen"], list):        # prompt + completions, or whole hh-rlhf transcripts
+        prompt, c, rj = (r["prompt"], c, rj) if "prompt" in r else split_hh(c, rj)
     check(c.strip() and rj.strip(), f"{where}: empty chosen or rejected completion")
     check(c != rj, f"{where}: chosen is identical to rejected")
     return dict(prompt=prompt, chosen=c, rejected=rj)
@@ -621,7 +622,8 @@ def keep_good_rows(rows, spec, parse, skip_bad, flag="--dataset"):
         raise InputError(f"{bad[0][1]} ({len(bad)} of {len(rows)} rows unusable; --skip-bad-rows drops them)")
     if bad:
         why = [f"{i} ({e.split(' row ' + str(i) + ': ', 1)[-1]})" for i, e in bad[:5]]
-        print0(f"--skip-bad-rows: dropped {len(bad)} of {len(rows)} rows of {spec}: {', '.join(why)}{' ...' if len(bad) > 5 else ''}")
+        print0(f"--skip-bad-rows: dropped {len(bad)} of {len(rows)} rows of {spec}: {', '.join(why)}"
+               f"{' ...' if len(bad) > 5 else ''}")
     check(out, f"{flag} {spec}: no usable rows")
     return out
 
@@ -806,7 +808,12 @@ def _writing(folder, what):
     A failed write (OSError) then stops the run with one line saying so (InputError: exit 2): a run
     that cannot save would only lose more work by going on."""
     tmp = f"{folder}.tmp-{os.getpid()}"
-    remove = lambda: shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else os.path.exists(tmp) and os.remove(tmp)
+
+    def remove():  # a folder (what save_pretrained makes), or a file should a writer have made one
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
     remove()
     try:
         yield tmp
@@ -815,8 +822,8 @@ def _writing(folder, what):
         remove()
         if not (isinstance(e, OSError) or type(e).__name__ == "SafetensorError"):  # e.g. Ctrl-C: as it was
             raise
-        kept = f"there was no {what} there yet" if not os.path.isdir(folder) else f"the previous {what} there is kept and loadable" + \
-            (" (--resume continues from it)" if what == "checkpoint" else "")
+        kept = f"the previous {what} there is kept and loadable" + " (--resume continues from it)" * (what == "checkpoint")
+        kept = kept if os.path.isdir(folder) else f"there was no {what} there yet"
         raise InputError(f"saving the {what} to {folder} failed ({type(e).__name__}: {e}); {kept}") from None
 
 
@@ -995,8 +1002,8 @@ def sft(model, tok, pairs, steps, batch_size=32, lr=1e-3, weight_decay=0.0, desc
 def rng_state():
     npst = np.random.get_state()
     cuda = torch.cuda.get_rng_state(DIST.device) if DIST.device.type == "cuda" else None  # this rank's device only
-    return {"python": random.getstate(), "numpy": [npst[0], npst[1].tolist(), *npst[2:]], "torch": torch.get_rng_state(),
-            "cuda": cuda}
+    return {"python": random.getstate(), "numpy": [npst[0], npst[1].tolist(), *npst[2:]],
+            "torch": torch.get_rng_state(), "cuda": cuda}
 
 
 def set_rng_state(s):
@@ -1026,16 +1033,17 @@ def save_checkpoint(folder, model, tok, step, optimizer=None, scheduler=None, ex
 
 def checkpoint_folder(folder):
     """`folder`, or, when a save was killed between its two renames (_swap_in), the previous
-    checkpoint it had moved aside to <folder>.old-<pid>."""
+    checkpoint it had moved aside to <folder>.old-<pid> (read where it is: under torchrun every
+    rank reads it, none may move it)."""
     folder = folder.rstrip("/")
-    if not os.path.isfile(os.path.join(folder, "state.pt")):
-        import glob
-        old = sorted((f for f in glob.glob(glob.escape(folder) + ".old-*") if os.path.isfile(os.path.join(f, "state.pt"))),
-                     key=os.path.getmtime)
-        check(old, f"--resume: no checkpoint in {folder}")
-        print0(f"[common] {folder} is missing (a save was cut off): resuming from the previous checkpoint, {old[-1]}")
-        os.rename(old[-1], folder)
-    return folder
+    if os.path.isfile(os.path.join(folder, "state.pt")):
+        return folder
+    import glob
+    old = [f for f in glob.glob(glob.escape(folder) + ".old-*") if os.path.isfile(os.path.join(f, "state.pt"))]
+    check(old, f"--resume: no checkpoint in {folder}")
+    old.sort(key=os.path.getmtime)
+    print0(f"[common] {folder} is missing (a save was cut off): resuming from the previous checkpoint, {old[-1]}")
+    return old[-1]
 
 
 def checkpoint_state(folder):
@@ -1052,8 +1060,8 @@ def load_checkpoint(folder, model, optimizer=None, scheduler=None):
     """Restore weights (safetensors), optimizer, scheduler and RNG from `folder`; returns
     (step, extra)."""
     from safetensors.torch import load_file
+    folder = checkpoint_folder(folder)
     st = checkpoint_state(folder)
-    folder = folder.rstrip("/")
     m = getattr(model, "module", model)
     sd = {}
     for f in sorted(os.listdir(folder)):

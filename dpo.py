@@ -229,7 +229,8 @@ def eval_prompts(args, heldout, problems):
     for i, r in enumerate(rows, 1):
         where = f"--eval-prompts {spec} row {i}"
         if "turns" in r:
-            check(isinstance(r["turns"], list) and r["turns"] and isinstance(r["turns"][0], str), f"{where}: field 'turns' must be a non-empty list of text")
+            check(isinstance(r["turns"], list) and r["turns"] and isinstance(r["turns"][0], str),
+                  f"{where}: field 'turns' must be a non-empty list of text")
             prompts.append([{"role": "user", "content": r["turns"][0]}])
         else:
             key = next((k for k in ("prompt", "instruction", "question") if k in r), "prompt")
@@ -251,7 +252,8 @@ def greedy_answers(model, tok, prompts, max_new_tokens):
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Direct Preference Optimization (Rafailov et al. 2023) + win-rate evaluation")
     p.add_argument("--model", default="tiny", help="start (SFT) model: built-in name, local folder or hub id; also the reference")
-    p.add_argument("--dataset", default=None, help="preference pairs: hub id (UltraFeedback binarized, hh-rlhf) or local .jsonl/.json/.parquet (or .gz); default: built-in task pairs")
+    p.add_argument("--dataset", default=None, help="preference pairs: hub id (UltraFeedback binarized, hh-rlhf) or "
+                   "local .jsonl/.json/.parquet (or .gz); default: built-in task pairs")
     p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic or countdown")
     p.add_argument("--skip-bad-rows", action="store_true", help="--dataset: drop (and count) rows with a missing field, empty text or chosen == rejected instead of stopping")
     p.add_argument("--builtin", default="model", choices=["model", "corrupt"], help="built-in pairs' rejected answers: the start model's own wrong samples, or hand-made errors (dropped carry, off-by-one)")

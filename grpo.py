@@ -184,7 +184,8 @@ def prompt_indices(n, per_step, seed, step):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="GRPO: group-relative policy optimization with a verifier reward")
     p.add_argument("--model", default="tiny", help="'tiny' (built in), a local HF folder or a hub id")
-    p.add_argument("--dataset", default=None, help="hub id (openai/gsm8k) or local .jsonl/.json/.parquet, or .gz of one (GSM8K, Countdown or MATH rows); default: the built-in --task")
+    p.add_argument("--dataset", default=None, help="hub id (openai/gsm8k) or local .jsonl/.json/.parquet, or .gz of "
+                   "one (GSM8K, Countdown or MATH rows); default: the built-in --task")
     p.add_argument("--eval-dataset", default=None, help="held-out problems; default: the hub dataset's test split, or the last --eval-n rows of a local --dataset")
     p.add_argument("--skip-bad-rows", action="store_true", help=common.SKIP_BAD_ROWS)
     p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic or countdown")

@@ -311,8 +311,9 @@ def parse_args(argv):
     p.add_argument("--builtin", default="model", choices=["model", "corrupt"], help="built-in data's bad answers: the start model's own wrong samples, or hand-made errors (dropped carry, off-by-one)")
     p.add_argument("--sample-tries", type=int, default=2, help="--builtin model: answers sampled per prompt to find a wrong one")
     p.add_argument("--sample-temperature", type=float, default=0.7, help="--builtin model: sampling temperature")
-    p.add_argument("--skip-bad-rows", action="store_true", help="--dataset: drop (and count) rows with a missing field, empty text or chosen == rejected "
-                   "(with --make-dataset: problems the verifier cannot check) instead of stopping")
+    p.add_argument("--skip-bad-rows", action="store_true", help="--dataset: drop (and count) rows with a missing "
+                   "field, empty text or chosen == rejected (with --make-dataset: problems the verifier cannot check) "
+                   "instead of stopping")
     p.add_argument("--n-train", type=int, default=4096, help="training rows at most (--builtin model: prompts sampled; rows = those with a wrong answer)")
     p.add_argument("--steps", type=int, default=160, help="optimizer updates (0: only make/evaluate)")
     p.add_argument("--batch-size", type=int, default=32, help="GLOBAL batch in rows (pairs or unpaired examples), split over ranks")
@@ -382,7 +383,8 @@ def main(argv=None):
             rows = C.load_problems(args.dataset, skip_bad=args.skip_bad_rows)
             check(len(rows) > args.eval_n, f"--dataset {args.dataset}: {len(rows)} problems, need more than --eval-n {args.eval_n}")
             train_p, problems = rows[:-args.eval_n][:args.n_prompts], rows[-args.eval_n:]
-        judge = None if args.judge is None else C.load_model(args.judge, kind="reward", trust_remote_code=args.trust_remote_code, flag="--judge")
+        judge = None if args.judge is None else \
+            C.load_model(args.judge, kind="reward", trust_remote_code=args.trust_remote_code, flag="--judge")
         mk = lambda ps: make_dataset(model, tok, ps, args.samples, args.max_new_tokens, args.temperature, judge, args.judge_threshold)
         (pairs, unpaired), (h_pairs, h_unpaired) = mk(train_p), mk(problems)  # held-out rows: answers to the test prompts
         if d.master:

@@ -138,7 +138,8 @@ def kl_to_initial(policy, init, tok, problems, max_new_tokens):
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Iterative / online DPO with a verifier, RM or self judge")
     p.add_argument("--model", default="tiny", help="starting policy: built-in name, local folder or hub id")
-    p.add_argument("--dataset", default=None, help="prompts with answers (GSM8K/Countdown/MATH rows, hub id or .jsonl/.json/.parquet, or .gz); default: built-in task")
+    p.add_argument("--dataset", default=None, help="prompts with answers (GSM8K/Countdown/MATH rows, hub id or "
+                   ".jsonl/.json/.parquet, or .gz); default: built-in task")
     p.add_argument("--skip-bad-rows", action="store_true", help=C.SKIP_BAD_ROWS)
     p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic or countdown")
     p.add_argument("--judge", default="verifier", help="'verifier' (gold checker), 'self' (policy as LLM-as-a-judge) or a reward-model folder / hub id")
@@ -181,7 +182,8 @@ def main(argv=None):
     t0 = time.time()
     policy, tok = C.load_model(args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
     init = copy.deepcopy(policy).eval().requires_grad_(False)  # the initial model, for KL only
-    rm = C.load_model(args.judge, kind="reward", trust_remote_code=args.trust_remote_code, flag="--judge") if args.judge not in ("verifier", "self") else None
+    rm = C.load_model(args.judge, kind="reward", trust_remote_code=args.trust_remote_code, flag="--judge") \
+        if args.judge not in ("verifier", "self") else None
     if rm:
         rm[0].eval()
     if args.dataset is None:

@@ -58,9 +58,9 @@ from tqdm.auto import tqdm
 
 from common import (DIST, HELDOUT_N, HELDOUT_SEED, Logger, all_gather_list, all_reduce_mean, check, cleanup,
                     evaluate, format_prompt, friendly_errors, generate, heldout, load_checkpoint, load_model,
-                    load_problems, make_task, nan_guard, plot_metrics, position_ids, print0, read_rows, require, rng_state,
-                    save_checkpoint, save_pretrained_atomic, setup, verify, warn_unknown_chars, write_summary,
-                    SKIP_BAD_ROWS)
+                    load_problems, make_task, nan_guard, plot_metrics, position_ids, print0, read_rows, require,
+                    rng_state, save_checkpoint, save_pretrained_atomic, setup, verify, warn_unknown_chars,
+                    write_summary, SKIP_BAD_ROWS)
 
 # ----------------------------------------------------------------------------- the pieces of PPO-RLHF
 
@@ -188,7 +188,8 @@ def load_reward_model(name, device, trust_remote_code):
     except (OSError, ValueError):
         n_labels = 1                                          # let load_model produce the one-line error
     if n_labels == 1:
-        rm, tok = load_model(name, kind="reward", device=device, trust_remote_code=trust_remote_code, flag="--reward-model")
+        rm, tok = load_model(name, kind="reward", device=device, trust_remote_code=trust_remote_code,
+                             flag="--reward-model")
     else:
         rm = AutoModelForSequenceClassification.from_pretrained(name, trust_remote_code=trust_remote_code).to(device)
         tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
@@ -244,8 +245,10 @@ def load_data(args, tok):
         where = f"--dataset {args.dataset}"
         return (review_prompts(rows[:-args.eval_n] if local else rows, tok, args.train_n or 5000, args.seed, where),
                 review_prompts(test_rows, tok, args.eval_n, HELDOUT_SEED, where))
-    probs = load_problems(args.dataset, "train", args.train_n + args.eval_n if local and args.train_n else args.train_n, args.skip_bad_rows)
-    return (probs[:-args.eval_n], probs[-args.eval_n:]) if local else (probs, load_problems(args.dataset, "test", args.eval_n, args.skip_bad_rows))
+    n = args.train_n + args.eval_n if local and args.train_n else args.train_n
+    probs = load_problems(args.dataset, "train", n, args.skip_bad_rows)
+    return (probs[:-args.eval_n], probs[-args.eval_n:]) if local else \
+        (probs, load_problems(args.dataset, "test", args.eval_n, args.skip_bad_rows))
 
 
 def distinct_n(seqs, n=2):
@@ -286,7 +289,8 @@ def evaluate_policy(ac, ref, tok, test, score_fn, args, has_gold, autocast):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="PPO-RLHF: a policy with a value head, a KL penalty to the reference and a reward model")
     p.add_argument("--model", default="tiny", help="the SFT policy: 'tiny' (built in), a local HF folder or a hub id")
-    p.add_argument("--dataset", default=None, help="prompts: hub id or local .jsonl/.json/.parquet (or .gz) with a `text` field (review prefixes) or GSM8K/Countdown/MATH rows; default: the built-in --task")
+    p.add_argument("--dataset", default=None, help="prompts: hub id or local .jsonl/.json/.parquet (or .gz) with a "
+                   "`text` field (review prefixes) or GSM8K/Countdown/MATH rows; default: the built-in --task")
     p.add_argument("--skip-bad-rows", action="store_true", help=SKIP_BAD_ROWS)
     p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic or countdown")
     p.add_argument("--reward", default=None, choices=["verifier", "model"], help="reward source (default: 'model' when --reward-model is given, else 'verifier' = 1 if correct)")
@@ -393,8 +397,8 @@ def run(args, out):
     policy = torch.nn.parallel.DistributedDataParallel(ac) if W > 1 else ac
     logger = Logger(out, config=vars(args), wandb=args.wandb, resume_step=start - 1 if args.resume else None)
     B, mb, micro = args.batch_size // W, args.mini_batch // W, args.micro_batch
-    save = lambda s, rng=None: save_checkpoint(ckpt, model, tok, s, opt, extra={"v_head": ac.v_head.state_dict(), "kl_coef": kl_ctl.value,
-                                                                              "before": before}, rng=rng)
+    save = lambda s, rng=None: save_checkpoint(ckpt, model, tok, s, opt, rng=rng, extra={
+        "v_head": ac.v_head.state_dict(), "kl_coef": kl_ctl.value, "before": before})
 
     step, rng0 = start, None
     try:

@@ -18,7 +18,8 @@ label per step (PRM, at each step's last token).
 Outputs in --out (default out/prm): metrics.jsonl, curves.png, best_of_n.png, summary.json
 (best-of-N accuracy per method and N, step accuracy/F1/AUC, first-error localisation, before and
 after training), model/ and orm/ (HF folders: causal LMs to score against --rm-model for
-logratio, AutoModelForTokenClassification / SequenceClassification for classifier).
+logratio, AutoModelForTokenClassification / SequenceClassification for classifier), checkpoint/
+(--save-every N, or on Ctrl-C: both verifiers, their optimizers and the batch order; --resume is exact).
 Measured results (mean ± sd over seeds; one T=1 sample vs best-of-N selection by the PRM, on the
 first --n-eval problems of the shared held-out set common.heldout()): README 'Results',
 `python tests/bench/cross_algorithm.py --seeds 0,1,2 --only prm`.
@@ -365,7 +366,7 @@ def parse_args(argv):
     p.add_argument("--prm-agg", default="min", choices=["min", "prod"], help="PRM solution score: min of step "
                    "probabilities (Math-Shepherd) or their product (Lightman et al.; favours short solutions)")
     p.add_argument("--log-every", type=int, default=25, help="log every this many steps")
-    p.add_argument("--save-every", type=int, default=0, help="write <out>/checkpoint every N steps (0 = only on Ctrl-C)")
+    p.add_argument("--save-every", type=int, default=0, help="write <out>/checkpoint every N steps (0: only on Ctrl-C)")
     p.add_argument("--resume", action="store_true", help="resume training from <out>/checkpoint (same flags; exact)")
     p.add_argument("--out", default="out/prm", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="random seed")
@@ -431,7 +432,8 @@ def main(argv=None):
         train, heldout = d.shard([it for it in data if not test(it)]), d.shard([it for it in data if test(it)])
     check(train, "no training solutions on this rank (more --n-train than ranks, please)")
     probs = (common.heldout(args.task, args.n_eval) if builtin else
-             common.load_problems(args.problems, "test", args.n_eval, args.skip_bad_rows, "--problems") if args.problems else [])
+             common.load_problems(args.problems, "test", args.n_eval, args.skip_bad_rows, "--problems") if args.problems
+             else [])
     common.warn_unknown_chars(ptok, probs, args.problems, "--problems")
     cands, mine = [], d.shard(probs)
     if mine:
@@ -469,7 +471,8 @@ def main(argv=None):
 
     def save(step, ranks, rng=None):
         common.save_checkpoint(ckpt, prm, tok, step, opts[0], scheds[0], rng=rng, extra=dict(
-            orm=getattr(orm, "module", orm).state_dict(), orm_opt=opts[1].state_dict(), orm_sched=scheds[1].state_dict(), ranks=ranks))
+            orm=getattr(orm, "module", orm).state_dict(), orm_opt=opts[1].state_dict(),
+            orm_sched=scheds[1].state_dict(), ranks=ranks))
 
     step, at = start, (list(order), rng.getstate(), common.rng_state())
     try:

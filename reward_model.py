@@ -151,7 +151,8 @@ def plot_hist(out, before, after):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Bradley-Terry reward model on preference pairs")
     p.add_argument("--model", default="tiny", help="backbone: 'tiny', 'tiny-untrained', a local folder or a hub id (BERT-style or causal LM)")
-    p.add_argument("--dataset", default=None, help="preference data: hub id (Anthropic/hh-rlhf, UltraFeedback binarized) or local .jsonl/.json/.parquet (or .gz); default: built-in pairs of --task")
+    p.add_argument("--dataset", default=None, help="preference data: hub id (Anthropic/hh-rlhf, UltraFeedback "
+                   "binarized) or local .jsonl/.json/.parquet (or .gz); default: built-in pairs of --task")
     p.add_argument("--task", default="arithmetic", help="built-in task for the default data: arithmetic or countdown")
     p.add_argument("--skip-bad-rows", action="store_true", help="drop (and count) rows with a missing field, empty text or chosen == rejected instead of stopping")
     p.add_argument("--train-size", type=int, default=None, help="training pairs (default: 4096 built-in, every non-held-out row of --dataset); small = a deliberately weak RM")
@@ -254,7 +255,8 @@ def main(argv=None) -> dict:
                                reward_mean=common.all_reduce_mean(torch.cat([r_c, r_r]).mean().item()),
                                grad_norm=common.all_reduce_mean(grad_norm.item()), lr=sched.get_last_lr()[0])
     except KeyboardInterrupt:
-        common.save_checkpoint(os.path.join(args.out, "checkpoint"), model, tok, step, opt, sched, extra={"order": at[0]}, rng=at[1])
+        common.save_checkpoint(os.path.join(args.out, "checkpoint"), model, tok, step, opt, sched,
+                               extra={"order": at[0]}, rng=at[1])
         common.print0(f"\n[reward_model] interrupted at step {step}: checkpoint in {args.out}/checkpoint (--resume)")
         common.cleanup(barrier=False)
         sys.exit(130)

@@ -29,7 +29,8 @@ Run:
     torchrun --nproc_per_node 4 star.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset openai/gsm8k ...   # multi-GPU
 Outputs in --out (default out/star): metrics.jsonl, star.png (held-out accuracy and kept
 fractions per iteration), summary.json (accuracy before, per iteration, after; kept counts),
-model/ (the last iteration's model, an HF folder).
+model/ (the last iteration's model, an HF folder), checkpoint/ (--save-every N, or on Ctrl-C;
+--resume continues the same run exactly).
 
 Simplified vs the paper: no few-shot prompt (the tiny model was SFT'd on the answer format, and
 chat models are told to end with '####'); one rationale kept per problem from --samples draws;
@@ -120,7 +121,8 @@ def sample_and_filter(model, tok, problems, args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="built-in name (tiny, tiny-untrained), local HF folder or hub id")
-    p.add_argument("--dataset", default=None, help="GSM8K-style hub id (openai/gsm8k) or local .jsonl/.json/.parquet (or .gz); default: the built-in --task")
+    p.add_argument("--dataset", default=None, help="GSM8K-style hub id (openai/gsm8k) or local .jsonl/.json/.parquet "
+                   "(or .gz); default: the built-in --task")
     p.add_argument("--eval-dataset", default=None, help="held-out file for a local --dataset (default: the rows after the first --n-train); hub ids use their test split")
     p.add_argument("--skip-bad-rows", action="store_true", help=common.SKIP_BAD_ROWS)
     p.add_argument("--task", default="arithmetic", help="built-in task when --dataset is not given: arithmetic or countdown")
@@ -141,8 +143,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of each iteration's steps with linear lr warm-up (then cosine to 10%%)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
     p.add_argument("--log-every", type=int, default=10, help="log the training loss every N steps")
-    p.add_argument("--save-every", type=int, default=0, help="write <out>/checkpoint every N fine-tuning steps and after each iteration (0 = only on Ctrl-C)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint (same flags; --iterations may grow)")
+    p.add_argument("--save-every", type=int, default=0, help="write <out>/checkpoint every N fine-tuning steps and "
+                   "after each iteration (0: only on Ctrl-C)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint (same flags; --iterations "
+                   "may grow)")
     p.add_argument("--out", default="out/star", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="random seed (problems, sampling, batches)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
@@ -195,7 +199,8 @@ def main(argv=None) -> dict:
     # --resume: a checkpoint is taken mid fine-tuning (phase "train": the kept set, the batch order and
     # the optimizer travel with it) or after an iteration (phase "sample": M_n and the RNG, so the
     # next iteration samples exactly what the uninterrupted run would have).
-    cfg = {k: v for k, v in vars(args).items() if k not in ("iterations", "save_every", "resume", "log_every", "out", "device", "wandb")}
+    free = ("iterations", "save_every", "resume", "log_every", "out", "device", "wandb")  # may differ on --resume
+    cfg = {k: v for k, v in vars(args).items() if k not in free}
     resume, gstep = common.checkpoint_state(ckpt)["extra"] if args.resume else None, 0
     if resume:
         common.check(resume["config"] == cfg, f"--resume: flags differ from the checkpoint's {resume['config']}")
@@ -205,7 +210,7 @@ def main(argv=None) -> dict:
         print0(f"resumed from {ckpt}: iteration {resume['iteration']} ({resume['phase']})")
     else:
         acc_before, table = common.evaluate(model, tok, test, **eval_kw)["accuracy"], []
-    logger = common.Logger(args.out, config=vars(args), wandb=args.wandb, resume_step=None if resume is None else resume["gstep"])
+    logger = common.Logger(args.out, config=vars(args), wandb=args.wandb, resume_step=resume and resume["gstep"])
     print0(f"held-out accuracy before STaR: {acc_before:.3f} ({len(test)} problems); {len(train)} training problems")
     mine = d.shard(train)             # this rank samples rationales for its share of the problems
     per_rank = args.batch_size // d.world_size
@@ -236,8 +241,8 @@ def main(argv=None) -> dict:
             model.load_state_dict({k: v.to(d.device) for k, v in original.items()})
             opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
             warm = max(1, int(args.warmup * steps))  # linear warm-up, then cosine decay to 10% of lr
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
-                                                      0.1 + 0.45 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else 0.1 + 0.45 * (
+                1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
             rng = random.Random(args.seed * 1000 + it)  # same stream on every rank: identical batches
             order, losses, first = [], [], 0
             if here:  # weights, AdamW, lr schedule and RNG as they were after step here["step"]
@@ -247,10 +252,12 @@ def main(argv=None) -> dict:
             if not kept:
                 print0(f"iteration {it}: nothing kept, the model stays the original one")
             model.train()
-            snap = lambda step: dict(kept_direct=kept_direct, kept_rat=kept_rat, sample_s=t_sample, step=step, order=list(order),
-                                     losses=list(losses), batch_rng=rng.getstate(), rng=common.rng_state(), at=gstep)
+            snap = lambda step: dict(kept_direct=kept_direct, kept_rat=kept_rat, sample_s=t_sample, step=step,
+                                     order=list(order), losses=list(losses), batch_rng=rng.getstate(),
+                                     rng=common.rng_state(), at=gstep)
             done = snap(first)
-            for step in tqdm(range(first, steps if kept else 0), desc=f"star iter {it}", disable=not d.master or None, leave=False):
+            for step in tqdm(range(first, steps if kept else 0), desc=f"star iter {it}", disable=not d.master or None,
+                             leave=False):
                 while len(order) < args.batch_size:
                     order += rng.sample(range(len(kept)), len(kept))
                 batch, order = [kept[i] for i in order[:args.batch_size]], order[args.batch_size:]
@@ -271,15 +278,17 @@ def main(argv=None) -> dict:
                 if step % args.log_every == 0 or step == steps - 1:
                     logger.log(gstep, iteration=it, loss=common.all_reduce_mean(loss_sum),
                                grad_norm=float(gnorm), lr=sched.get_last_lr()[0])
-                if args.save_every and gstep % args.save_every == 0 and step + 1 < steps:  # the last one: after the evaluation
+                if args.save_every and gstep % args.save_every == 0 and step + 1 < steps:  # the last: after the eval
                     save(it, "train", opt, sched, **done)
             done = None
 
             # -- 5. held-out accuracy of M_n (M_n samples the next iteration's rationales)
             acc = common.evaluate(model, tok, test, **eval_kw)["accuracy"]
             row = dict(iteration=it, kept_direct=len(kept_direct), kept_rationalized=len(kept_rat),
-                       train_problems=len(train), steps=steps if kept else 0, final_loss=float(np.mean(losses[-5:])) if losses else None,
-                       heldout_accuracy=float(acc), sample_s=round(t_sample, 1), iteration_s=round(time.time() - t_it, 1))
+                       train_problems=len(train), steps=steps if kept else 0,
+                       final_loss=float(np.mean(losses[-5:])) if losses else None,
+                       heldout_accuracy=float(acc), sample_s=round(t_sample, 1),
+                       iteration_s=round(time.time() - t_it, 1))
             table.append(row)
             logger.log(gstep, **{k: v for k, v in row.items() if v is not None})
             if args.save_every:
@@ -289,7 +298,8 @@ def main(argv=None) -> dict:
             save(it, "train", opt, sched, **done)
             print0(f"interrupted: checkpoint saved to {ckpt} (continue with --resume)")
         else:
-            print0(f"interrupted while sampling or evaluating: no new checkpoint{' (--resume continues from the last)' * bool(args.save_every)}")
+            print0("interrupted while sampling or evaluating: no new checkpoint"
+                   + " (--resume continues from the last one)" * bool(args.save_every))
         common.cleanup(barrier=False)
         raise SystemExit(130)
 
