@@ -549,6 +549,8 @@ def problem_row(r, where):
         return dict(task="countdown", prompt=[{"role": "user", "content": q}], answer=str(target), nums=nums, target=target,
                     solution="")
     qk = "question" if "question" in r else "problem"
+    check(qk in r or "answer" in r, f"{where}: not a GSM8K, MATH or Countdown row (question or problem + answer, "
+          f"or nums + target); its fields: {', '.join(sorted(r))}")
     require(r, [qk, "answer"], where)
     check(isinstance(r[qk], str), f"{where}: field {qk!r} must be text")
     ans = str(r["answer"])
