@@ -43,15 +43,60 @@ def set_seed(seed):
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
 
 
-def get_device(name=None):
-    """cuda -> mps -> cpu unless `name` ('cpu', 'cuda:1', ...) is given."""
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
+def available_devices():
+    """The device names this torch can use here: cpu, cuda:0..N-1, mps."""
+    out = ["cpu"] + ([f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else [])
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+        out.append("mps")
+    return out
+
+
+def get_device(name=None, flag="--device"):
+    """cuda -> mps -> cpu unless `name` ('cpu', 'cuda:1', ...) is given; a device that is not here is
+    an InputError naming the flag and what is available (not torch's AssertionError on first use)."""
+    if not name:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if "mps" in available_devices() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError(f"{flag} {name}: not a device name; available: {', '.join(available_devices())}") from None
+    here = available_devices()
+    if dev.type == "cuda":
+        ok = (dev.index or 0) < torch.cuda.device_count()
+    elif dev.type in ("cpu", "mps"):
+        ok = dev.type in here
+    else:  # xpu, ...: the backend's own is_available()
+        ok = bool(getattr(getattr(torch, dev.type, None), "is_available", lambda: False)())
+    if not ok:
+        why = " (this torch was built without CUDA)" if dev.type == "cuda" and not torch.backends.cuda.is_built() else ""
+        raise InputError(f"{flag} {name}: no such device here{why}; available: {', '.join(here)}")
+    return dev
+
+
+def check_out(path, flag="--out"):
+    """Stop before any compute when the output folder cannot be made or written: it is a file, sits
+    under a file, or its nearest existing folder refuses a probe file (read-only disk, permissions)."""
+    check(path, f"{flag}: empty path")
+    check(not os.path.exists(path) or os.path.isdir(path), f"{flag} {path}: is a file, not a folder")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    check(os.path.isdir(parent), f"{flag} {path}: {parent} is a file, so no folder can be made under it")
+    import tempfile
+    try:  # a real write, not os.access: root passes every access check, a read-only mount does not
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise InputError(f"{flag} {path}: cannot write in {parent} ({e.strerror or type(e).__name__})") from None
+
+
+def check_model_path(name, flag):
+    """A model flag naming a local path (./x, /x, a/b/c: load_model's rule) that does not exist is an
+    error now, not when the model is first needed (dpo's --judge: after the training)."""
+    local = bool(name) and (name.startswith((".", "/")) or name.count("/") > 1)
+    check(not local or os.path.isdir(name), f"{flag} {name}: no such local folder")
 
 
 def get_dtype(device):
@@ -77,9 +122,12 @@ class Dist:
 DIST = Dist()
 
 
-def setup(seed=0, device=None):
-    """Seed, pick the device and, when launched by torchrun (RANK/WORLD_SIZE set), join the
-    process group: nccl on CUDA, gloo elsewhere, one device per rank. Returns a Dist."""
+def setup(seed=0, device=None, out=None):
+    """Check --out (check_out) and --device (get_device) before any compute, seed, and, when launched
+    by torchrun (RANK/WORLD_SIZE set), join the process group: nccl on CUDA, gloo elsewhere, one
+    device per rank. Returns a Dist."""
+    if out is not None:
+        check_out(out)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         import torch.distributed as dist
         rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
@@ -426,30 +474,113 @@ def make_unpaired(task, n, seed, split="train", frac_good=0.5):
     return rows
 
 # ----------------------------------------------------------------------------- 3. data
+# One reader, read_rows(), for every format a script takes: .jsonl, .json (an array, or JSON lines as
+# the hub writes them), .parquet, each also as .gz, or a hub id. Every error is one line that names
+# the flag, the file and, where there is one, the row (file:line for unreadable input).
 
-def read_rows(spec, split="train"):
-    """Rows (list of dicts) from a local .jsonl/.json/.parquet file or a hub dataset id."""
+DATA_EXTS = (".jsonl", ".json", ".parquet")
+SKIP_BAD_ROWS = ("drop (and count) data rows the verifier cannot check (no number in the answer, an empty target) "
+                 "or with a missing or empty field, instead of stopping")
+
+
+def read_rows(spec, split="train", flag="--dataset"):
+    """Rows (list of dicts) from a local .jsonl/.json/.parquet file (each may be .gz) or a hub dataset
+    id. Unreadable input (binary, not UTF-8, truncated or corrupt compression, a row that is not a JSON
+    object) is an InputError `<flag> <file>:<row>: ...`."""
     if os.path.isfile(spec):
-        if spec.endswith(".parquet"):
-            import pandas as pd
-            return pd.read_parquet(spec).to_dict("records")
-        rows = []
-        with open(spec, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise InputError(f"{spec}:{i}: not valid JSON ({e.msg})") from None
+        rows = _read_file(spec, flag)
+        check(rows, f"{flag} {spec}: no rows (an empty file)")
         return rows
-    check(not spec.endswith((".jsonl", ".json", ".parquet")), f"--dataset {spec}: no such file")
+    check(not spec.endswith(DATA_EXTS + (".gz",)), f"{flag} {spec}: no such file")
     try:
         import datasets
         return list(datasets.load_dataset(spec, "main" if spec.endswith("gsm8k") else None, split=split))
     except ImportError:
-        raise InputError(f"--dataset {spec}: hub datasets need `pip install datasets`") from None
+        raise InputError(f"{flag} {spec}: hub datasets need `pip install datasets`") from None
     except Exception as e:  # offline, unknown id, gated...
-        raise InputError(f"--dataset {spec}: not a local file and not loadable from the hub ({type(e).__name__})") from None
+        raise InputError(f"{flag} {spec}: not a local file and not loadable from the hub ({type(e).__name__})") from None
+
+
+def _read_file(spec, flag):
+    import gzip, io, zlib
+    gz, base, line = spec.endswith(".gz"), spec.removesuffix(".gz"), None  # line: rows read so far
+    broken = (OSError, EOFError, zlib.error)  # gzip: BadGzipFile, cut short, corrupt stream
+    try:
+        if base.endswith(".parquet"):
+            return _read_parquet(io.BytesIO(gzip.open(spec).read()) if gz else spec, spec, flag)
+        with (gzip.open(spec, "rb") if gz else open(spec, "rb")) as f:
+            if base.endswith(".json") and f.peek(64).lstrip()[:1] == b"[":  # a JSON array, else JSON lines
+                data = f.read()
+                return _json_array(_text(data, f"{flag} {spec}:1"), spec, flag)
+            rows, line = [], 0
+            for line, raw in enumerate(f, 1):
+                text = _text(raw, f"{flag} {spec}:{line}").lstrip("\ufeff" if line == 1 else "")
+                if text.strip():
+                    rows.append(_json_object(text, f"{flag} {spec}:{line}"))
+            return rows
+    except broken as e:
+        what = "not gzip data" if str(e).startswith("Not a gzipped file") else \
+            "truncated gzip data" if isinstance(e, EOFError) else "corrupt gzip data"  # bad CRC, bad stream
+        at = "" if line is None else f":{line + 1}"
+        raise InputError(f"{flag} {spec}{at}: {what} ({e})" if gz else f"{flag} {spec}: cannot read ({e})") from None
+
+
+def _text(raw, where):
+    if raw[:2] == b"\x1f\x8b" and where.endswith(":1"):
+        raise InputError(f"{where}: gzip data in a file not named .gz")
+    if b"\0" in raw:
+        raise InputError(f"{where}: binary data, not text (a NUL byte at column {raw.index(bytes(1)) + 1})")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n")  # a whole file (a JSON array): point at the line
+        where = where.rsplit(":", 1)[0] + f":{line + 1}" if line else where
+        raise InputError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+
+
+def _kind(x):
+    kinds = {"list": "an array", "str": "a string", "int": "a number", "float": "a number", "bool": "true/false", "NoneType": "null"}
+    return kinds.get(type(x).__name__, type(x).__name__)
+
+
+def _json_object(text, where):
+    try:
+        r = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{where}: not valid JSON ({e.msg})") from None
+    check(isinstance(r, dict), f"{where}: a row must be a JSON object {{...}}, got {_kind(r)}")
+    return r
+
+
+def _json_array(text, spec, flag):
+    try:
+        items = json.loads(text.lstrip("\ufeff"))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{flag} {spec}:{e.lineno}: not valid JSON ({e.msg})") from None
+    for i, r in enumerate(items, 1):
+        check(isinstance(r, dict), f"{flag} {spec}: item {i} of the array must be a JSON object {{...}}, got {_kind(r)}")
+    return items
+
+
+def _read_parquet(src, spec, flag):
+    try:
+        import pandas as pd
+        rows = pd.read_parquet(src).to_dict("records")
+    except ImportError:
+        raise InputError(f"{flag} {spec}: parquet files need `pip install pandas pyarrow`") from None
+    except Exception as e:  # pyarrow's ArrowInvalid etc.: not a parquet file, or a damaged one
+        why = (str(e).splitlines() or [""])[0].split(f"'{spec}': ", 1)[-1]  # the file is named once, in front
+        raise InputError(f"{flag} {spec}: not a readable parquet file ({type(e).__name__}: {why[:120]})") from None
+    return [_plain(r) for r in rows]
+
+
+def _plain(v):
+    """numpy values (parquet list columns, scalars) -> the python lists / numbers JSON rows have."""
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return [_plain(x) for x in v]
+    return v.item() if isinstance(v, np.generic) else v
 
 
 def require(row, fields, where):
@@ -458,25 +589,43 @@ def require(row, fields, where):
         check(not isinstance(row[f], str) or row[f].strip(), f"{where}: field {f!r} is empty")
 
 
-def load_problems(spec, split="train", n=None):
-    """Verifiable problems from GSM8K / Countdown / MATH-style data (question+answer,
-    target+nums, problem+answer). The prompt asks for a final answer after '####'."""
-    rows, out = read_rows(spec, split), []
-    for i, r in enumerate(rows[:n] if n else rows, 1):
-        where = f"{spec} row {i}"
-        if "nums" in r and "target" in r:
+def problem_row(r, where):
+    """A GSM8K / Countdown / MATH-style row -> a problem. The prompt asks for a final answer after
+    '####'. A row the verifier could not check (no number in the answer, a missing or non-integer
+    target) is an InputError, like a missing field: a job on it would run at reward 0."""
+    if "nums" in r and "target" in r:
+        try:
+            target = int(r["target"])
+        except (TypeError, ValueError):
+            raise InputError(f"{where}: field 'target' must be an integer, got {r['target']!r}") from None
+        try:
             nums = [int(v) for v in r["nums"]]
-            q = f"Using the numbers {nums}, create an equation that equals {r['target']}. Use each number once with + - * /. Give the equation in <answer> </answer> tags."
-            out.append(dict(task="countdown", prompt=[{"role": "user", "content": q}], answer=str(r["target"]), nums=nums, target=int(r["target"]), solution=""))
-            continue
-        qk = "question" if "question" in r else "problem"
-        require(r, [qk, "answer"], where)
-        ans = str(r["answer"])
-        sol = ans.split("####")[0].strip() if "####" in ans else r.get("solution", "")
-        q = r[qk] + "\nThink step by step, then give the final answer after '####'."
-        out.append(dict(task="gsm8k", prompt=[{"role": "user", "content": q}], answer=extract_answer(ans) or ans, solution=sol + f"\n#### {extract_answer(ans)}"))
-    check(out, f"--dataset {spec}: no rows")
-    return out
+        except (TypeError, ValueError):
+            raise InputError(f"{where}: field 'nums' must be a list of integers, got {r['nums']!r}") from None
+        check(nums, f"{where}: field 'nums' is empty")
+        q = (f"Using the numbers {nums}, create an equation that equals {target}. Use each number once with + - * /. "
+             "Give the equation in <answer> </answer> tags.")
+        return dict(task="countdown", prompt=[{"role": "user", "content": q}], answer=str(target), nums=nums, target=target,
+                    solution="")
+    qk = "question" if "question" in r else "problem"
+    check(qk in r or "answer" in r, f"{where}: not a GSM8K, MATH or Countdown row (question or problem + answer, "
+          f"or nums + target); its fields: {', '.join(sorted(r))}")
+    require(r, [qk, "answer"], where)
+    check(isinstance(r[qk], str), f"{where}: field {qk!r} must be text")
+    ans = str(r["answer"])
+    gold = extract_answer(ans)
+    check(gold is not None, f"{where}: answer {ans[:40]!r} holds no number, so the verifier cannot check it")
+    sol = ans.split("####")[0].strip() if "####" in ans else r.get("solution", "")
+    q = r[qk] + "\nThink step by step, then give the final answer after '####'."
+    return dict(task="gsm8k", prompt=[{"role": "user", "content": q}], answer=gold, solution=f"{sol}\n#### {gold}")
+
+
+def load_problems(spec, split="train", n=None, skip_bad=False, flag="--dataset"):
+    """Verifiable problems from GSM8K / Countdown / MATH-style data (question+answer, target+nums,
+    problem+answer). Rows the verifier cannot check stop the run with their count, or with skip_bad
+    (--skip-bad-rows) are dropped and counted."""
+    rows = read_rows(spec, split, flag)
+    return keep_good_rows(rows[:n] if n else rows, spec, problem_row, skip_bad, flag)
 
 
 def split_hh(chosen, rejected):
@@ -490,53 +639,79 @@ def split_hh(chosen, rejected):
     return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
-def _content(x):
-    return x[-1]["content"] if isinstance(x, list) else x
+def _content(x, where):
+    if not isinstance(x, list):
+        return x
+    check(x and isinstance(x[-1], dict) and isinstance(x[-1].get("content"), str),
+          f"{where}: a message list must end with a {{role, content}} message")
+    return x[-1]["content"]
 
 
-def load_pairs(spec, split="train", n=None, skip_bad=False):
+def load_pairs(spec, split="train", n=None, skip_bad=False, flag="--dataset"):
     """Preference pairs {prompt, chosen, rejected} from hh-rlhf transcripts, UltraFeedback-style
-    message lists, or prompt/chosen/rejected text. A bad row raises an error naming the row;
-    with skip_bad (--skip-bad-rows) bad rows are dropped and counted instead."""
-    if spec.endswith(".gz"):
-        import gzip
-        with gzip.open(spec, "rt", encoding="utf-8") as f:
-            rows = [json.loads(l) for l in f if l.strip()]
-    else:
-        rows = read_rows(spec, "train_prefs" if "ultrafeedback" in spec and split == "train" else split)
-    return keep_good_rows(rows[:n] if n else rows, spec, _pair, skip_bad)
+    message lists, or prompt/chosen/rejected text. Bad rows stop the run with their count (the
+    first one named); with skip_bad (--skip-bad-rows) they are dropped and counted instead."""
+    rows = read_rows(spec, "train_prefs" if "ultrafeedback" in spec and split == "train" else split, flag)
+    return keep_good_rows(rows[:n] if n else rows, spec, _pair, skip_bad, flag)
 
 
 def _pair(r, where):
     require(r, ["chosen", "rejected"], where)
     c, rj = r["chosen"], r["rejected"]
     if isinstance(c, list):                      # message lists: the prompt is all but the last turn
-        prompt, c, rj = c[:-1] if "prompt" not in r or isinstance(r["prompt"], str) else r["prompt"], _content(c), _content(rj)
-        prompt = prompt or [{"role": "user", "content": r.get("prompt", "")}]
-    elif "prompt" in r:
-        prompt = r["prompt"]
-    else:
-        prompt, c, rj = split_hh(c, rj)
+        prompt = (c[:-1] if "prompt" not in r or isinstance(r["prompt"], str) else r["prompt"]) or \
+            [{"role": "user", "content": r.get("prompt", "")}]
+        c, rj = _content(c, where), _content(rj, where)
+    check(isinstance(c, str) and isinstance(rj, str), f"{where}: chosen and rejected must be text or message lists")
+    if not isinstance(r["chosen"], list):        # prompt + completions, or whole hh-rlhf transcripts
+        prompt, c, rj = (r["prompt"], c, rj) if "prompt" in r else split_hh(c, rj)
     check(c.strip() and rj.strip(), f"{where}: empty chosen or rejected completion")
     check(c != rj, f"{where}: chosen is identical to rejected")
     return dict(prompt=prompt, chosen=c, rejected=rj)
 
 
-def keep_good_rows(rows, spec, parse, skip_bad):
-    """[parse(row, "<spec> row i")] for every row; a row it rejects (InputError) stops the run,
-    or with skip_bad is dropped and counted."""
+def keep_good_rows(rows, spec, parse, skip_bad, flag="--dataset"):
+    """[parse(row, "<flag> <spec> row i")] for every row. Rows it rejects (InputError) are counted:
+    they stop the run with the first one's error and the count, or with skip_bad are dropped."""
     out, bad = [], []
     for i, r in enumerate(rows, 1):
         try:
-            out.append(parse(r, f"{spec} row {i}"))
+            out.append(parse(r, f"{flag} {spec} row {i}"))
         except InputError as e:
-            if not skip_bad:
-                raise InputError(f"{e} (--skip-bad-rows drops such rows)") from None
-            bad.append(f"{i} ({str(e).split(': ', 1)[-1]})")
+            bad.append((i, str(e)))
+    if bad and not skip_bad:
+        raise InputError(f"{bad[0][1]} ({len(bad)} of {len(rows)} rows unusable; --skip-bad-rows drops them)")
     if bad:
-        print0(f"--skip-bad-rows: dropped {len(bad)} of {len(rows)} rows of {spec}: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
-    check(out, f"--dataset {spec}: no usable rows")
+        why = [f"{i} ({e.split(' row ' + str(i) + ': ', 1)[-1]})" for i, e in bad[:5]]
+        print0(f"--skip-bad-rows: dropped {len(bad)} of {len(rows)} rows of {spec}: {', '.join(why)}"
+               f"{' ...' if len(bad) > 5 else ''}")
+    check(out, f"{flag} {spec}: no usable rows")
     return out
+
+
+def warn_unknown_chars(tok, rows, spec, flag="--dataset"):
+    """The built-in character tokenizer (char_tokenizer) maps every character outside CHARS to <unk>:
+    say once how many a dataset holds, so a run on real text does not learn from <unk> in silence.
+    Other tokenizers: nothing (byte-level BPEs have no unknown characters). Returns the count."""
+    if not spec or set(tok.get_vocab()) != set(["<pad>", "<eos>", "<unk>"] + CHARS):
+        return 0
+    from collections import Counter
+    known, unk = set(CHARS), Counter()
+
+    def texts(x):
+        if isinstance(x, str):
+            yield x
+        elif isinstance(x, (dict, list, tuple)):
+            for v in (x.values() if isinstance(x, dict) else x):
+                yield from texts(v)
+    for t in texts(list(rows)):
+        for c in set(t) - known:  # set difference first: most strings are plain ASCII
+            unk[c] += t.count(c)
+    if unk:
+        eg = ", ".join(repr(c) for c, _ in sorted(unk.items(), key=lambda kv: (-kv[1], kv[0]))[:3])
+        print0(f"[common] warning: {flag} {spec}: {sum(unk.values())} character(s) ({len(unk)} distinct, most often "
+               f"{eg}) are outside the built-in tokenizer's alphabet and become <unk>")
+    return sum(unk.values())
 
 # ----------------------------------------------------------------------------- 4. models
 
@@ -645,10 +820,11 @@ def build_reviews_rm(folder):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_model(name, kind="causal", device=None, dtype=None, trust_remote_code=False):
+def load_model(name, kind="causal", device=None, dtype=None, trust_remote_code=False, flag="--model"):
     """(model, tokenizer) for a built-in name, a local folder or a hub id.
     kind='causal' -> AutoModelForCausalLM; kind='reward' -> AutoModelForSequenceClassification:
-    a saved classifier keeps its labels, a bare backbone gets a new one-label head (score with rm_score)."""
+    a saved classifier keeps its labels, a bare backbone gets a new one-label head (score with rm_score).
+    flag: the command-line flag that named the model, for the error messages (--reward-model, --judge)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     device = device or DIST.device
     if name == "tiny-untrained":
@@ -681,7 +857,7 @@ def load_model(name, kind="causal", device=None, dtype=None, trust_remote_code=F
             if not os.path.isfile(marker) or open(marker).read() != REVIEWS_RM_RECIPE:
                 build_reviews_rm(name)
     elif not os.path.isdir(name) and (name.startswith((".", "/")) or name.count("/") > 1):
-        raise InputError(f"--model {name}: no such local folder")
+        raise InputError(f"{flag} {name}: no such local folder")
     auto = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
     kw = dict(trust_remote_code=trust_remote_code, dtype=dtype or get_dtype(device))
     try:
@@ -693,8 +869,8 @@ def load_model(name, kind="causal", device=None, dtype=None, trust_remote_code=F
         model = auto.from_pretrained(name, **kw)
     except (OSError, ValueError) as e:
         if os.path.isdir(name):
-            raise InputError(f"--model {name}: could not load the folder ({str(e).splitlines()[0]})") from None
-        raise InputError(f"--model {name}: not a local folder, not a built-in name ({', '.join(BUILTIN)}) "
+            raise InputError(f"{flag} {name}: could not load the folder ({str(e).splitlines()[0]})") from None
+        raise InputError(f"{flag} {name}: not a local folder, not a built-in name ({', '.join(BUILTIN)}) "
                          f"and not reachable on the Hugging Face hub") from None
     if tok.pad_token is None:  # gpt2, llama: reuse EOS as pad (masks come from EOS positions, not pads)
         tok.pad_token = tok.eos_token or tok.unk_token
@@ -705,25 +881,50 @@ def load_model(name, kind="causal", device=None, dtype=None, trust_remote_code=F
 
 
 def save_pretrained_atomic(folder, model, tok=None):
-    """save_pretrained (safetensors) into a temp folder, then rename over `folder`. Rank 0 writes;
-    a sharded (FSDP) model must be saved by every rank (the gather is a collective)."""
+    """save_pretrained (safetensors) into a temp folder, then rename over `folder` (see _writing:
+    a failed save keeps what was there). Rank 0 writes; a sharded (FSDP) model must be saved by
+    every rank (the gather is a collective)."""
     folder = folder.rstrip("/")
-    tmp = f"{folder}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     state = None
     if is_sharded(model):  # collective: every rank takes part, rank 0 gets the whole state dict
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not DIST.master:
         return
-    getattr(model, "module", model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    if state is not None:  # fully_shard renamed the class to FSDP<Name>: record the real architecture
-        cfg = json.load(open(os.path.join(tmp, "config.json")))
-        cfg["architectures"] = [a.removeprefix("FSDP") for a in cfg.get("architectures") or []]
-        json.dump(cfg, open(os.path.join(tmp, "config.json"), "w"), indent=2)
-    if tok is not None:
-        tok.save_pretrained(tmp)
-    _swap_in(tmp, folder)
+    with _writing(folder, "model") as tmp:
+        getattr(model, "module", model).save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        if state is not None:  # fully_shard renamed the class to FSDP<Name>: record the real architecture
+            cfg = json.load(open(os.path.join(tmp, "config.json")))
+            cfg["architectures"] = [a.removeprefix("FSDP") for a in cfg.get("architectures") or []]
+            json.dump(cfg, open(os.path.join(tmp, "config.json"), "w"), indent=2)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+
+
+@contextlib.contextmanager
+def _writing(folder, what):
+    """A temp folder beside `folder`, renamed into place when the block ends. A failure midway (disk
+    full, quota, an interrupt) removes the temp folder and leaves `folder` as it was, still loadable.
+    A failed write (OSError) then stops the run with one line saying so (InputError: exit 2): a run
+    that cannot save would only lose more work by going on."""
+    tmp = f"{folder}.tmp-{os.getpid()}"
+
+    def remove():  # a folder (what save_pretrained makes), or a file should a writer have made one
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+    remove()
+    try:
+        yield tmp
+        _swap_in(tmp, folder)
+    except BaseException as e:
+        remove()
+        if not (isinstance(e, OSError) or type(e).__name__ == "SafetensorError"):  # e.g. Ctrl-C: as it was
+            raise
+        kept = f"the previous {what} there is kept and loadable" + " (--resume continues from it)" * (what == "checkpoint")
+        kept = kept if os.path.isdir(folder) else f"there was no {what} there yet"
+        raise InputError(f"saving the {what} to {folder} failed ({type(e).__name__}: {e}); {kept}") from None
 
 
 def _swap_in(tmp, folder):
@@ -731,7 +932,12 @@ def _swap_in(tmp, folder):
     old = f"{folder}.old-{os.getpid()}"
     if os.path.exists(folder):
         os.rename(folder, old)
-    os.rename(tmp, folder)
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        if os.path.exists(old):  # put the previous one back (a kill right here: load_checkpoint finds `old`)
+            os.rename(old, folder)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -1000,37 +1206,67 @@ def rm_score(model, tok, prompts, completions, max_length=None, label=0, batch_s
 
 def rng_state():
     npst = np.random.get_state()
-    return {"python": random.getstate(), "numpy": [npst[0], npst[1].tolist(), *npst[2:]], "torch": torch.get_rng_state()}
+    cuda = torch.cuda.get_rng_state(DIST.device) if DIST.device.type == "cuda" else None  # this rank's device only
+    return {"python": random.getstate(), "numpy": [npst[0], npst[1].tolist(), *npst[2:]],
+            "torch": torch.get_rng_state(), "cuda": cuda}
 
 
 def set_rng_state(s):
     random.setstate(tuple(v if not isinstance(v, list) else tuple(v) for v in s["python"]))
     n = s["numpy"]; np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
     torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and DIST.device.type == "cuda":
+        torch.cuda.set_rng_state(s["cuda"], DIST.device)
 
 
-def save_checkpoint(folder, model, tok, step, optimizer=None, scheduler=None, extra=None):
+def save_checkpoint(folder, model, tok, step, optimizer=None, scheduler=None, extra=None, rng=None):
     """An HF folder (safetensors) + state.pt (optimizer, scheduler, step, RNG, extra), written
-    to a temp folder and renamed into place, so a crash never leaves a half-written checkpoint."""
+    to a temp folder and renamed into place, so a crash never leaves a half-written checkpoint;
+    a failed write keeps the previous checkpoint and stops the run with one line (_writing).
+    rng: an rng_state() taken earlier, at the start of the step a Ctrl-C interrupted, so that
+    --resume redoes that step with the same random numbers (default: the state now)."""
     if not DIST.master:
         return
+    with _writing(folder.rstrip("/"), "checkpoint") as tmp:
+        getattr(model, "module", model).save_pretrained(tmp, safe_serialization=True)
+        if tok is not None:
+            tok.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": optimizer.state_dict() if optimizer else None,
+                    "scheduler": scheduler.state_dict() if scheduler else None, "rng": rng or rng_state(), "extra": extra or {}},
+                   os.path.join(tmp, "state.pt"))
+
+
+def checkpoint_folder(folder):
+    """`folder`, or, when a save was killed between its two renames (_swap_in), the previous
+    checkpoint it had moved aside to <folder>.old-<pid> (read where it is: under torchrun every
+    rank reads it, none may move it)."""
     folder = folder.rstrip("/")
-    tmp = f"{folder}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    getattr(model, "module", model).save_pretrained(tmp, safe_serialization=True)
-    if tok is not None:
-        tok.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict() if optimizer else None,
-                "scheduler": scheduler.state_dict() if scheduler else None, "rng": rng_state(), "extra": extra or {}},
-               os.path.join(tmp, "state.pt"))
-    _swap_in(tmp, folder)
+    if os.path.isfile(os.path.join(folder, "state.pt")):
+        return folder
+    import glob
+    old = [f for f in glob.glob(glob.escape(folder) + ".old-*") if os.path.isfile(os.path.join(f, "state.pt"))]
+    check(old, f"--resume: no checkpoint in {folder}")
+    old.sort(key=os.path.getmtime)
+    print0(f"[common] {folder} is missing (a save was cut off): resuming from the previous checkpoint, {old[-1]}")
+    return old[-1]
+
+
+def checkpoint_state(folder):
+    """state.pt of a checkpoint (step, optimizer, scheduler, rng, extra), read with weights_only=True:
+    no pickled code is ever executed."""
+    folder = checkpoint_folder(folder)
+    try:
+        return torch.load(os.path.join(folder, "state.pt"), weights_only=True)
+    except Exception as e:  # e.g. a pickled object weights_only refuses to build
+        raise InputError(f"--resume: {folder}/state.pt is not a checkpoint this code wrote ({type(e).__name__})") from None
 
 
 def load_checkpoint(folder, model, optimizer=None, scheduler=None):
     """Restore weights (safetensors), optimizer, scheduler and RNG from `folder`; returns
-    (step, extra). torch.load(weights_only=True): no pickled code is ever executed."""
+    (step, extra)."""
     from safetensors.torch import load_file
-    check(os.path.isfile(os.path.join(folder, "state.pt")), f"--resume: no checkpoint in {folder}")
+    folder = checkpoint_folder(folder)
+    st = checkpoint_state(folder)
     m = getattr(model, "module", model)
     sd = {}
     for f in sorted(os.listdir(folder)):
@@ -1040,10 +1276,6 @@ def load_checkpoint(folder, model, optimizer=None, scheduler=None):
     check(not unexpected and all("lm_head" in k for k in missing), f"--resume: {folder} does not match the model")
     if getattr(m.config, "tie_word_embeddings", False):
         m.tie_weights()
-    try:
-        st = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
-    except Exception as e:  # e.g. a pickled object weights_only refuses to build
-        raise InputError(f"--resume: {folder}/state.pt is not a checkpoint this code wrote ({type(e).__name__})") from None
     if optimizer is not None and st["optimizer"]:
         optimizer.load_state_dict(st["optimizer"])
     if scheduler is not None and st["scheduler"]:

@@ -190,7 +190,7 @@ def judge_pairs(args, prompts, problems, answers_a, answers_b):
     if args.judge == "verifier":
         return [(C.verify(p, a) > C.verify(p, b)) - (C.verify(p, a) < C.verify(p, b)) for p, a, b in zip(problems, answers_a, answers_b)]
     if args.judge_lm is None:  # reward model: a sequence classifier scoring prompt + answer
-        rm, rtok = C.load_model(args.judge, kind="reward", trust_remote_code=args.trust_remote_code)
+        rm, rtok = C.load_model(args.judge, kind="reward", trust_remote_code=args.trust_remote_code, flag="--judge")
         rm.eval()
 
         def score(answers):
@@ -198,7 +198,7 @@ def judge_pairs(args, prompts, problems, answers_a, answers_b):
                 return C.rm_score(rm, rtok, prompts, answers, batch_size=16).tolist()
         sa, sb = score(answers_a), score(answers_b)
         return [(x > y) - (x < y) for x, y in zip(sa, sb)]
-    jm, jtok = C.load_model(args.judge_lm, trust_remote_code=args.trust_remote_code)
+    jm, jtok = C.load_model(args.judge_lm, trust_remote_code=args.trust_remote_code, flag="--judge-lm")
 
     def verdicts(first, second):
         msgs = [[{"role": "system", "content": JUDGE_SYSTEM},
@@ -219,14 +219,16 @@ def eval_prompts(args, heldout, problems):
         return [p["prompt"] for p in problems], problems
     if spec == "heldout":
         return [p["prompt"] for p in heldout], [p.get("problem") for p in heldout]
-    rows, prompts = C.read_rows(spec)[:args.eval_n], []
+    rows, prompts = C.read_rows(spec, flag="--eval-prompts")[:args.eval_n], []
     for i, r in enumerate(rows, 1):
+        where = f"--eval-prompts {spec} row {i}"
         if "turns" in r:
-            check(isinstance(r["turns"], list) and r["turns"], f"{spec} row {i}: field 'turns' must be a non-empty list")
+            check(isinstance(r["turns"], list) and r["turns"] and isinstance(r["turns"][0], str),
+                  f"{where}: field 'turns' must be a non-empty list of text")
             prompts.append([{"role": "user", "content": r["turns"][0]}])
         else:
             key = next((k for k in ("prompt", "instruction", "question") if k in r), "prompt")
-            C.require(r, [key], f"{spec} row {i}")
+            C.require(r, [key], where)
             prompts.append(r[key] if not isinstance(r[key], str) or args.dataset is None else [{"role": "user", "content": r[key]}])
     check(prompts, f"--eval-prompts {spec}: no rows")
     return prompts, [None] * len(prompts)
@@ -244,7 +246,8 @@ def greedy_answers(model, tok, prompts, max_new_tokens):
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Direct Preference Optimization (Rafailov et al. 2023) + win-rate evaluation")
     p.add_argument("--model", default="tiny", help="start (SFT) model: built-in name, local folder or hub id; also the reference")
-    p.add_argument("--dataset", default=None, help="preference pairs: hub id (UltraFeedback binarized, hh-rlhf) or local jsonl/parquet/.jsonl.gz; default: built-in task pairs")
+    p.add_argument("--dataset", default=None, help="preference pairs: hub id (UltraFeedback binarized, hh-rlhf) or "
+                   "local .jsonl/.json/.parquet (or .gz); default: built-in task pairs")
     p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic or countdown")
     p.add_argument("--skip-bad-rows", action="store_true", help="--dataset: drop (and count) rows with a missing field, empty text or chosen == rejected instead of stopping")
     p.add_argument("--builtin", default="model", choices=["model", "corrupt"], help="built-in pairs' rejected answers: the start model's own wrong samples, or hand-made errors (dropped carry, off-by-one)")
@@ -302,7 +305,9 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    d = C.setup(args.seed, args.device)
+    d = C.setup(args.seed, args.device, out=args.out)
+    for flag, name in (("--judge", args.judge), ("--judge-lm", args.judge_lm)):  # loaded after the training
+        C.check_model_path(name, flag)
     check(args.batch_size % d.world_size == 0, f"--batch-size {args.batch_size} must be divisible by the {d.world_size} ranks")
     t0, ckpt = time.time(), os.path.join(args.out, "checkpoint")
 
@@ -333,6 +338,7 @@ def main(argv=None):
     else:
         train = C.load_pairs(args.dataset, "train", args.n_pairs, args.skip_bad_rows)
         heldout = C.load_pairs(args.dataset, "test_prefs" if "ultrafeedback" in args.dataset else "test", args.eval_n, args.skip_bad_rows)
+    C.warn_unknown_chars(tok, train + heldout, args.dataset)
     fits = lambda p: len(C.prompt_ids(tok, p["prompt"])) <= min(args.max_prompt_len, max_len // 2)
     n0, train, heldout = len(train), [p for p in train if fits(p)], [p for p in heldout if fits(p)]
     print0(f"{len(train)} training pairs ({n0 - len(train)} dropped: prompt > {min(args.max_prompt_len, max_len // 2)} tokens), {len(heldout)} held out")

@@ -55,7 +55,7 @@ import common  # common.DIST is rebound by setup(): always read it through the m
 from common import (InputError, Logger, all_gather_list, all_reduce_mean, check, cleanup, evaluate, format_ok,
                     friendly_errors, generate, heldout, load_checkpoint, load_model, load_problems, make_task,
                     nan_guard, plot_metrics, print0, read_metrics, save_checkpoint, save_pretrained_atomic, setup,
-                    token_logprobs, verify, write_summary)
+                    token_logprobs, verify, warn_unknown_chars, write_summary)
 
 # ----------------------------------------------------------------------------- the loss
 
@@ -184,8 +184,10 @@ def prompt_indices(n, per_step, seed, step):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="GRPO: group-relative policy optimization with a verifier reward")
     p.add_argument("--model", default="tiny", help="'tiny' (built in), a local HF folder or a hub id")
-    p.add_argument("--dataset", default=None, help="hub id (openai/gsm8k) or local .jsonl/.parquet (GSM8K, Countdown or MATH rows); default: the built-in --task")
+    p.add_argument("--dataset", default=None, help="hub id (openai/gsm8k) or local .jsonl/.json/.parquet, or .gz of "
+                   "one (GSM8K, Countdown or MATH rows); default: the built-in --task")
     p.add_argument("--eval-dataset", default=None, help="held-out problems; default: the hub dataset's test split, or the last --eval-n rows of a local --dataset")
+    p.add_argument("--skip-bad-rows", action="store_true", help=common.SKIP_BAD_ROWS)
     p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic or countdown")
     p.add_argument("--difficulty", type=int, default=None, help="built-in task difficulty (arithmetic digits / countdown numbers)")
     p.add_argument("--train-n", type=int, default=None, help="training problems (default: 2000 built-in, all rows of a --dataset)")
@@ -245,7 +247,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    d = setup(args.seed, args.device)
+    d = setup(args.seed, args.device, out=args.out)
     check(args.prompts_per_step % d.world_size == 0,
           f"--prompts-per-step {args.prompts_per_step} must be divisible by the {d.world_size} ranks (every group on one rank)")
     t_start, threads = time.time(), torch.get_num_threads()  # threads restored at the end: tests call main()
@@ -256,14 +258,14 @@ def main(argv=None) -> dict:
     if args.dataset:
         local = os.path.isfile(args.dataset)
         n = args.train_n + args.eval_n if args.train_n and local and not args.eval_dataset else args.train_n
-        train = load_problems(args.dataset, "train", n)
+        train = load_problems(args.dataset, "train", n, args.skip_bad_rows)
         if args.eval_dataset:
-            test = load_problems(args.eval_dataset, "test", args.eval_n)
+            test = load_problems(args.eval_dataset, "test", args.eval_n, args.skip_bad_rows, "--eval-dataset")
         elif local:  # one local file: hold its last eval_n rows out
             check(len(train) > args.eval_n, f"--dataset {args.dataset}: {len(train)} rows, need more than --eval-n {args.eval_n}")
             train, test = train[:-args.eval_n], train[-args.eval_n:]
         else:
-            test = load_problems(args.dataset, "test", args.eval_n)
+            test = load_problems(args.dataset, "test", args.eval_n, args.skip_bad_rows)
     else:
         train = make_task(args.task, args.train_n or 2000, args.seed, "train", args.difficulty)
         test = heldout(args.task, args.eval_n, args.difficulty)
@@ -271,6 +273,7 @@ def main(argv=None) -> dict:
 
     # -- models: the policy (fp32 master weights) and, only when beta > 0, a frozen reference
     model, tok = load_model(args.model, device=d.device, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
+    warn_unknown_chars(tok, train + test, args.dataset)
     for mod in model.modules():  # dropout off: ρ must be exactly 1 on the first update
         if isinstance(mod, torch.nn.Dropout):
             mod.p = 0.0
@@ -285,8 +288,6 @@ def main(argv=None) -> dict:
     if args.resume:  # the checkpoint also restores the RNG: the next samples are the ones we would have drawn
         start, extra = load_checkpoint(ckpt, model, opt, sched)
         before = extra["before"]
-        if extra.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(extra["cuda_rng"])
         print0(f"[grpo] resumed from {ckpt} at step {start}")
     else:
         with autocast():
@@ -301,14 +302,13 @@ def main(argv=None) -> dict:
     loss_kw = dict(eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,
                    max_completion_length=args.max_new_tokens)
 
-    def save(step):
-        cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        save_checkpoint(ckpt, model, tok, step, opt, sched, extra={"before": before, "cuda_rng": cuda_rng})
+    def save(step, rng=None):  # rng: from the start of an interrupted step (common.rng_state: CUDA's too)
+        save_checkpoint(ckpt, model, tok, step, opt, sched, extra={"before": before}, rng=rng)
 
-    step = start
+    step, rng0 = start, None
     try:
         for step in tqdm(range(start, args.steps), desc="grpo", disable=not d.master or None, initial=start, total=args.steps):
-            t0 = time.time()
+            t0, rng0 = time.time(), common.rng_state()
             # -- 1. rollouts: G samples for each of this rank's prompts (rows grouped by prompt)
             problems = d.shard([train[i] for i in prompt_indices(len(train), args.prompts_per_step, args.seed, step)])
             with autocast():
@@ -354,8 +354,8 @@ def main(argv=None) -> dict:
             logger.log(step, **m)
             if args.save_every and (step + 1) % args.save_every == 0:
                 save(step + 1)
-    except KeyboardInterrupt:  # the interrupted step is redone on --resume
-        save(step)
+    except KeyboardInterrupt:  # the interrupted step is redone on --resume, with the same samples
+        save(step, rng0)
         print0(f"[grpo] interrupted: checkpoint at step {step} in {ckpt}; continue with --resume")
         cleanup(barrier=False)
         raise SystemExit(130)

@@ -199,8 +199,8 @@ def load_unpaired(spec, split="train", n=None, skip_bad=False):
     or chat messages, completion a string or messages (the last message's content), label a
     bool (or 0/1). Paired data (chosen/rejected, no label) becomes two rows, True and False, as
     TRL does. A bad row raises an InputError naming the row and the field (skip_bad: dropped)."""
-    rows = [] if spec.endswith(".gz") else C.read_rows(spec, split)
-    if spec.endswith(".gz") or (rows and "label" not in rows[0] and "chosen" in rows[0]):
+    rows = C.read_rows(spec, split)
+    if "label" not in rows[0] and "chosen" in rows[0]:
         return [dict(prompt=p["prompt"], completion=p[k], label=k == "chosen") for p in C.load_pairs(spec, split, n, skip_bad) for k in ("chosen", "rejected")]
     return C.keep_good_rows(rows[:n] if n else rows, spec, unpaired_row, skip_bad)
 
@@ -308,7 +308,9 @@ def parse_args(argv):
     p.add_argument("--builtin", default="model", choices=["model", "corrupt"], help="built-in data's bad answers: the start model's own wrong samples, or hand-made errors (dropped carry, off-by-one)")
     p.add_argument("--sample-tries", type=int, default=2, help="--builtin model: answers sampled per prompt to find a wrong one")
     p.add_argument("--sample-temperature", type=float, default=0.7, help="--builtin model: sampling temperature")
-    p.add_argument("--skip-bad-rows", action="store_true", help="--dataset: drop (and count) rows with a missing field, empty text or chosen == rejected instead of stopping")
+    p.add_argument("--skip-bad-rows", action="store_true", help="--dataset: drop (and count) rows with a missing "
+                   "field, empty text or chosen == rejected (with --make-dataset: problems the verifier cannot check) "
+                   "instead of stopping")
     p.add_argument("--n-train", type=int, default=4096, help="training rows at most (--builtin model: prompts sampled; rows = those with a wrong answer)")
     p.add_argument("--steps", type=int, default=160, help="optimizer updates (0: only make/evaluate)")
     p.add_argument("--batch-size", type=int, default=32, help="GLOBAL batch in rows (pairs or unpaired examples), split over ranks")
@@ -355,7 +357,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    d = C.setup(args.seed, args.device)
+    d = C.setup(args.seed, args.device, out=args.out)
     check(args.batch_size % d.world_size == 0, f"--batch-size {args.batch_size} must be divisible by the {d.world_size} ranks")
     t0, ckpt, kto, paired = time.time(), os.path.join(args.out, "checkpoint"), args.loss == "kto", args.loss != "kto"
     model, tok = C.load_model(args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
@@ -375,10 +377,11 @@ def main(argv=None):
         if args.dataset is None:
             train_p, problems = C.make_task(args.task, args.n_prompts, args.seed), C.heldout(args.task, args.eval_n)
         else:
-            rows = C.load_problems(args.dataset)
+            rows = C.load_problems(args.dataset, skip_bad=args.skip_bad_rows)
             check(len(rows) > args.eval_n, f"--dataset {args.dataset}: {len(rows)} problems, need more than --eval-n {args.eval_n}")
             train_p, problems = rows[:-args.eval_n][:args.n_prompts], rows[-args.eval_n:]
-        judge = None if args.judge is None else C.load_model(args.judge, kind="reward", trust_remote_code=args.trust_remote_code)
+        judge = None if args.judge is None else \
+            C.load_model(args.judge, kind="reward", trust_remote_code=args.trust_remote_code, flag="--judge")
         mk = lambda ps: make_dataset(model, tok, ps, args.samples, args.max_new_tokens, args.temperature, judge, args.judge_threshold)
         (pairs, unpaired), (h_pairs, h_unpaired) = mk(train_p), mk(problems)  # held-out rows: answers to the test prompts
         if d.master:
@@ -409,6 +412,7 @@ def main(argv=None):
         else:
             train = load(args.dataset, "train", args.n_train)
             heldout = load(args.dataset, "test_prefs" if "ultrafeedback" in args.dataset else "test", args.eval_n)
+    C.warn_unknown_chars(tok, train + heldout, args.dataset)
     fits = lambda r: len(C.prompt_ids(tok, r["prompt"])) <= max_len // 2
     n0, train, heldout = len(train), [r for r in train if fits(r)], [r for r in heldout if fits(r)]
     print0(f"{len(train)} training rows ({n0 - len(train)} dropped: prompt > {max_len // 2} tokens), {len(heldout)} held out")

@@ -138,7 +138,9 @@ def kl_to_initial(policy, init, tok, problems, max_new_tokens):
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Iterative / online DPO with a verifier, RM or self judge")
     p.add_argument("--model", default="tiny", help="starting policy: built-in name, local folder or hub id")
-    p.add_argument("--dataset", default=None, help="prompts with answers (GSM8K/Countdown/MATH rows, hub id or jsonl/parquet); default: built-in task")
+    p.add_argument("--dataset", default=None, help="prompts with answers (GSM8K/Countdown/MATH rows, hub id or "
+                   ".jsonl/.json/.parquet, or .gz); default: built-in task")
+    p.add_argument("--skip-bad-rows", action="store_true", help=C.SKIP_BAD_ROWS)
     p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic or countdown")
     p.add_argument("--judge", default="verifier", help="'verifier' (gold checker), 'self' (policy as LLM-as-a-judge) or a reward-model folder / hub id")
     p.add_argument("--rounds", type=int, default=4, help="generate -> judge -> DPO rounds")
@@ -175,20 +177,22 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    d = C.setup(args.seed, args.device)
+    d = C.setup(args.seed, args.device, out=args.out)
     check(args.batch_size % d.world_size == 0, f"--batch-size {args.batch_size} must be divisible by the {d.world_size} ranks")
     t0 = time.time()
     policy, tok = C.load_model(args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
     init = copy.deepcopy(policy).eval().requires_grad_(False)  # the initial model, for KL only
-    rm = C.load_model(args.judge, kind="reward", trust_remote_code=args.trust_remote_code) if args.judge not in ("verifier", "self") else None
+    rm = C.load_model(args.judge, kind="reward", trust_remote_code=args.trust_remote_code, flag="--judge") \
+        if args.judge not in ("verifier", "self") else None
     if rm:
         rm[0].eval()
     if args.dataset is None:
         pool, test = C.make_task(args.task, 4096, args.seed), C.heldout(args.task, args.eval_n)
     else:
-        rows = C.load_problems(args.dataset)
+        rows = C.load_problems(args.dataset, skip_bad=args.skip_bad_rows)
         check(len(rows) > args.eval_n, f"--dataset {args.dataset}: {len(rows)} rows, need more than --eval-n {args.eval_n}")
         pool, test = rows[:-args.eval_n], rows[-args.eval_n:]
+        C.warn_unknown_chars(tok, rows, args.dataset)
     check(args.judge != "verifier" or all(p.get("answer") for p in test), "--judge verifier needs problems with answers")
     logger = C.Logger(args.out, vars(args), args.wandb)
     rng = random.Random(args.seed)

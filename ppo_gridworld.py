@@ -242,10 +242,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        raise common.InputError(f"--device {args.device!r}: {e}") from None
+    device = common.get_device(args.device)  # not here: one line naming the devices that are
+    common.check_out(args.out)
     common.set_seed(args.seed)
     threads = torch.get_num_threads()  # restored at the end: main() may be called from a test
     torch.set_num_threads(args.threads)  # batch <= 1k rows: thread start-up costs more than it saves

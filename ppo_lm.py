@@ -65,10 +65,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from common import (DIST, HELDOUT_N, HELDOUT_SEED, REVIEWS_RM, Logger, all_gather_list, all_reduce_mean, check, cleanup,
-                    diversity, evaluate, friendly_errors, generate, heldout, load_checkpoint, load_model, load_problems,
-                    logits_logprobs, make_task, nan_guard, plot_metrics, position_ids, print0, read_rows, require,
-                    rm_score, save_checkpoint, save_pretrained_atomic, setup, verify, write_summary)
+from common import (DIST, HELDOUT_N, HELDOUT_SEED, REVIEWS_RM, SKIP_BAD_ROWS, Logger, all_gather_list, all_reduce_mean,
+                    check, cleanup, diversity, evaluate, friendly_errors, generate, heldout, load_checkpoint, load_model,
+                    load_problems, logits_logprobs, make_task, nan_guard, plot_metrics, position_ids, print0, read_rows,
+                    require, rm_score, rng_state, save_checkpoint, save_pretrained_atomic, setup, verify,
+                    warn_unknown_chars, write_summary)
 
 # ----------------------------------------------------------------------------- the pieces of PPO-RLHF
 
@@ -189,7 +190,8 @@ def make_scorer(args, device):
     --reward-label of prompt + completion (common.rm_score: the classifier's own tokenizer/template)."""
     if args.reward == "verifier":
         return lambda problems, texts: torch.tensor([float(verify(p, t)) for p, t in zip(problems, texts)], device=device)
-    rm, rm_tok = load_model(args.reward_model, kind="reward", device=device, trust_remote_code=args.trust_remote_code)
+    rm, rm_tok = load_model(args.reward_model, kind="reward", device=device, trust_remote_code=args.trust_remote_code,
+                            flag="--reward-model")
     rm.eval().requires_grad_(False)
     n_labels = rm.config.num_labels
     label = args.reward_label if args.reward_label is not None else (0 if n_labels == 1 else 1)
@@ -216,14 +218,18 @@ def load_data(args, tok):
         return (make_task(args.task, args.train_n or 2000, args.seed, "train"), heldout(args.task, args.eval_n))
     local, rows = os.path.isfile(args.dataset), read_rows(args.dataset, "train")
     check(rows, f"--dataset {args.dataset}: no rows")
+    warn_unknown_chars(tok, rows, args.dataset)
     if local:
         check(len(rows) > args.eval_n, f"--dataset {args.dataset}: {len(rows)} rows, need more than --eval-n {args.eval_n}")
     if "text" in rows[0]:
         test_rows = rows[-args.eval_n:] if local else read_rows(args.dataset, "test")
-        return (review_prompts(rows[:-args.eval_n] if local else rows, tok, args.train_n or 5000, args.seed, args.dataset),
-                review_prompts(test_rows, tok, args.eval_n, HELDOUT_SEED, args.dataset))
-    probs = load_problems(args.dataset, "train", args.train_n + args.eval_n if local and args.train_n else args.train_n)
-    return (probs[:-args.eval_n], probs[-args.eval_n:]) if local else (probs, load_problems(args.dataset, "test", args.eval_n))
+        where = f"--dataset {args.dataset}"
+        return (review_prompts(rows[:-args.eval_n] if local else rows, tok, args.train_n or 5000, args.seed, where),
+                review_prompts(test_rows, tok, args.eval_n, HELDOUT_SEED, where))
+    n = args.train_n + args.eval_n if local and args.train_n else args.train_n
+    probs = load_problems(args.dataset, "train", n, args.skip_bad_rows)
+    return (probs[:-args.eval_n], probs[-args.eval_n:]) if local else \
+        (probs, load_problems(args.dataset, "test", args.eval_n, args.skip_bad_rows))
 
 
 def distinct_n(seqs, n=2):
@@ -266,7 +272,9 @@ def evaluate_policy(ac, ref, tok, test, score_fn, args, has_gold, autocast):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="PPO-RLHF: a policy with a value head, a KL penalty to the reference and a reward model")
     p.add_argument("--model", default="tiny", help="the SFT policy: 'tiny' (built in), a local HF folder or a hub id")
-    p.add_argument("--dataset", default=None, help="prompts: hub id or local .jsonl/.parquet with a `text` field (review prefixes) or GSM8K/Countdown/MATH rows; default: the built-in --task")
+    p.add_argument("--dataset", default=None, help="prompts: hub id or local .jsonl/.json/.parquet (or .gz) with a "
+                   "`text` field (review prefixes) or GSM8K/Countdown/MATH rows; default: the built-in --task")
+    p.add_argument("--skip-bad-rows", action="store_true", help=SKIP_BAD_ROWS)
     p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic, countdown or "
                    "reviews (week 3: the tiny-reviews policy, rewarded by the built-in sentiment RM, judged by the gold rule)")
     p.add_argument("--reward", default=None, choices=["verifier", "model"], help="reward source (default: 'model' when --reward-model is given, else 'verifier' = 1 if correct)")
@@ -379,12 +387,13 @@ def run(args, out):
     policy = torch.nn.parallel.DistributedDataParallel(ac) if W > 1 else ac
     logger = Logger(out, config=vars(args), wandb=args.wandb, resume_step=start - 1 if args.resume else None)
     B, mb, micro = args.batch_size // W, args.mini_batch // W, args.micro_batch
-    save = lambda s: save_checkpoint(ckpt, model, tok, s, opt, extra={"v_head": ac.v_head.state_dict(), "kl_coef": kl_ctl.value, "before": before})
+    save = lambda s, rng=None: save_checkpoint(ckpt, model, tok, s, opt, rng=rng, extra={
+        "v_head": ac.v_head.state_dict(), "kl_coef": kl_ctl.value, "before": before})
 
-    step = start
+    step, rng0 = start, None
     try:
         for step in tqdm(range(start, args.steps), desc="ppo", disable=not d.master or None, initial=start, total=args.steps):
-            t0 = time.time()
+            t0, rng0 = time.time(), rng_state()  # rng0: an interrupted step is redone with the same samples
             # -- 1. rollouts: one completion per prompt (the step's prompts are a function of seed and step)
             problems = d.shard([train[i] for i in random.Random(args.seed * 1_000_003 + step).sample(range(len(train)), args.batch_size)])
             with autocast():
@@ -438,8 +447,8 @@ def run(args, out):
             logger.log(step, **m)
             if args.save_every and (step + 1) % args.save_every == 0:
                 save(step + 1)
-    except KeyboardInterrupt:  # the interrupted step is redone on --resume
-        save(step)
+    except KeyboardInterrupt:  # the interrupted step is redone on --resume, with the same samples
+        save(step, rng0)
         print0(f"[ppo_lm] interrupted: checkpoint at step {step} in {ckpt}; continue with --resume")
         cleanup(barrier=False)
         raise SystemExit(130)
@@ -488,7 +497,7 @@ def plot_two(out, xs, left, right, filename, title, notes=None, xlabel="KL(π ||
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    setup(args.seed, args.device)
+    setup(args.seed, args.device, out=args.out)
     if not args.kl_sweep:
         summary = run(args, args.out)
     else:  # alignment tax: the same run (same seed, same prompts) at several fixed β and the adaptive controller

@@ -18,7 +18,8 @@ label per step (PRM, at each step's last token).
 Outputs in --out (default out/prm): metrics.jsonl, curves.png, best_of_n.png, summary.json
 (best-of-N accuracy per method and N, step accuracy/F1/AUC, first-error localisation, before and
 after training), model/ and orm/ (HF folders: causal LMs to score against --rm-model for
-logratio, AutoModelForTokenClassification / SequenceClassification for classifier).
+logratio, AutoModelForTokenClassification / SequenceClassification for classifier), checkpoint/
+(--save-every N, or on Ctrl-C: both verifiers, their optimizers and the batch order; --resume is exact).
 Measured results (mean ± sd over seeds; one T=1 sample vs best-of-N selection by the PRM, on the
 first --n-eval problems of the shared held-out set common.heldout()): README 'Results',
 `python tests/bench/cross_algorithm.py --seeds 0,1,2 --only prm`.
@@ -161,16 +162,22 @@ def parse_prm800k(rows, where="prm800k"):
     return out
 
 
-def load_step_data(spec, n=None):
+def parse_trl(row, where):
+    """TRL's stepwise rows: prompt, completions (the steps), labels (one bool per step)."""
+    common.require(row, ["prompt", "completions", "labels"], where)
+    return row["prompt"], list(row["completions"]), [bool(x) for x in row["labels"]]
+
+
+def load_step_data(spec, n=None, skip_bad=False):
     """Labelled solutions from a file or hub id in one of the three step-label formats."""
     rows = common.read_rows(spec, "train")
-    check(rows, f"--dataset {spec}: no rows")
+    rows = rows[:n] if n and "next_response" not in rows[0] else rows   # PRM800K: n rated rows, below
     if "input" in rows[0] and "label" in rows[0]:
-        data = [parse_math_shepherd(r, f"{spec} row {i}") for i, r in enumerate(rows[:n] if n else rows, 1)]
+        data = common.keep_good_rows(rows, spec, parse_math_shepherd, skip_bad)
     elif "next_response" in rows[0]:
-        data = parse_prm800k(rows, spec)[:n]
+        data = parse_prm800k(rows, f"--dataset {spec}")[:n]
     elif {"prompt", "completions", "labels"} <= set(rows[0]):
-        data = [(r["prompt"], list(r["completions"]), [bool(x) for x in r["labels"]]) for r in (rows[:n] if n else rows)]
+        data = common.keep_good_rows(rows, spec, parse_trl, skip_bad)
     else:
         raise common.InputError(f"--dataset {spec}: unknown columns {sorted(rows[0])}; expected Math-Shepherd (input, label), "
                                 "PRM800K (instruction, responses, next_response, rating) or prompt/completions/labels")
@@ -343,6 +350,7 @@ def parse_args(argv):
                    "(file or hub id); default: built-in --task solutions sampled from the policy")
     p.add_argument("--problems", default="", help="held-out problems for best-of-N with --dataset (GSM8K/MATH file or hub id, "
                    "steps = lines); default: the built-in task's test split (none with --dataset)")
+    p.add_argument("--skip-bad-rows", action="store_true", help=common.SKIP_BAD_ROWS)
     p.add_argument("--task", default="arithmetic", help="built-in task (arithmetic: the one with step labels)")
     p.add_argument("--n-train", type=int, default=1024, help="training problems (built-in) or labelled solutions (--dataset)")
     p.add_argument("--samples-per-problem", type=int, default=2, help="policy samples per training problem (built-in)")
@@ -361,7 +369,8 @@ def parse_args(argv):
     p.add_argument("--prm-agg", default="min", choices=["min", "prod"], help="PRM solution score: min of step "
                    "probabilities (Math-Shepherd) or their product (Lightman et al.; favours short solutions)")
     p.add_argument("--log-every", type=int, default=25, help="log every this many steps")
-    p.add_argument("--resume", action="store_true", help="resume training from <out>/checkpoint")
+    p.add_argument("--save-every", type=int, default=0, help="write <out>/checkpoint every N steps (0: only on Ctrl-C)")
+    p.add_argument("--resume", action="store_true", help="resume training from <out>/checkpoint (same flags; exact)")
     p.add_argument("--out", default="out/prm", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
@@ -370,6 +379,7 @@ def parse_args(argv):
     a = p.parse_args(argv)
     for k in ("n_train", "samples_per_problem", "max_new_tokens", "max_len", "steps", "batch_size", "n_eval", "max_n", "subsets", "log_every"):
         check(getattr(a, k) >= 1, f"--{k.replace('_', '-')} must be >= 1, got {getattr(a, k)}")
+    check(a.save_every >= 0, f"--save-every must be >= 0, got {a.save_every}")
     check(a.lr > 0, f"--lr must be > 0, got {a.lr}")
     check(a.beta > 0, f"--beta must be > 0, got {a.beta}")
     check(a.temperature > 0, f"--temperature must be > 0 (best-of-N needs sampling), got {a.temperature}")
@@ -391,7 +401,7 @@ def token_classifier(orm, trust_remote_code):
 
 def main(argv=None):
     args, t0 = parse_args(argv), time.time()
-    d = common.setup(args.seed, args.device)
+    d = common.setup(args.seed, args.device, out=args.out)
     builtin = not args.dataset
     sep = ";" if builtin else "\n"
 
@@ -399,6 +409,7 @@ def main(argv=None):
     kw = dict(trust_remote_code=args.trust_remote_code)
     policy, ptok = common.load_model(args.model, **kw) if builtin or args.problems else (None, None)
     backbone = args.rm_model or args.model
+    kw["flag"] = "--rm-model" if args.rm_model else "--model"
     if args.head == "logratio":     # two trainable copies of the LM and the frozen original
         (prm, tok), (orm, _) = [common.load_model(backbone, **kw) for _ in range(2)]
         ref = policy if policy is not None and backbone == args.model else common.load_model(backbone, **kw)[0]
@@ -418,12 +429,15 @@ def main(argv=None):
                  for t in out["texts"][i * k:(i + 1) * k] + [p["solution"], common.corrupt(p, rng), slip(p, rng)]]
         heldout = []
     else:
-        data = load_step_data(args.dataset, args.n_train)
+        data = load_step_data(args.dataset, args.n_train, args.skip_bad_rows)
+        common.warn_unknown_chars(tok, data, args.dataset)
         test = lambda it: zlib.crc32(it["prompt"][0]["content"].encode()) % 10 == 0   # 10% of prompts
         train, heldout = d.shard([it for it in data if not test(it)]), d.shard([it for it in data if test(it)])
     check(train, "no training solutions on this rank (more --n-train than ranks, please)")
     probs = (common.heldout(args.task, args.n_eval) if builtin else
-             common.load_problems(args.problems, "test", args.n_eval) if args.problems else [])
+             common.load_problems(args.problems, "test", args.n_eval, args.skip_bad_rows, "--problems") if args.problems
+             else [])
+    common.warn_unknown_chars(ptok, probs, args.problems, "--problems")
     cands, mine = [], d.shard(probs)
     if mine:
         out = common.generate(policy, ptok, [p["prompt"] for p in mine], n=args.max_n, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
@@ -445,14 +459,28 @@ def main(argv=None):
     warm = max(1, args.steps // 20)   # linear warm-up, then cosine decay to 10%
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / args.steps))))
               for o in opts]
-    ckpt, start = os.path.join(args.out, "checkpoint"), 0
+    # One checkpoint holds both verifiers (the ORM inside state.pt), so they cannot be from different
+    # steps, and every rank's batch order and RNG, so --resume continues the same run.
+    ckpt, start, order = os.path.join(args.out, "checkpoint"), 0, []
     if args.resume:
-        start, _ = common.load_checkpoint(ckpt, prm, opts[0], scheds[0])
-        common.load_checkpoint(ckpt + "-orm", orm, opts[1], scheds[1])
-    logger = common.Logger(args.out, vars(args), args.wandb)
-    order, step = [], start
+        start, extra = common.load_checkpoint(ckpt, prm, opts[0], scheds[0])
+        check("orm" in extra, f"--resume: {ckpt} was written by an older prm.py (no ORM inside); start afresh")
+        getattr(orm, "module", orm).load_state_dict(extra["orm"])
+        opts[1].load_state_dict(extra["orm_opt"]); scheds[1].load_state_dict(extra["orm_sched"])
+        order, st = extra["ranks"][d.rank]
+        rng.setstate((st[0], tuple(st[1]), st[2]))
+        print0(f"[prm] resumed from {ckpt} at step {start}")
+    logger = common.Logger(args.out, vars(args), args.wandb, resume_step=start - 1 if args.resume else None)
+
+    def save(step, ranks, rng=None):
+        common.save_checkpoint(ckpt, prm, tok, step, opts[0], scheds[0], rng=rng, extra=dict(
+            orm=getattr(orm, "module", orm).state_dict(), orm_opt=opts[1].state_dict(),
+            orm_sched=scheds[1].state_dict(), ranks=ranks))
+
+    step, at = start, (list(order), rng.getstate(), common.rng_state())
     try:
         for step in tqdm(range(start, args.steps), desc="prm+orm", disable=not d.master or None):
+            at = (list(order), rng.getstate(), common.rng_state())   # this step's start: a Ctrl-C redoes it from here
             while len(order) < args.batch_size:
                 order += rng.sample(range(len(train)), len(train))
             batch, order = [train[i] for i in order[:args.batch_size]], order[args.batch_size:]
@@ -474,10 +502,11 @@ def main(argv=None):
                            prm_step_acc=common.all_reduce_mean(((z_step[sm] > 0) == (b["labels"][sm] > 0.5)).float().mean().item()),
                            orm_acc=common.all_reduce_mean(((z_out > 0) == (b["outcome"] > 0.5)).float().mean().item()),
                            good_step_frac=common.all_reduce_mean(b["labels"][sm].mean().item()), lr=scheds[0].get_last_lr()[0])
-    except KeyboardInterrupt:
-        common.save_checkpoint(ckpt, prm, tok, step, opts[0], scheds[0])
-        common.save_checkpoint(ckpt + "-orm", orm, tok, step, opts[1], scheds[1])
-        print0(f"[prm] interrupted at step {step}: checkpoint in {ckpt}(-orm); --resume continues")
+            if args.save_every and (step + 1) % args.save_every == 0:
+                save(step + 1, common.all_gather_list([(order, rng.getstate())]))
+    except KeyboardInterrupt:  # no collective here (a rank may never arrive): exact for one process
+        save(step, [at[:2]] * d.world_size, at[2])
+        print0(f"[prm] interrupted at step {step}: checkpoint in {ckpt}; --resume continues")
         raise SystemExit(130)
 
     # ---- evaluation: best-of-N and step-level metrics, before vs after -----------------

@@ -163,7 +163,9 @@ def run_grpo(sft_model, tok, train, args):
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Reasoning specialist: SFT -> sample -> verify -> RFT / DPO / GRPO")
     p.add_argument("--model", default="tiny-untrained", help="starting model: built-in name (tiny-untrained: random weights, so stage 1 is a real SFT), local folder or hub id")
-    p.add_argument("--dataset", default=None, help="puzzles: Countdown (nums/target) or GSM8K rows, hub id or jsonl/parquet; default: built-in")
+    p.add_argument("--dataset", default=None, help="puzzles: Countdown (nums/target) or GSM8K rows, hub id or "
+                   ".jsonl/.json/.parquet (or .gz); default: built-in")
+    p.add_argument("--skip-bad-rows", action="store_true", help=C.SKIP_BAD_ROWS)
     p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic or countdown")
     p.add_argument("--method", default="all", choices=["rft", "dpo", "grpo", "all"], help="which improvement stage(s) to run after SFT")
     p.add_argument("--sft-steps", type=int, default=C.TINY_SFT_STEPS,
@@ -214,14 +216,15 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    d = C.setup(args.seed, args.device)
+    d = C.setup(args.seed, args.device, out=args.out)
     t_start = time.time()
     model, tok = C.load_model(args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
     if args.dataset is None:
         train, test = C.make_task(args.task, args.train_n, args.seed), C.heldout(args.task, args.eval_n)
         sft_data = C.tiny_sft_data(args.sft_steps * args.sft_batch_size or 1, args.seed + 7, args.task)  # as tiny is built
     else:
-        rows = C.load_problems(args.dataset)
+        rows = C.load_problems(args.dataset, skip_bad=args.skip_bad_rows)
+        C.warn_unknown_chars(tok, rows, args.dataset)
         check(len(rows) > args.eval_n, f"--dataset {args.dataset}: {len(rows)} rows, need more than --eval-n {args.eval_n}")
         train, test = rows[:-args.eval_n][:args.train_n], rows[-args.eval_n:]
         sft_data = [(p["prompt"], p["solution"]) for p in rows[:-args.eval_n] if p.get("solution")]

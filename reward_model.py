@@ -140,7 +140,8 @@ def plot_hist(out, before, after):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Bradley-Terry reward model on preference pairs")
     p.add_argument("--model", default="tiny", help="backbone: 'tiny', 'tiny-untrained', a local folder or a hub id (BERT-style or causal LM)")
-    p.add_argument("--dataset", default=None, help="preference data: hub id (Anthropic/hh-rlhf, UltraFeedback binarized) or local .jsonl/.jsonl.gz/.parquet; default: built-in pairs of --task")
+    p.add_argument("--dataset", default=None, help="preference data: hub id (Anthropic/hh-rlhf, UltraFeedback "
+                   "binarized) or local .jsonl/.json/.parquet (or .gz); default: built-in pairs of --task")
     p.add_argument("--task", default="arithmetic", help="built-in task for the default data: arithmetic or countdown")
     p.add_argument("--skip-bad-rows", action="store_true", help="drop (and count) rows with a missing field, empty text or chosen == rejected instead of stopping")
     p.add_argument("--train-size", type=int, default=None, help="training pairs (default: 4096 built-in, every non-held-out row of --dataset); small = a deliberately weak RM")
@@ -175,7 +176,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    d = common.setup(args.seed, args.device)
+    d = common.setup(args.seed, args.device, out=args.out)
     common.check(args.batch_size % d.world_size == 0, f"--batch-size {args.batch_size} must be divisible by the {d.world_size} ranks")
 
     # -- data: (prompt, chosen, rejected) triples
@@ -191,6 +192,7 @@ def main(argv=None) -> dict:
 
     # -- model: one-number head on the backbone (new, randomly initialised: seeded by setup)
     model, tok = common.load_model(args.model, kind="reward", device=d.device, trust_remote_code=args.trust_remote_code)
+    common.warn_unknown_chars(tok, train + test, args.dataset)
     max_pos = getattr(model.config, "max_position_embeddings", None) or 10**9
     max_length = min(args.max_length, max_pos)
     # Saved with the model: common.rm_score in other scripts cuts inputs exactly as training did.
@@ -218,10 +220,11 @@ def main(argv=None) -> dict:
 
     # -- training: one flat loop, every rank runs the same number of forward/backward passes
     model.train()
-    t0, step = time.time(), start
+    t0, step, at = time.time(), start, (list(order), None)
     try:
         for step in tqdm(range(start, args.steps), desc="reward model", disable=not d.master or None):
             # (disable=None: no bar when stderr is not a terminal, e.g. in logs and CI)
+            at = (list(order), common.rng_state())  # this step's start: a Ctrl-C checkpoint redoes it from here
             while len(order) < per_rank:                     # reshuffled epochs over this rank's shard
                 order += random.sample(range(len(mine)), len(mine))
             batch, order = [mine[i] for i in order[:per_rank]], order[per_rank:]
@@ -240,7 +243,8 @@ def main(argv=None) -> dict:
                                reward_mean=common.all_reduce_mean(torch.cat([r_c, r_r]).mean().item()),
                                grad_norm=common.all_reduce_mean(grad_norm.item()), lr=sched.get_last_lr()[0])
     except KeyboardInterrupt:
-        common.save_checkpoint(os.path.join(args.out, "checkpoint"), model, tok, step, opt, sched, extra={"order": order})
+        common.save_checkpoint(os.path.join(args.out, "checkpoint"), model, tok, step, opt, sched,
+                               extra={"order": at[0]}, rng=at[1])
         common.print0(f"\n[reward_model] interrupted at step {step}: checkpoint in {args.out}/checkpoint (--resume)")
         common.cleanup(barrier=False)
         sys.exit(130)

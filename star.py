@@ -29,7 +29,8 @@ Run:
     torchrun --nproc_per_node 4 star.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset openai/gsm8k ...   # multi-GPU
 Outputs in --out (default out/star): metrics.jsonl, star.png (held-out accuracy and kept
 fractions per iteration), summary.json (accuracy before, per iteration, after; kept counts),
-model/ (the last iteration's model, an HF folder).
+model/ (the last iteration's model, an HF folder), checkpoint/ (--save-every N, or on Ctrl-C;
+--resume continues the same run exactly).
 
 Simplified vs the paper: no few-shot prompt (the tiny model was SFT'd on the answer format, and
 chat models are told to end with '####'); one rationale kept per problem from --samples draws;
@@ -120,8 +121,10 @@ def sample_and_filter(model, tok, problems, args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="built-in name (tiny, tiny-untrained), local HF folder or hub id")
-    p.add_argument("--dataset", default=None, help="GSM8K-style hub id (openai/gsm8k) or local .jsonl/.parquet; default: the built-in --task")
+    p.add_argument("--dataset", default=None, help="GSM8K-style hub id (openai/gsm8k) or local .jsonl/.json/.parquet "
+                   "(or .gz); default: the built-in --task")
     p.add_argument("--eval-dataset", default=None, help="held-out file for a local --dataset (default: the rows after the first --n-train); hub ids use their test split")
+    p.add_argument("--skip-bad-rows", action="store_true", help=common.SKIP_BAD_ROWS)
     p.add_argument("--task", default="arithmetic", help="built-in task when --dataset is not given: arithmetic or countdown")
     p.add_argument("--difficulty", type=int, default=None, help="built-in task difficulty (arithmetic digits, countdown numbers)")
     p.add_argument("--n-train", type=int, default=256, help="training problems sampled each iteration")
@@ -140,6 +143,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of each iteration's steps with linear lr warm-up (then cosine to 10%%)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
     p.add_argument("--log-every", type=int, default=10, help="log the training loss every N steps")
+    p.add_argument("--save-every", type=int, default=0, help="write <out>/checkpoint every N fine-tuning steps and "
+                   "after each iteration (0: only on Ctrl-C)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint (same flags; --iterations "
+                   "may grow)")
     p.add_argument("--out", default="out/star", help="output folder")
     p.add_argument("--seed", type=int, default=0, help="random seed (problems, sampling, batches)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
@@ -153,7 +160,7 @@ def parse_args(argv=None):
                            ("step_growth", args.step_growth >= 1, ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1"),
                            ("micro_batch_size", args.micro_batch_size >= 0, ">= 0"), ("lr", args.lr > 0, "> 0"),
                            ("warmup", 0 <= args.warmup < 1, "in [0, 1)"), ("grad_clip", args.grad_clip > 0, "> 0"),
-                           ("log_every", args.log_every >= 1, ">= 1")]:
+                           ("log_every", args.log_every >= 1, ">= 1"), ("save_every", args.save_every >= 0, ">= 0")]:
         common.check(ok, f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
     common.check(args.task in ("arithmetic", "countdown"), f"--task {args.task!r}: choose arithmetic or countdown")
     return args
@@ -165,59 +172,92 @@ def load_data(args):
         return (common.make_task(args.task, args.n_train, args.seed, "train", args.difficulty),
                 common.heldout(args.task, args.n_test, args.difficulty))
     if os.path.isfile(args.dataset) and not args.eval_dataset:  # one local file: hold out the rows after n_train
-        rows = common.load_problems(args.dataset, n=args.n_train + args.n_test)
+        rows = common.load_problems(args.dataset, n=args.n_train + args.n_test, skip_bad=args.skip_bad_rows)
         common.check(len(rows) > args.n_train, f"--dataset {args.dataset}: {len(rows)} rows, need more than --n-train {args.n_train} to hold some out")
         return rows[:args.n_train], rows[args.n_train:]
-    return (common.load_problems(args.dataset, "train", args.n_train),
-            common.load_problems(args.eval_dataset or args.dataset, "test", args.n_test))
+    return (common.load_problems(args.dataset, "train", args.n_train, args.skip_bad_rows),
+            common.load_problems(args.eval_dataset or args.dataset, "test", args.n_test, args.skip_bad_rows,
+                                 "--eval-dataset" if args.eval_dataset else "--dataset"))
 
 # ----------------------------------------------------------------------------- main
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    d = common.setup(args.seed, args.device)
+    d = common.setup(args.seed, args.device, out=args.out)
     common.check(args.batch_size % d.world_size == 0, f"--batch-size {args.batch_size} must be divisible by the {d.world_size} ranks")
     common.check(args.n_train >= d.world_size, f"--n-train {args.n_train} must be >= the {d.world_size} ranks")
-    t0 = time.time()
+    t0, ckpt = time.time(), os.path.join(args.out, "checkpoint")
     train, test = load_data(args)
     model, tok = common.load_model(args.model, device=d.device, trust_remote_code=args.trust_remote_code)
+    common.warn_unknown_chars(tok, train + test, args.dataset)
     # STaR fine-tunes the ORIGINAL model every iteration: keep its weights (on the CPU, so a
     # real model does not take twice the accelerator memory) and copy them back in each time.
     original = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     ddp = torch.nn.parallel.DistributedDataParallel(model) if d.world_size > 1 else model
-    logger = common.Logger(args.out, config=vars(args), wandb=args.wandb)
     eval_kw = dict(max_new_tokens=args.max_new_tokens)
-
-    acc_before = common.evaluate(model, tok, test, **eval_kw)["accuracy"]
+    # --resume: a checkpoint is taken mid fine-tuning (phase "train": the kept set, the batch order and
+    # the optimizer travel with it) or after an iteration (phase "sample": M_n and the RNG, so the
+    # next iteration samples exactly what the uninterrupted run would have).
+    free = ("iterations", "save_every", "resume", "log_every", "out", "device", "wandb")  # may differ on --resume
+    cfg = {k: v for k, v in vars(args).items() if k not in free}
+    resume, gstep = common.checkpoint_state(ckpt)["extra"] if args.resume else None, 0
+    if resume:
+        common.check(resume["config"] == cfg, f"--resume: flags differ from the checkpoint's {resume['config']}")
+        acc_before, table = resume["acc_before"], resume["table"]
+        if resume["phase"] == "sample":
+            gstep, _ = common.load_checkpoint(ckpt, model)
+        print0(f"resumed from {ckpt}: iteration {resume['iteration']} ({resume['phase']})")
+    else:
+        acc_before, table = common.evaluate(model, tok, test, **eval_kw)["accuracy"], []
+    logger = common.Logger(args.out, config=vars(args), wandb=args.wandb, resume_step=resume and resume["gstep"])
     print0(f"held-out accuracy before STaR: {acc_before:.3f} ({len(test)} problems); {len(train)} training problems")
     mine = d.shard(train)             # this rank samples rationales for its share of the problems
     per_rank = args.batch_size // d.world_size
     micro = args.micro_batch_size or per_rank
     n_micro = math.ceil(per_rank / micro)  # the same on every rank: DDP needs equal backward counts
-    table, gstep = [], 0
-    for it in range(1, args.iterations + 1):
-        # -- 1-3. sample, filter, rationalize with M_{n-1}; every rank then holds the same kept set
-        t_it = time.time()
-        kept_direct, kept_rat = sample_and_filter(model, tok, mine, args)
-        kept_direct, kept_rat = common.all_gather_list(kept_direct), common.all_gather_list(kept_rat)
-        kept = kept_direct + kept_rat
 
-        # -- 4. fine-tune the original model on the kept set; steps grow 20% per iteration
-        t_sample = time.time() - t_it
-        steps = round(args.steps * args.step_growth ** (it - 1))
-        model.load_state_dict({k: v.to(d.device) for k, v in original.items()})
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-        warm = max(1, int(args.warmup * steps))  # linear warm-up, then cosine decay to 10% of lr
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else
-                                                  0.1 + 0.45 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
-        rng = random.Random(args.seed * 1000 + it)  # same stream on every rank: identical batches
-        order, losses = [], []
-        if not kept:
-            print0(f"iteration {it}: nothing kept, the model stays the original one")
-        model.train()
-        try:
-            for step in tqdm(range(steps if kept else 0), desc=f"star iter {it}", disable=not d.master or None, leave=False):
+    def save(it, phase, opt=None, sched=None, rng=None, at=None, **state):  # at: the global step of `state`
+        g = gstep if at is None else at
+        common.save_checkpoint(ckpt, model, tok, g, opt, sched, rng=rng, extra=dict(
+            config=cfg, iteration=it, phase=phase, gstep=g, acc_before=acc_before, table=table, **state))
+
+    done = None  # mid fine-tuning: the state after the last finished step (what Ctrl-C saves)
+    try:
+        for it in range(resume["iteration"] if resume else 1, args.iterations + 1):
+            # -- 1-3. sample, filter, rationalize with M_{n-1}; every rank then holds the same kept set
+            t_it, here = time.time(), resume if resume and resume["phase"] == "train" else None
+            resume = None
+            if here:
+                kept_direct, kept_rat, t_sample = here["kept_direct"], here["kept_rat"], here["sample_s"]
+            else:
+                kept_direct, kept_rat = sample_and_filter(model, tok, mine, args)
+                kept_direct, kept_rat = common.all_gather_list(kept_direct), common.all_gather_list(kept_rat)
+                t_sample = time.time() - t_it
+            kept = kept_direct + kept_rat
+
+            # -- 4. fine-tune the original model on the kept set; steps grow 20% per iteration
+            steps = round(args.steps * args.step_growth ** (it - 1))
+            model.load_state_dict({k: v.to(d.device) for k, v in original.items()})
+            opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+            warm = max(1, int(args.warmup * steps))  # linear warm-up, then cosine decay to 10% of lr
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm if s < warm else 0.1 + 0.45 * (
+                1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
+            rng = random.Random(args.seed * 1000 + it)  # same stream on every rank: identical batches
+            order, losses, first = [], [], 0
+            if here:  # weights, AdamW, lr schedule and RNG as they were after step here["step"]
+                gstep, _ = common.load_checkpoint(ckpt, model, opt, sched)
+                order, losses, first = here["order"], here["losses"], here["step"]
+                rng.setstate((here["batch_rng"][0], tuple(here["batch_rng"][1]), here["batch_rng"][2]))
+            if not kept:
+                print0(f"iteration {it}: nothing kept, the model stays the original one")
+            model.train()
+            snap = lambda step: dict(kept_direct=kept_direct, kept_rat=kept_rat, sample_s=t_sample, step=step,
+                                     order=list(order), losses=list(losses), batch_rng=rng.getstate(),
+                                     rng=common.rng_state(), at=gstep)
+            done = snap(first)
+            for step in tqdm(range(first, steps if kept else 0), desc=f"star iter {it}", disable=not d.master or None,
+                             leave=False):
                 while len(order) < args.batch_size:
                     order += rng.sample(range(len(kept)), len(kept))
                 batch, order = [kept[i] for i in order[:args.batch_size]], order[args.batch_size:]
@@ -234,23 +274,34 @@ def main(argv=None) -> dict:
                 gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
                 opt.step(); sched.step(); gstep += 1
                 losses.append(loss_sum)
+                done = snap(step + 1)
                 if step % args.log_every == 0 or step == steps - 1:
                     logger.log(gstep, iteration=it, loss=common.all_reduce_mean(loss_sum),
                                grad_norm=float(gnorm), lr=sched.get_last_lr()[0])
-        except KeyboardInterrupt:
-            common.save_checkpoint(os.path.join(args.out, "checkpoint"), model, tok, gstep, opt, sched,
-                                   extra=dict(iteration=it, args=vars(args)))
-            print0(f"interrupted: checkpoint saved to {os.path.join(args.out, 'checkpoint')}")
-            common.cleanup(barrier=False)
-            raise SystemExit(130)
+                if args.save_every and gstep % args.save_every == 0 and step + 1 < steps:  # the last: after the eval
+                    save(it, "train", opt, sched, **done)
+            done = None
 
-        # -- 5. held-out accuracy of M_n (M_n samples the next iteration's rationales)
-        acc = common.evaluate(model, tok, test, **eval_kw)["accuracy"]
-        row = dict(iteration=it, kept_direct=len(kept_direct), kept_rationalized=len(kept_rat),
-                   train_problems=len(train), steps=steps if kept else 0, final_loss=float(np.mean(losses[-5:])) if losses else None,
-                   heldout_accuracy=float(acc), sample_s=round(t_sample, 1), iteration_s=round(time.time() - t_it, 1))
-        table.append(row)
-        logger.log(gstep, **{k: v for k, v in row.items() if v is not None})
+            # -- 5. held-out accuracy of M_n (M_n samples the next iteration's rationales)
+            acc = common.evaluate(model, tok, test, **eval_kw)["accuracy"]
+            row = dict(iteration=it, kept_direct=len(kept_direct), kept_rationalized=len(kept_rat),
+                       train_problems=len(train), steps=steps if kept else 0,
+                       final_loss=float(np.mean(losses[-5:])) if losses else None,
+                       heldout_accuracy=float(acc), sample_s=round(t_sample, 1),
+                       iteration_s=round(time.time() - t_it, 1))
+            table.append(row)
+            logger.log(gstep, **{k: v for k, v in row.items() if v is not None})
+            if args.save_every:
+                save(it + 1, "sample")
+    except KeyboardInterrupt:
+        if done is not None:  # the interrupted step is redone on --resume
+            save(it, "train", opt, sched, **done)
+            print0(f"interrupted: checkpoint saved to {ckpt} (continue with --resume)")
+        else:
+            print0("interrupted while sampling or evaluating: no new checkpoint"
+                   + " (--resume continues from the last one)" * bool(args.save_every))
+        common.cleanup(barrier=False)
+        raise SystemExit(130)
 
     # ----------------------------------------------------------------------------- report
     print0("\n| iteration | kept by sampling | kept by rationalization | steps | held-out accuracy |")

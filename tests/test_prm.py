@@ -1,6 +1,6 @@
 """prm.py: losses by hand, step labels, the Math-Shepherd / PRM800K parsers, best-of-N selection,
 and seeded end-to-end runs (built-in task, real PRM800K rows, a GPT-2 backbone, two DDP ranks)."""
-import json, os, random, subprocess, sys
+import json, os, random, signal, subprocess, sys, time
 
 import pytest
 import torch
@@ -195,3 +195,27 @@ def test_two_ranks_with_torchrun(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.load(open(tmp_path / "summary.json"))
     assert s["eval_problems"] == 4 and s["best_of_n"]["N"] == [1, 2, 4] and r.stdout.count("summary:") == 1
+
+
+def test_resume_after_sigkill_continues_the_same_run(tmp_path):
+    """Killed (SIGKILL: no cleanup) once its first checkpoint exists, then --resume: metrics.jsonl keeps
+    the rows before the checkpoint (it used to be truncated) and the batch order and RNG continue,
+    so every row and the summary equal those of a run never stopped (32 solutions, 8 a step: the
+    order is reshuffled after step 4)."""
+    flags = ["--n-train", "8", "--samples-per-problem", "1", "--steps", "6", "--save-every", "2", "--batch-size", "8",
+             "--n-eval", "4", "--max-n", "4", "--subsets", "2", "--log-every", "1", "--device", "cpu"]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    a = prm.main(flags + ["--out", full])
+    p = subprocess.Popen([sys.executable, "prm.py", *flags, "--out", cut], cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state, t0 = os.path.join(cut, "checkpoint", "state.pt"), time.time()
+    while p.poll() is None and not os.path.exists(state) and time.time() - t0 < 300:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL); p.wait()
+    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert torch.load(state, weights_only=True)["step"] in (2, 4)
+    b = prm.main(flags + ["--out", cut, "--resume"])
+    rows = C.read_metrics(full)
+    assert [r["step"] for r in rows] == list(range(6)) and C.read_metrics(cut) == rows
+    assert {k: v for k, v in b.items() if k != "wall_s"} == {k: v for k, v in a.items() if k != "wall_s"}
+    assert not os.path.exists(os.path.join(cut, "checkpoint-orm"))  # one checkpoint holds both verifiers

@@ -108,7 +108,7 @@ def test_bad_row_is_one_line_error(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "reward_model.py"), "--dataset", str(f), "--model", "tiny-untrained",
                         "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == \
-        f"error: {f} row 6: chosen is identical to rejected (--skip-bad-rows drops such rows)", r.stderr[-500:]
+        f"error: --dataset {f} row 6: chosen is identical to rejected (1 of 6 rows unusable; --skip-bad-rows drops them)", r.stderr[-500:]
     assert "Traceback" not in r.stderr
     pairs = C.load_pairs(str(f), skip_bad=True)                      # the flag drops exactly that row
     assert len(pairs) == 5 and pairs[0] == {"prompt": "q", "chosen": "a", "rejected": "b"}

@@ -1,6 +1,6 @@
 """star.py: the loss by hand, the hint never leaking into the kept data, an embedded run that
 raises held-out accuracy, a real architecture on real GSM8K rows, flag errors, torchrun."""
-import json, os, subprocess, sys
+import json, os, signal, subprocess, sys, time
 from types import SimpleNamespace
 
 import pytest
@@ -147,3 +147,29 @@ def test_torchrun_two_ranks_gather_the_kept_set(tmp_path):
     s = json.load(open(tmp_path / "summary.json"))
     assert r.stdout.count("summary:") == 1  # rank 0 writes and prints
     assert s["n_train"] == 16 and s["kept_direct"][0] > 8  # more than one rank's 8 problems: gathered
+
+
+def test_resume_after_sigkill_continues_the_same_run(tmp_path, one_thread):
+    """Killed (SIGKILL: no cleanup at all) once its first checkpoint exists, then --resume: the same
+    metrics rows and summary as a run never stopped. Resuming the finished run from its last
+    checkpoint (written after the last iteration) adds no row and changes nothing."""
+    flags = ["--n-train", "16", "--n-test", "8", "--iterations", "2", "--steps", "4", "--batch-size", "4", "--save-every", "2",
+             "--log-every", "1", "--max-new-tokens", "40", "--device", "cpu"]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    a = star.main(flags + ["--out", full])
+    p = subprocess.Popen([sys.executable, "star.py", *flags, "--out", cut], cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state, t0 = os.path.join(cut, "checkpoint", "state.pt"), time.time()
+    while p.poll() is None and not os.path.exists(state) and time.time() - t0 < 300:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL); p.wait()
+    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    b = star.main(flags + ["--out", cut, "--resume"])
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
+    rows = strip(C.read_metrics(full))
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 4, 5, 6, 7, 8, 9, 9] and strip(C.read_metrics(cut)) == rows
+    assert {k: v for k, v in b.items() if k != "wall_time_s"} == {k: v for k, v in a.items() if k != "wall_time_s"}
+    assert star.main(flags + ["--out", full, "--resume"])["accuracy_per_iteration"] == a["accuracy_per_iteration"]
+    assert strip(C.read_metrics(full)) == rows
+    with pytest.raises(C.InputError, match="--resume: flags differ"):
+        star.main(flags + ["--out", full, "--resume", "--lr", "1e-3"])
