@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 from common import (DIST, HELDOUT_N, HELDOUT_SEED, Logger, all_gather_list, all_reduce_mean, check, cleanup,
                     evaluate, friendly_errors, generate, heldout, load_checkpoint, load_model, load_problems,
                     logits_logprobs, make_task, nan_guard, plot_metrics, position_ids, print0, read_rows, require,
-                    rm_score, save_checkpoint, save_pretrained_atomic, setup, verify, write_summary)
+                    rm_score, save_checkpoint, save_pretrained_atomic, setup, task_model, verify, write_summary)
 
 # ----------------------------------------------------------------------------- the pieces of PPO-RLHF
 
@@ -256,7 +256,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="PPO-RLHF: a policy with a value head, a KL penalty to the reference and a reward model")
     p.add_argument("--model", default="tiny", help="the SFT policy: 'tiny' (built in), a local HF folder or a hub id")
     p.add_argument("--dataset", default=None, help="prompts: hub id or local .jsonl/.parquet with a `text` field (review prefixes) or GSM8K/Countdown/MATH rows; default: the built-in --task")
-    p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic or countdown")
+    p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic, "
+                   "countdown or swaps (the logic puzzle; --model tiny then means tiny-swaps)")
     p.add_argument("--reward", default=None, choices=["verifier", "model"], help="reward source (default: 'model' when --reward-model is given, else 'verifier' = 1 if correct)")
     p.add_argument("--reward-model", default=None, help="sequence classifier: reward_model.py's <out>/model, or a hub classifier (lvwerra/distilbert-imdb)")
     p.add_argument("--reward-label", type=int, default=None, help="which logit is the reward (default: 0 for 1-label RMs, 1 = positive for 2-class classifiers)")
@@ -320,6 +321,7 @@ def parse_args(argv=None):
         check(not args.resume and not args.overopt, "--kl-sweep runs several fresh runs: not with --resume or --overopt")
     if args.overopt and not args.eval_every:
         args.eval_every = max(1, args.steps // 10)
+    args.model = task_model(args.model, args.task, args.dataset)  # tiny-<task> for a task tiny never saw
     return args
 
 # ----------------------------------------------------------------------------- one PPO run
