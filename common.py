@@ -610,7 +610,9 @@ def tiny_sft_data(n, seed, task="arithmetic", habit=TINY_HABIT):
     `habit` of the worked examples that need a carry into the leftmost column drop it (a systematic
     mistake, as a noisy human-written SFT set has): trained to convergence, the model then makes
     that mistake greedily on every such problem (about half), so it starts well below the
-    ceiling with a flaw that a verifier sees and that RL or preference learning can remove."""
+    ceiling with a flaw that a verifier sees and that RL or preference learning can remove.
+    For swaps, a share SWAPS_HABIT of the worked puzzles skip the last swap (swaps_solution), which
+    shows where the ball is under one of its cups (about half): the same kind of start."""
     rng = random.Random(seed + 7)
     if task == "swaps":  # its own habit: a share SWAPS_HABIT of all solutions skip the last swap (swaps_solution)
         return [(p["prompt"], swaps_solution(p["ball"], p["pairs"], skip_last=rng.random() < SWAPS_HABIT))
@@ -631,11 +633,15 @@ PORTABLE_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_
 
 
 TINY_TASKS = ("arithmetic", "swaps")  # the tasks with a built-in SFT model: "tiny" and "tiny-<task>"
+TINY_TASK_HABIT = {"swaps": SWAPS_HABIT}  # the habit share of each other task's SFT data (in its cache marker)
 
 
 def tiny_recipe(task="arithmetic"):
-    """The cache marker of a built-in model (arithmetic: TINY_RECIPE, so the existing cache stays)."""
-    return TINY_RECIPE if task == "arithmetic" else f"{TINY_RECIPE} task={task} task_habit={SWAPS_HABIT}"
+    """The cache marker of a built-in model: a new recipe rebuilds (arithmetic: TINY_RECIPE, so the
+    existing cache stays valid)."""
+    if task == "arithmetic":
+        return TINY_RECIPE
+    return f"steps={TINY_SFT_STEPS} task={task} habit={TINY_TASK_HABIT.get(task)} numerics=avx2"
 
 
 def build_tiny(folder, seed=0, steps=TINY_SFT_STEPS, task="arithmetic"):

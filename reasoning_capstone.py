@@ -3,17 +3,18 @@
 The week-12 capstone of the course: "Fine-tune a model to solve logic puzzles. 1. SFT on
 chain-of-thought data. 2. Generate multiple candidate solutions per prompt. 3. Use a simple
 verifier to label them. 4. Apply DPO/GRPO to prefer the correct reasoning paths." The built-in
-puzzle (--task swaps, common.make_swaps): four people A-D hold the items 1-4, a chain of swaps
-follows, and the question is what one person holds at the end. The chain of thought writes the
-state after each swap, so every step depends on all the earlier ones and can be checked by eye:
-    Q: ABCD=3142; swap AC,BD,AB,CD; D?        AC:4132;BD:4231;AB:2431;CD:2413;#### 3
+puzzle (--task swaps, common.make_swaps) is the shell game: a ball under one of four cups, six swaps
+of two cups, where is the ball? The chain of thought writes where the ball is after each swap, so
+every step depends on the one before and can be checked by eye (`24:4`: cups 2 and 4 swapped, the
+ball is under 4):
+    Q: ball 2; swap 13,24,12,34,23,14      ->      13:2;24:4;12:4;34:3;23:2;14:2;#### 2
 Every stage starts from the same SFT model and is evaluated on the same held-out puzzles:
   sft   supervised fine-tuning on reference chains of thought (loss on the completion only); built
         in: the recipe of the built-in models (C.TINY_SFT_STEPS steps x 64 at lr 1e-3 on
         common.tiny_sft_data, on a different data seed), with its habit: in 70% of the worked
-        puzzles the last swap is written but not done, as a careless solver does, so the SFT model
-        answers wrongly whenever the asked person is in the last swap (about half the puzzles;
-        --task arithmetic: the dropped carry of `tiny`)
+        puzzles the last swap is written but not done, so the SFT model answers wrongly whenever
+        the ball is under one of the last swap's cups (about half the puzzles; --task arithmetic:
+        the dropped carry of `tiny`)
   rft   rejection-sampling fine-tuning: SFT again on the model's OWN verified-correct samples
         (Yuan et al. 2023, "Scaling Relationship on Learning Mathematical Reasoning"; STaR's
         filtering step without rationalization)

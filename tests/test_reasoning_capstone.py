@@ -41,9 +41,19 @@ def test_short_capstone_run_no_stage_breaks_the_model(tmp_path):
 
 
 def test_default_budgets_from_tiny_no_stage_below_sft(tmp_path):
-    """The default RL budgets from the built-in tiny model (SFT skipped: tiny is already SFT'd), seed 0.
-    Measured (torch 2.13 CPU, pinned numerics, the 500 shared held-out problems): sft 0.482, rft 0.998,
+    """Arithmetic: the default RL budgets from the built-in tiny model (SFT skipped: tiny is already SFT'd),
+    seed 0. Measured (torch 2.13 CPU, pinned numerics, the 500 shared held-out problems): sft 0.482, rft 0.998,
     dpo 0.970, grpo 0.996. Every RL stage removes the SFT data's habit."""
+    s = cap.main(["--model", "tiny", "--task", "arithmetic", "--sft-steps", "0", "--seed", "0", "--out", str(tmp_path)])
+    for m in ("rft", "dpo", "grpo"):
+        assert s[f"{m}_accuracy"] >= s["sft_accuracy"] + 0.2, s["table"]
+
+
+def test_default_puzzle_every_rl_stage_beats_sft(tmp_path, capsys):
+    """The default task (the swaps puzzle) and RL budgets from tiny-swaps (SFT skipped: tiny-swaps is the
+    capstone's SFT recipe on build seed 0), seed 0. MARGINS"""
     s = cap.main(["--model", "tiny", "--sft-steps", "0", "--seed", "0", "--out", str(tmp_path)])
+    assert s["task"] == "swaps" and "using the built-in model 'tiny-swaps'" in capsys.readouterr().out
+    assert 0.3 <= s["sft_accuracy"] <= 0.7, s["table"]                 # the habit: wrong on about half
     for m in ("rft", "dpo", "grpo"):
         assert s[f"{m}_accuracy"] >= s["sft_accuracy"] + 0.2, s["table"]

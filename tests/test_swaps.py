@@ -76,7 +76,7 @@ SMOKE = {  # script -> argv: --model tiny (the default) with --task swaps means 
     "reward_model": ["--train-size", "16", "--eval-size", "8", "--steps", "1", "--batch-size", "4"],
     "prm": ["--n-train", "4", "--samples-per-problem", "1", "--steps", "1", "--batch-size", "4", "--n-eval", "2",
             "--max-n", "2", "--subsets", "1"],
-    "reasoning_capstone": ["--model", "tiny", "--sft-steps", "1", "--sft-batch-size", "4", "--train-n", "8",
+    "reasoning_capstone": ["--model", "tiny", "--sft-steps", "1", "--sft-batch-size", "4", "--train-n", "32",
                            "--candidates", "4", "--rft-steps", "1", "--dpo-steps", "1", "--grpo-steps", "1",
                            "--prompts-per-step", "2", "--group-size", "2", "--batch-size", "2", "--eval-n", "4",
                            "--eval-samples", "2", "--pass-k", "1"],
