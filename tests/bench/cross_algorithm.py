@@ -118,7 +118,8 @@ def main():
     old = {r["name"]: r for r in json.load(open(path))} if os.path.exists(path) else {}
     old.update({r["name"]: r for r in rows})  # a subset re-measures its rows and keeps the others
     json.dump(list(old.values()), open(path, "w"), indent=1)
-    lines = [f"torch {torch.__version__}; mean ± sd over seeds {args.seeds}; the shared 500 held-out problems of each task",
+    lines = [f"torch {torch.__version__}; mean ± sd over seeds {args.seeds}; the shared 500 held-out problems of "
+             "each task",
              "", "| algorithm | command | held-out accuracy | before | after | gain | wall s |",
              "|---|---|---|---|---|---|---|"]
     for r in old.values():
