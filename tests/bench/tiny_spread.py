@@ -7,9 +7,10 @@
 Each (steps, seed) builds `tiny` (or `tiny-<task>`) from scratch exactly as `common.build_tiny` does
 (a child process on the AVX2 code paths, PORTABLE_NUMERICS) into out/tiny_spread/, then scores
 greedy accuracy on the task's shared held-out set (common.heldout(), 500 problems), and for swaps
-also on the half of it whose last swap involves the asked person (where the SFT data's habit gives
-the wrong answer). Run it under each torch build you care about: the spread across seeds and builds
-is the noise any learning claim has to beat. Writes out/tiny_spread/<torch version>[-<task>].json.
+also on the half of it whose last swap moves the ball (where the SFT data's habit gives the wrong
+answer) and the rest. Run it under each torch build you care about: the spread across seeds and
+builds is the noise any learning claim has to beat. Writes out/tiny_spread/<torch
+version>[-<task>].json.
 Not a test.
 """
 import argparse, json, os, sys, time
@@ -31,7 +32,9 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(1)
     test, rows = C.heldout(args.task, args.n), []
-    habit_hit = [p["query"] in p["pairs"][-1] for p in test] if args.task == "swaps" else None
+    # swaps: the puzzles whose last swap moves the ball, the ones the SFT data's habit gets wrong
+    habit_hit = [str(([p["ball"]] + C.swaps_positions(p["ball"], p["pairs"]))[-2]) in p["pairs"][-1]
+                 for p in test] if args.task == "swaps" else None
     for steps in map(int, args.steps.split(",")):
         accs = []
         for seed in map(int, args.seeds.split(",")):
@@ -43,7 +46,7 @@ def main():
             ok = [C.verify(p, t) for p, t in zip(test, texts)]
             accs.append(float(np.mean(ok)))
             extra = {} if habit_hit is None else dict(  # the habit's half vs the rest
-                accuracy_last_swap_asked=float(np.mean([o for o, h in zip(ok, habit_hit) if h])),
+                accuracy_last_swap_moves=float(np.mean([o for o, h in zip(ok, habit_hit) if h])),
                 accuracy_other=float(np.mean([o for o, h in zip(ok, habit_hit) if not h])))
             print(json.dumps(dict(steps=steps, seed=seed, accuracy=accs[-1], **extra,
                                   wall_s=round(time.time() - t0, 1))), flush=True)
