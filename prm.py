@@ -98,7 +98,7 @@ def task_item(problem, text):
 def slip(problem, rng):
     """One arithmetic slip (a step sum off by one) that later steps faithfully carry forward:
     every later step is locally consistent, so only a process check finds where it broke.
-    Swaps: common.corrupt's slips are of this kind (one wrong swap, later states follow from it)."""
+    Swaps: common.corrupt's slips are of this kind (the ball misplaced at one step, later steps follow)."""
     if problem["task"] != "arithmetic":
         return common.corrupt(problem, rng)
     x, y = problem["x"], problem["y"]
