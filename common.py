@@ -203,6 +203,9 @@ def cleanup(barrier=True):
 # Arithmetic:  "Q: 347+285\nA: "  ->  "7+5+0=12;4+8+1=13;3+2+1=6;#### 632"
 #   one step per digit, right to left: digit_x + digit_y + carry_in = s (carry_out = s // 10).
 # Countdown:   "Q: make 24 from 3 9 4\nA: " -> "9-3=6;6*4=24"  (use every number once)
+# Swaps:       "Q: ball 2; swap 13,24,12,34,23,14\nA: " -> "13:2;24:4;12:4;34:3;23:2;14:2;#### 2"
+#   A logic puzzle, the shell game: a ball under one of cups 1-4, a chain of swaps of two cups; one
+#   step per swap writes where the ball is after it (each depends on the one before); the answer is the last.
 
 ARITH_STEP = re.compile(r"^(\d)\+(\d)\+(\d)=(\d+)$")
 CD_STEP = re.compile(r"^(\d+)([-+*/])(\d+)=(\d+)$")
@@ -344,13 +347,83 @@ def countdown_verify(nums, target, completion):
     return len(pool) == 1 and last == target
 
 
+SWAPS_CUPS = 4
+SWAP_PAIRS = [f"{i}{j}" for i in range(1, SWAPS_CUPS + 1) for j in range(i + 1, SWAPS_CUPS + 1)]
+SWAPS_HABIT = 0.7  # share of the swaps SFT solutions that skip the last swap (as TINY_HABIT: far from a coin)
+
+
+def swaps_positions(ball, pairs):
+    """Where the ball is after each swap: a swap of cups i and j moves it only if it is under one of them."""
+    out = []
+    for pair in pairs:
+        i, j = int(pair[0]), int(pair[1])
+        ball = j if ball == i else i if ball == j else ball
+        out.append(ball)
+    return out
+
+
+def swaps_solution(ball, pairs, skip_last=False):
+    """The reference chain of thought: each swap and where the ball is after it, then the answer.
+    skip_last: the habit in the swaps SFT data (see tiny_sft_data): the last swap is written but not
+    done, so the chain (and its answer) is wrong exactly when the ball is under one of its cups."""
+    pos = swaps_positions(ball, pairs)
+    if skip_last:
+        pos[-1] = pos[-2] if len(pos) > 1 else ball
+    return ";".join([f"{p}:{c}" for p, c in zip(pairs, pos)] + [f"#### {pos[-1]}"])
+
+
+def swaps_problem(ball, pairs):
+    return dict(task="swaps", prompt=f"Q: ball {ball}; swap {','.join(pairs)}\nA: ", ball=ball, pairs=list(pairs),
+                answer=str(swaps_positions(ball, pairs)[-1]), solution=swaps_solution(ball, pairs))
+
+
+def make_swaps(n, seed, swaps=6, split="train"):
+    """The shell game: a ball under one of four cups, then `swaps` swaps of two cups (any pair,
+    repeats allowed): where is the ball? Held-out split: 10% of all puzzles by a fixed hash of the
+    prompt (crc32, the same in every process), never trained on."""
+    import zlib
+    check(swaps >= 1, f"swaps: difficulty (the number of swaps) must be >= 1, got {swaps}")
+    rng, out, seen = random.Random(seed), [], set()
+    for _ in range(100 * n):
+        if len(out) == n:
+            break
+        p = swaps_problem(rng.randint(1, SWAPS_CUPS), [rng.choice(SWAP_PAIRS) for _ in range(swaps)])
+        if p["prompt"] in seen or (zlib.crc32(p["prompt"].encode()) % 10 == 0) != (split == "test"):
+            continue
+        seen.add(p["prompt"]); out.append(p)
+    check(len(out) == n, f"swaps: only {len(out)} distinct {split} puzzles with {swaps} swaps (ask for fewer)")
+    return out
+
+
+def swaps_step_labels(problem, completion):
+    """As arithmetic_step_labels: one bool per `;` step, True while the chain is correct (each step
+    names the next swap and where the ball is after it; then `#### <cup>`), False from the first wrong one."""
+    want = swaps_positions(problem["ball"], problem["pairs"])
+    steps = [s.strip() for s in completion.split(";") if s.strip()]
+    labels, ok = [], True
+    for i, s in enumerate(steps):
+        if i < len(want):
+            good = s == f"{problem['pairs'][i]}:{want[i]}"
+        else:
+            good = i == len(want) and s.startswith("####") and extract_answer(s) == problem["answer"]
+        ok = ok and good
+        labels.append(ok)
+    return labels
+
+
+def step_labels(problem, completion):
+    """The built-in step verifier of a task (arithmetic, swaps); prm.py's process labels."""
+    check(problem["task"] in ("arithmetic", "swaps"), f"--task {problem['task']}: no built-in step labels")
+    return (arithmetic_step_labels if problem["task"] == "arithmetic" else swaps_step_labels)(problem, completion)
+
+
 def verify(problem, completion):
     """Outcome verifier: True iff the completion solves the problem."""
     if problem["task"] == "countdown":
         return countdown_verify(problem["nums"], problem["target"], completion)
     if problem["task"] == "reviews":  # the gold rule: a positive review
         return review_polarity(completion) > 0
-    if problem["task"] == "arithmetic":  # the chain must also be well formed up to the answer
+    if problem["task"] in ("arithmetic", "swaps"):  # the chain must also be well formed up to the answer
         return extract_answer(completion) == problem["answer"] and "####" in completion
     return extract_answer(completion) == normalize_number(str(problem["answer"]))
 
@@ -414,15 +487,21 @@ def make_reviews(n, seed, split="train"):
     return out
 
 
+TASKS = ("arithmetic", "countdown", "swaps", "reviews")  # the built-in tasks (--task)
+
+
 def make_task(task, n, seed, split="train", difficulty=None):
-    """The built-in problems; difficulty = digits (arithmetic) or count of numbers (countdown)."""
+    """The built-in problems; difficulty = digits (arithmetic), count of numbers (countdown) or
+    number of swaps (swaps)."""
     if task == "arithmetic":
         return make_arithmetic(n, seed, digits=difficulty or 3, split=split)
     if task == "countdown":
         return make_countdown(n, seed, count=difficulty or 3, split=split)
+    if task == "swaps":
+        return make_swaps(n, seed, swaps=difficulty or 6, split=split)
     if task == "reviews":
         return make_reviews(n, seed, split=split)
-    raise InputError(f"--task {task!r}: choose arithmetic, countdown or reviews")
+    raise InputError(f"--task {task!r}: choose {', '.join(TASKS)}")
 
 
 HELDOUT_SEED, HELDOUT_N = 1, 500  # the one held-out set of each built-in task (every script, test and bench)
@@ -435,10 +514,22 @@ def heldout(task="arithmetic", n=HELDOUT_N, difficulty=None):
 
 
 def corrupt(problem, rng):
-    """A realistic wrong solution: a dropped carry / an arithmetic slip / a wrong last step."""
+    """A realistic wrong solution: a dropped carry / an arithmetic slip / a wrong last step; for
+    swaps: a skipped last swap (the habit) / the ball misplaced at one step and carried forward."""
     sol = problem["solution"]
     if problem["task"] == "reviews":  # a negative or neutral review of the same aspect
         return review_text(rng, problem["aspect"], rng.choice(["neg", "neu"]))
+    if problem["task"] == "swaps":
+        ball, pairs = problem["ball"], problem["pairs"]
+        wrong = [swaps_solution(ball, pairs, skip_last=True)] if rng.random() < 0.5 else []  # the habit
+        for i in rng.sample(range(len(pairs)), len(pairs)):  # a slip: the ball misplaced at step i, later steps follow
+            pos = swaps_positions(ball, pairs)
+            moved = rng.choice([c for c in range(1, SWAPS_CUPS + 1) if c != pos[i]])
+            pos = pos[:i] + [moved] + swaps_positions(moved, pairs[i + 1:])
+            wrong.append(";".join([f"{p}:{c}" for p, c in zip(pairs, pos)] + [f"#### {pos[-1]}"]))
+        wrong = [w for w in wrong if not verify(problem, w)]
+        other = rng.choice([c for c in range(1, SWAPS_CUPS + 1) if str(c) != problem["answer"]])
+        return wrong[0] if wrong else sol.rsplit("#### ", 1)[0] + f"#### {other}"
     if problem["task"] == "arithmetic":
         x, y = problem["x"], problem["y"]
         kind = rng.choice(["drop_carry", "last_step"])
@@ -716,7 +807,7 @@ def warn_unknown_chars(tok, rows, spec, flag="--dataset"):
 # ----------------------------------------------------------------------------- 4. models
 
 CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
-BUILTIN = ("tiny", "tiny-untrained", "tiny-reviews-rm")
+BUILTIN = ("tiny", "tiny-untrained", "tiny-swaps", "tiny-reviews", "tiny-reviews-rm")  # tiny-<task>: TINY_TASKS
 
 
 def char_tokenizer():
@@ -752,10 +843,15 @@ def tiny_sft_data(n, seed, task="arithmetic", habit=TINY_HABIT):
     `habit` of the worked examples that need a carry into the leftmost column drop it (a systematic
     mistake, as a noisy human-written SFT set has): trained to convergence, the model then makes
     that mistake greedily on every such problem (about half), so it starts well below the
-    ceiling with a flaw that a verifier sees and that RL or preference learning can remove."""
+    ceiling with a flaw that a verifier sees and that RL or preference learning can remove.
+    For swaps, a share SWAPS_HABIT of the worked puzzles skip the last swap (swaps_solution), which
+    shows where the ball is under one of its cups (about half): the same kind of start."""
     rng = random.Random(seed + 7)
     if task == "reviews":  # the pretraining mix: positive, negative and neutral reviews, a third each
         return [(p["prompt"], review_text(rng, p["aspect"], rng.choice(["pos", "neg", "neu"])))
+                for p in make_task(task, n, seed)]
+    if task == "swaps":  # its own habit: a share SWAPS_HABIT of all solutions skip the last swap (swaps_solution)
+        return [(p["prompt"], swaps_solution(p["ball"], p["pairs"], skip_last=rng.random() < SWAPS_HABIT))
                 for p in make_task(task, n, seed)]
     return [(p["prompt"], arithmetic_solution(p["x"], p["y"], drop_last_carry=True)
              if task == "arithmetic" and rng.random() < habit else p["solution"]) for p in make_task(task, n, seed)]
@@ -772,31 +868,57 @@ TINY_RECIPE = f"steps={TINY_SFT_STEPS} habit={TINY_HABIT} numerics=avx2"  # the 
 PORTABLE_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"}
 
 
-def build_tiny(folder, seed=0, steps=TINY_SFT_STEPS):
-    """`--model tiny`: a short SFT of the untrained tiny model on the tasks' chain of thought,
-    run in a child process with PORTABLE_NUMERICS (see above; ~3 min on one CPU core)."""
+TINY_TASKS = ("arithmetic", "swaps", "reviews")  # the tasks with a built-in SFT model: "tiny" and "tiny-<task>"
+TINY_TASK_HABIT = {"swaps": SWAPS_HABIT}  # the habit share of each other task's SFT data (in its cache marker)
+
+
+def tiny_recipe(task="arithmetic"):
+    """The cache marker of a built-in model: a new recipe rebuilds (arithmetic: TINY_RECIPE, so the
+    existing cache stays valid)."""
+    if task == "arithmetic":
+        return TINY_RECIPE
+    return f"steps={TINY_SFT_STEPS} task={task} habit={TINY_TASK_HABIT.get(task)} numerics=avx2"
+
+
+def build_tiny(folder, seed=0, steps=TINY_SFT_STEPS, task="arithmetic"):
+    """`--model tiny` (`tiny-<task>`): a short SFT of the untrained tiny model on the task's chain of
+    thought (tiny_sft_data), run in a child process with PORTABLE_NUMERICS (see above; ~3 min on one
+    CPU core for arithmetic)."""
     import platform, subprocess
-    print0(f"[common] building the built-in 'tiny' model: {steps} SFT steps on chain-of-thought data -> {folder}")
+    name = "tiny" if task == "arithmetic" else f"tiny-{task}"
+    print0(f"[common] building the built-in '{name}' model: {steps} SFT steps on chain-of-thought data -> {folder}")
     env = {**os.environ, **(PORTABLE_NUMERICS if platform.machine().lower() in ("x86_64", "amd64") else {})}
-    code = f"import common; common._build_tiny_here({os.path.abspath(folder)!r}, {seed}, {steps})"  # the child runs in this folder
+    # the child runs in this folder
+    code = f"import common; common._build_tiny_here({os.path.abspath(folder)!r}, {seed}, {steps}, {task!r})"
     r = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.abspath(__file__)), env=env)
     check(r.returncode == 0, f"building the tiny model in {folder} failed (exit {r.returncode})")
 
 
-def _build_tiny_here(folder, seed, steps):
+def _build_tiny_here(folder, seed, steps, task="arithmetic"):
     torch.set_num_threads(1)
     tok = char_tokenizer(); model = tiny_model(tok, seed)
     set_seed(seed)
-    sft(model, tok, tiny_sft_data(64 * steps, seed), steps=steps, batch_size=64, lr=1e-3, desc="build tiny", log_every=50)
+    sft(model, tok, tiny_sft_data(64 * steps, seed, task), steps=steps, batch_size=64, lr=1e-3, desc="build tiny",
+        log_every=50)
     tmp = folder + ".build"
     save_pretrained_atomic(tmp, model, tok)
     with open(os.path.join(tmp, "built_with_steps.txt"), "w") as f:
-        f.write(TINY_RECIPE)
+        f.write(tiny_recipe(task))
     _swap_in(tmp, folder)
 
 
-def tiny_cache_dir():
-    return os.environ.get("TINY_CACHE", os.path.join("out", "_cache", "tiny"))
+def tiny_cache_dir(task="arithmetic"):
+    base = os.environ.get("TINY_CACHE", os.path.join("out", "_cache", "tiny"))
+    return base if task == "arithmetic" else f"{base}-{task}"
+
+
+def task_model(model, task, dataset=None):
+    """The per-task built-in model: `--model tiny` (trained on arithmetic) with a built-in `--task`
+    that has its own model (TINY_TASKS) means `tiny-<task>`; says so in one line."""
+    if model == "tiny" and not dataset and task != "arithmetic" and task in TINY_TASKS:
+        print0(f"[common] --task {task}: using the built-in model 'tiny-{task}' (tiny knows arithmetic only)")
+        return f"tiny-{task}"
+    return model
 
 
 REVIEWS_RM = "tiny-reviews-rm"  # the built-in sentiment reward model of the reviews world
@@ -834,8 +956,9 @@ def load_model(name, kind="causal", device=None, dtype=None, trust_remote_code=F
             folder = os.path.join(tiny_cache_dir() + "-untrained"); save_pretrained_atomic(folder, model, tok); name = folder
         else:
             return model.to(device), tok
-    elif name == "tiny":
-        name = tiny_cache_dir()
+    elif name == "tiny" or (name.startswith("tiny-") and name[5:] in TINY_TASKS):
+        task = "arithmetic" if name == "tiny" else name[5:]
+        name, recipe = tiny_cache_dir(task), tiny_recipe(task)
         marker = os.path.join(name, "built_with_steps.txt")  # rebuild when the recipe changes
         os.makedirs(os.path.dirname(name) or ".", exist_ok=True)
         with open(name + ".lock", "w") as lock:  # one builder at a time (parallel runs, torchrun)
@@ -843,8 +966,8 @@ def load_model(name, kind="causal", device=None, dtype=None, trust_remote_code=F
                 import fcntl; fcntl.flock(lock, fcntl.LOCK_EX)
             except ImportError:  # Windows: no lock, build races are merely wasteful
                 pass
-            if not os.path.isfile(marker) or open(marker).read() != TINY_RECIPE:
-                build_tiny(name)
+            if not os.path.isfile(marker) or open(marker).read() != recipe:
+                build_tiny(name, task=task)
     elif name == REVIEWS_RM:
         name = tiny_cache_dir() + "-reviews-rm"
         os.makedirs(os.path.dirname(name) or ".", exist_ok=True)

@@ -248,7 +248,8 @@ def parse_args(argv):
     p.add_argument("--model", default="tiny", help="start (SFT) model: built-in name, local folder or hub id; also the reference")
     p.add_argument("--dataset", default=None, help="preference pairs: hub id (UltraFeedback binarized, hh-rlhf) or "
                    "local .jsonl/.json/.parquet (or .gz); default: built-in task pairs")
-    p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic or countdown")
+    p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic, "
+                   "countdown or swaps (the logic puzzle; --model tiny then means tiny-swaps)")
     p.add_argument("--skip-bad-rows", action="store_true", help="--dataset: drop (and count) rows with a missing field, empty text or chosen == rejected instead of stopping")
     p.add_argument("--builtin", default="model", choices=["model", "corrupt"], help="built-in pairs' rejected answers: the start model's own wrong samples, or hand-made errors (dropped carry, off-by-one)")
     p.add_argument("--sample-tries", type=int, default=2, help="--builtin model: answers sampled per prompt to find a wrong one")
@@ -300,6 +301,7 @@ def parse_args(argv):
     check(not (args.fsdp and (args.save_every or args.resume)), "--fsdp: checkpoints of sharded optimizer state are not implemented; drop --save-every/--resume")
     args.judge = args.judge or (None if args.judge_lm else "verifier" if args.dataset is None else None)
     check(not args.eval_winrate or args.judge or args.judge_lm, "--eval-winrate on a --dataset needs --judge <reward model> or --judge-lm <model>")
+    args.model = C.task_model(args.model, args.task, args.dataset)  # tiny-<task> for a task tiny never saw
     return args
 
 

@@ -188,8 +188,10 @@ def parse_args(argv=None):
                    "one (GSM8K, Countdown or MATH rows); default: the built-in --task")
     p.add_argument("--eval-dataset", default=None, help="held-out problems; default: the hub dataset's test split, or the last --eval-n rows of a local --dataset")
     p.add_argument("--skip-bad-rows", action="store_true", help=common.SKIP_BAD_ROWS)
-    p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic or countdown")
-    p.add_argument("--difficulty", type=int, default=None, help="built-in task difficulty (arithmetic digits / countdown numbers)")
+    p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic, "
+                   "countdown or swaps (the logic puzzle; --model tiny then means tiny-swaps)")
+    p.add_argument("--difficulty", type=int, default=None, help="built-in task difficulty "
+                   "(arithmetic digits / countdown numbers / swaps in a puzzle)")
     p.add_argument("--train-n", type=int, default=None, help="training problems (default: 2000 built-in, all rows of a --dataset)")
     p.add_argument("--eval-n", type=int, default=common.HELDOUT_N, help="held-out problems for accuracy before/after (built in: common.heldout)")
     p.add_argument("--out", default="out/grpo", help="output folder")
@@ -240,6 +242,7 @@ def parse_args(argv=None):
     check(args.grad_clip > 0, f"--grad-clip must be > 0, got {args.grad_clip}")
     check(args.pass_k >= 1 and (not args.eval_samples or args.pass_k <= args.eval_samples),
           f"--pass-k must be in [1, --eval-samples], got {args.pass_k}")
+    args.model = common.task_model(args.model, args.task, args.dataset)  # tiny-<task> for a task tiny never saw
     return args
 
 # ----------------------------------------------------------------------------- main

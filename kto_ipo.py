@@ -298,7 +298,8 @@ def parse_args(argv):
     p.add_argument("--loss", default="kto", choices=["kto", "ipo", "orpo"], help="kto (unpaired labels), ipo or orpo (pairs)")
     p.add_argument("--model", default="tiny", help="start model: built-in name, local folder or hub id (also the IPO/KTO reference)")
     p.add_argument("--dataset", default=None, help="kto: unpaired rows (kto-mix-14k style) or pairs; ipo/orpo: pairs (UltraFeedback, hh-rlhf, prompt/chosen/rejected); with --make-dataset: problems (GSM8K/Countdown/MATH rows). Default: built-in task")
-    p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic or countdown")
+    p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic, "
+                   "countdown or swaps (the logic puzzle; --model tiny then means tiny-swaps)")
     p.add_argument("--make-dataset", action="store_true", help="sample answers from --model, label them, write <out>/pairs.jsonl + kto.jsonl, train on them")
     p.add_argument("--n-prompts", type=int, default=512, help="--make-dataset: training prompts to sample on")
     p.add_argument("--samples", type=int, default=8, help="--make-dataset: answers sampled per prompt (K)")
@@ -352,6 +353,7 @@ def parse_args(argv):
     check(a.judge is None or a.make_dataset, "--judge labels answers for --make-dataset; add --make-dataset")
     check(not (a.fsdp and a.resume), "--fsdp: checkpoints of sharded optimizer state are not implemented; drop --resume")
     check(not (a.resume and a.make_dataset), "--resume cannot re-make the data: pass <out>/kto.jsonl or pairs.jsonl as --dataset")
+    a.model = C.task_model(a.model, a.task, a.dataset)  # tiny-<task> for a task tiny never saw
     return a
 
 

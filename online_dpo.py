@@ -141,7 +141,8 @@ def parse_args(argv):
     p.add_argument("--dataset", default=None, help="prompts with answers (GSM8K/Countdown/MATH rows, hub id or "
                    ".jsonl/.json/.parquet, or .gz); default: built-in task")
     p.add_argument("--skip-bad-rows", action="store_true", help=C.SKIP_BAD_ROWS)
-    p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic or countdown")
+    p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic, "
+                   "countdown or swaps (the logic puzzle; --model tiny then means tiny-swaps)")
     p.add_argument("--judge", default="verifier", help="'verifier' (gold checker), 'self' (policy as LLM-as-a-judge) or a reward-model folder / hub id")
     p.add_argument("--rounds", type=int, default=4, help="generate -> judge -> DPO rounds")
     p.add_argument("--prompts", type=int, default=256, help="prompts sampled per round")
@@ -172,6 +173,7 @@ def parse_args(argv):
     check(args.lr > 0 and args.beta > 0, f"--lr and --beta must be > 0, got {args.lr}, {args.beta}")
     check(args.rpo_alpha >= 0, f"--rpo-alpha must be >= 0, got {args.rpo_alpha}")
     check(args.temperature > 0, f"--temperature must be > 0 to sample distinct completions, got {args.temperature}")
+    args.model = C.task_model(args.model, args.task, args.dataset)  # tiny-<task> for a task tiny never saw
     return args
 
 

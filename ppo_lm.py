@@ -68,7 +68,7 @@ from tqdm.auto import tqdm
 from common import (DIST, HELDOUT_N, HELDOUT_SEED, REVIEWS_RM, SKIP_BAD_ROWS, Logger, all_gather_list, all_reduce_mean,
                     check, cleanup, diversity, evaluate, friendly_errors, generate, heldout, load_checkpoint, load_model,
                     load_problems, logits_logprobs, make_task, nan_guard, plot_metrics, position_ids, print0, read_rows,
-                    require, rm_score, rng_state, save_checkpoint, save_pretrained_atomic, setup, verify,
+                    require, rm_score, rng_state, save_checkpoint, save_pretrained_atomic, setup, task_model, verify,
                     warn_unknown_chars, write_summary)
 
 # ----------------------------------------------------------------------------- the pieces of PPO-RLHF
@@ -275,8 +275,9 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default=None, help="prompts: hub id or local .jsonl/.json/.parquet (or .gz) with a "
                    "`text` field (review prefixes) or GSM8K/Countdown/MATH rows; default: the built-in --task")
     p.add_argument("--skip-bad-rows", action="store_true", help=SKIP_BAD_ROWS)
-    p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic, countdown or "
-                   "reviews (week 3: the tiny-reviews policy, rewarded by the built-in sentiment RM, judged by the gold rule)")
+    p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic, countdown, "
+                   "swaps (the logic puzzle; --model tiny then means tiny-swaps) or reviews (week 3: the tiny-reviews "
+                   "policy, rewarded by the built-in sentiment RM tiny-reviews-rm, judged by the gold rule)")
     p.add_argument("--reward", default=None, choices=["verifier", "model"], help="reward source (default: 'model' when --reward-model is given, else 'verifier' = 1 if correct)")
     p.add_argument("--reward-model", default=None, help="sequence classifier: reward_model.py's <out>/model, or a hub classifier (lvwerra/distilbert-imdb)")
     p.add_argument("--reward-label", type=int, default=None, help="which logit is the reward (default: 0 for 1-label RMs, 1 = positive for 2-class classifiers)")
@@ -318,8 +319,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
     args = p.parse_args(argv)
     args.max_new_tokens = args.max_new_tokens or (64 if args.task == "reviews" and not args.dataset else 40)
-    if args.task == "reviews" and not args.dataset:  # week 3's world: its own policy and sentiment RM, built in
-        args.model = "tiny-reviews" if args.model == "tiny" else args.model
+    if args.task == "reviews" and not args.dataset:  # week 3's world: its sentiment RM is built in (and its policy)
         args.reward_model = args.reward_model or (REVIEWS_RM if args.reward != "verifier" else None)
     for name in ("steps", "batch_size", "mini_batch", "micro_batch", "ppo_epochs", "max_new_tokens", "eval_n", "eval_samples"):
         check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -346,6 +346,7 @@ def parse_args(argv=None):
         check(not args.resume and not args.overopt, "--kl-sweep runs several fresh runs: not with --resume or --overopt")
     if args.overopt and not args.eval_every:
         args.eval_every = max(1, args.steps // 10)
+    args.model = task_model(args.model, args.task, args.dataset)  # tiny-<task> for a task tiny never saw
     return args
 
 # ----------------------------------------------------------------------------- one PPO run

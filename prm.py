@@ -90,15 +90,18 @@ def split_steps(text, sep):
 
 
 def task_item(problem, text):
-    """A built-in sample with step labels (common.arithmetic_step_labels) and outcome (verify)."""
-    labels, ok = common.arithmetic_step_labels(problem, text) or [False], common.verify(problem, text)
+    """A built-in sample with step labels (common.step_labels) and outcome (verify)."""
+    labels, ok = common.step_labels(problem, text) or [False], common.verify(problem, text)
     labels[-1] = labels[-1] and ok     # the last step (scored at EOS) claims "done and right": a cut-off chain is not
     return dict(prompt=problem["prompt"], steps=split_steps(text, ";"), answer=common.extract_answer(text), labels=labels, correct=ok)
 
 
 def slip(problem, rng):
     """One arithmetic slip (a step sum off by one) that later steps faithfully carry forward:
-    every later step is locally consistent, so only a process check finds where it broke."""
+    every later step is locally consistent, so only a process check finds where it broke.
+    Swaps: common.corrupt's slips are of this kind (the ball misplaced at one step, later steps follow)."""
+    if problem["task"] != "arithmetic":
+        return common.corrupt(problem, rng)
     x, y = problem["x"], problem["y"]
     n = max(len(str(x)), len(str(y)))
     bad, carry, steps, delta = rng.randrange(n), 0, [], 0
@@ -351,7 +354,8 @@ def parse_args(argv):
     p.add_argument("--problems", default="", help="held-out problems for best-of-N with --dataset (GSM8K/MATH file or hub id, "
                    "steps = lines); default: the built-in task's test split (none with --dataset)")
     p.add_argument("--skip-bad-rows", action="store_true", help=common.SKIP_BAD_ROWS)
-    p.add_argument("--task", default="arithmetic", help="built-in task (arithmetic: the one with step labels)")
+    p.add_argument("--task", default="arithmetic", help="built-in task with step labels: arithmetic or swaps "
+                   "(the logic puzzle; --model tiny then means tiny-swaps)")
     p.add_argument("--n-train", type=int, default=1024, help="training problems (built-in) or labelled solutions (--dataset)")
     p.add_argument("--samples-per-problem", type=int, default=2, help="policy samples per training problem (built-in)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the policy")
@@ -383,8 +387,10 @@ def parse_args(argv):
     check(a.lr > 0, f"--lr must be > 0, got {a.lr}")
     check(a.beta > 0, f"--beta must be > 0, got {a.beta}")
     check(a.temperature > 0, f"--temperature must be > 0 (best-of-N needs sampling), got {a.temperature}")
-    check(a.task == "arithmetic" or a.dataset, f"--task {a.task}: built-in step labels exist for arithmetic only")
+    check(a.task in ("arithmetic", "swaps") or a.dataset,
+          f"--task {a.task}: built-in step labels exist for arithmetic and swaps only")
     check(not a.problems or a.dataset, "--problems needs --dataset (a verifier trained on the built-in task cannot judge them)")
+    a.model = common.task_model(a.model, a.task, a.dataset)  # tiny-<task> for a task tiny never saw
     return a
 
 

@@ -140,9 +140,9 @@ def plot_hist(out, before, after):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Bradley-Terry reward model on preference pairs")
     p.add_argument("--model", default="tiny", help="backbone: 'tiny', 'tiny-untrained', a local folder or a hub id (BERT-style or causal LM)")
-    p.add_argument("--dataset", default=None, help="preference data: hub id (Anthropic/hh-rlhf, UltraFeedback "
-                   "binarized) or local .jsonl/.json/.parquet (or .gz); default: built-in pairs of --task")
-    p.add_argument("--task", default="arithmetic", help="built-in task for the default data: arithmetic or countdown")
+    p.add_argument("--dataset", default=None, help="preference data: hub id (Anthropic/hh-rlhf, UltraFeedback binarized) or local .jsonl/.jsonl.gz/.parquet; default: built-in pairs of --task")
+    p.add_argument("--task", default="arithmetic", help="built-in task for the default data: arithmetic, "
+                   "countdown or swaps (the logic puzzle; --model tiny then means tiny-swaps)")
     p.add_argument("--skip-bad-rows", action="store_true", help="drop (and count) rows with a missing field, empty text or chosen == rejected instead of stopping")
     p.add_argument("--train-size", type=int, default=None, help="training pairs (default: 4096 built-in, every non-held-out row of --dataset); small = a deliberately weak RM")
     p.add_argument("--eval-size", type=int, default=300, help="held-out pairs (built-in: the task's test split; --dataset: its last N rows)")
@@ -171,6 +171,7 @@ def parse_args(argv=None):
                            ("log_every", args.log_every >= 0, ">= 0"),
                            ("train_size", args.train_size is None or args.train_size >= 1, ">= 1")]:
         common.check(ok, f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
+    args.model = common.task_model(args.model, args.task, args.dataset)  # tiny-<task> for a task tiny never saw
     return args
 
 

@@ -125,8 +125,10 @@ def parse_args(argv=None):
                    "(or .gz); default: the built-in --task")
     p.add_argument("--eval-dataset", default=None, help="held-out file for a local --dataset (default: the rows after the first --n-train); hub ids use their test split")
     p.add_argument("--skip-bad-rows", action="store_true", help=common.SKIP_BAD_ROWS)
-    p.add_argument("--task", default="arithmetic", help="built-in task when --dataset is not given: arithmetic or countdown")
-    p.add_argument("--difficulty", type=int, default=None, help="built-in task difficulty (arithmetic digits, countdown numbers)")
+    p.add_argument("--task", default="arithmetic", help="built-in task when --dataset is not given: arithmetic, "
+                   "countdown or swaps (the logic puzzle; --model tiny then means tiny-swaps)")
+    p.add_argument("--difficulty", type=int, default=None, help="built-in task difficulty "
+                   "(arithmetic digits, countdown numbers, swaps in a puzzle)")
     p.add_argument("--n-train", type=int, default=256, help="training problems sampled each iteration")
     p.add_argument("--n-test", type=int, default=common.HELDOUT_N, help="held-out problems for the accuracy (built in: common.heldout)")
     p.add_argument("--iterations", type=int, default=3, help="STaR outer iterations (sample, filter, rationalize, fine-tune)")
@@ -162,7 +164,8 @@ def parse_args(argv=None):
                            ("warmup", 0 <= args.warmup < 1, "in [0, 1)"), ("grad_clip", args.grad_clip > 0, "> 0"),
                            ("log_every", args.log_every >= 1, ">= 1"), ("save_every", args.save_every >= 0, ">= 0")]:
         common.check(ok, f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
-    common.check(args.task in ("arithmetic", "countdown"), f"--task {args.task!r}: choose arithmetic or countdown")
+    common.check(args.task in common.TASKS, f"--task {args.task!r}: choose {', '.join(common.TASKS)}")
+    args.model = common.task_model(args.model, args.task, args.dataset)  # tiny-<task> for a task tiny never saw
     return args
 
 

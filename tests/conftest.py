@@ -28,7 +28,8 @@ torch.set_num_threads(1)
 
 
 def pytest_sessionstart(session):
-    """Build (or find) the cached `tiny` once, before any test runs: its build takes ~3 min on one core,
+    """Build (or find) the cached `tiny` and `tiny-swaps` once, before any test runs: a build takes ~3 min on one core,
     longer on a loaded machine, and must not count against a subprocess test's timeout."""
     import common
     common.load_model("tiny", device=torch.device("cpu"))
+    common.load_model("tiny-swaps", device=torch.device("cpu"))  # the logic puzzle's start (tests/test_swaps.py)

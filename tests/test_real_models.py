@@ -312,3 +312,54 @@ def test_real_model_command_runs(script, fam, family_dir, real_rows, tmp_path, m
     argv = ["--model", folder, *command(rows), "--out", str(tmp_path / "out")]
     summary = mod.main(argv)
     assert summary and json.load(open(tmp_path / "out" / "summary.json")) is not None
+
+# ----------------------------------------------------------------------------- 5. real puzzle data: TinyZero Countdown
+
+COUNTDOWN = os.path.join(REALDATA, "tinyzero-countdown", "countdown_train.parquet")
+
+
+def solve_countdown(nums, target):
+    """Brute force over orders and + - * / of 3-4 numbers, left to right with brackets: one
+    `<answer>` expression that reaches target, or None."""
+    import itertools
+    for perm in itertools.permutations(nums):
+        for ops in itertools.product("+-*/", repeat=len(nums) - 1):
+            expr = str(perm[0])
+            for op, n in zip(ops, perm[1:]):
+                expr = f"({expr} {op} {n})"
+            try:
+                if abs(eval(expr) - target) < 1e-6:
+                    return expr
+            except ZeroDivisionError:
+                pass
+    return None
+
+
+@pytest.mark.skipif(not os.path.isfile(COUNTDOWN), reason="../shared/realdata/tinyzero-countdown absent")
+def test_tinyzero_countdown_rows_and_answer_verifier():
+    rows = C.load_problems(COUNTDOWN, n=50)
+    assert all(r["task"] == "countdown" and "<answer>" in r["prompt"][0]["content"] for r in rows)
+    solved = 0
+    for r in rows:
+        expr = solve_countdown(r["nums"], r["target"])
+        if expr:
+            solved += 1
+            assert C.verify(r, f"<think>...</think> <answer>{expr}</answer>")
+            assert not C.verify(r, f"<answer>{expr} + 1</answer>")              # a number not in nums
+            assert not C.verify(r, f"<answer>{r['nums'][0]}</answer>")          # not every number used
+    assert solved >= 25, solved
+
+
+@pytest.mark.skipif(not os.path.isfile(COUNTDOWN), reason="../shared/realdata/tinyzero-countdown absent")
+@pytest.mark.parametrize("fam", ["qwen3", "llama3_1"])
+def test_capstone_countdown_real_rows_command_runs(fam, family_dir, tmp_path, monkeypatch):
+    """reasoning_capstone.py's TinyZero Countdown command (its docstring), only the size flags changed."""
+    import reasoning_capstone
+    monkeypatch.setattr(C, "verify", lambda p, t: sum(map(ord, t)) % 2 == 0)  # a random model is never right
+    argv = ["--model", family_dir(fam), "--dataset", COUNTDOWN, "--sft-steps", "0", "--max-new-tokens", "8",
+            "--rl-lr", "1e-6", "--dpo-lr", "5e-7", "--rft-lr", "1e-5",
+            "--train-n", "6", "--candidates", "4", "--rft-steps", "1", "--dpo-steps", "1", "--grpo-steps", "1",
+            "--prompts-per-step", "2", "--group-size", "2", "--batch-size", "2", "--eval-n", "2", "--eval-samples", "2",
+            "--pass-k", "1", "--device", "cpu", "--out", str(tmp_path / "out")]
+    s = reasoning_capstone.main(argv)
+    assert s["task"] == COUNTDOWN and [r["stage"] for r in s["table"]] == ["start", "sft", "rft", "dpo", "grpo"]

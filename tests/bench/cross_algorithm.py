@@ -2,18 +2,22 @@
 
     python tests/bench/cross_algorithm.py --seeds 0,1,2                # ~45 min on 2 CPU cores
     python tests/bench/cross_algorithm.py --seeds 0,1,2 --only grpo,dpo   # a subset
-    python tests/bench/cross_algorithm.py --seeds 0,1,2 --only capstone   # the main job's table
+    python tests/bench/cross_algorithm.py --seeds 0,1,2 --only capstone   # the main job's table (the swaps puzzle)
+    python tests/bench/cross_algorithm.py --seeds 0,1,2 --only capstone --task arithmetic   # the capstone on arithmetic
+    python tests/bench/cross_algorithm.py --seeds 0,1,2 --task swaps      # every script on the logic puzzle
     python tests/bench/cross_algorithm.py --seeds 0,1,2 --only reviews    # week 3: PPO on the reviews world
     python tests/bench/cross_algorithm.py --seeds 0,1,2 --only dpo --extra="--rpo-alpha 0"   # an ablation row
 
 Each script runs as a user would run it (its defaults, `--model tiny`, built-in 3-digit arithmetic,
 `--seed S`), one after another, and is scored on the one shared held-out set (common.heldout(): the
-same 500 problems for every script and seed). The table gives mean ± sd over the seeds of the
-held-out accuracy before and after and of the gain, and the mean wall time. Greedy accuracy except
-prm.py, which trains no policy: its row is best-of-N selection by the trained PRM vs one sample.
-The capstone (reasoning_capstone.py, SFT from random weights, then RFT / DPO / GRPO from the SFT
-model) gives one row per stage. Writes out/cross_algorithm/<torch version>/table.md and table.json.
-Not a test: a benchmark whose numbers go into the README with this command.
+same 500 problems for every script and seed). --task T passes `--task T` to every script (with
+`--model tiny` a script then starts from tiny-T, common.task_model); its rows and folders carry the
+task. The table gives mean ± sd over the seeds of the held-out accuracy before and after and of the
+gain, and the mean wall time. Greedy accuracy except prm.py, which trains no policy: its row is
+best-of-N selection by the trained PRM vs one sample. The capstone (reasoning_capstone.py, SFT from
+random weights, then RFT / DPO / GRPO from the SFT model, on its default task, the swaps puzzle,
+unless --task) gives one row per stage. Writes out/cross_algorithm/<torch version>/table.md and
+table.json. Not a test: a benchmark whose numbers go into the README with this command.
 """
 import argparse, json, os, subprocess, sys, time
 
@@ -70,6 +74,8 @@ def main():
                     "instead of running it again (e.g. to rebuild the table from runs made elsewhere)")
     ap.add_argument("--extra", default="", help="flags added to every run of --only (an ablation); its rows and "
                     "output folders carry the flags in their names")
+    ap.add_argument("--task", default="", help="built-in task passed to every script as --task (arithmetic, countdown, "
+                    "swaps); default: each script's own default (the capstone: swaps; the others: arithmetic)")
     ap.add_argument("--only", default="", help=f"comma-separated runs ({', '.join(RUNS)}); default: all but capstone")
     args = ap.parse_args()
     names, seeds = args.only.split(",") if args.only else DEFAULT, [int(s) for s in args.seeds.split(",")]
@@ -83,8 +89,11 @@ def main():
         if args.extra:  # an ablation: its own rows and folders, next to the defaults' ones
             extra = extra + args.extra.split()
             keys = [(f"{row} {args.extra}", kb, ka) for row, kb, ka in keys]
+        if args.task:  # another task: its own rows and folders too
+            extra = extra + ["--task", args.task]
+            keys = [(f"{row} [{args.task}]", kb, ka) for row, kb, ka in keys]
         res = {row: dict(before=[], after=[], wall_s=[]) for row, _, _ in keys}
-        tag = "".join(c if c.isalnum() else "_" for c in args.extra)
+        tag = "".join(c if c.isalnum() else "_" for c in args.extra + (" " + args.task if args.task else "")).strip("_")
         for seed in seeds:
             out = os.path.join(OUT, f"{name}{'_' + tag if tag else ''}_seed{seed}")
             cmd = [sys.executable, script, "--model", "tiny", *extra, "--seed", str(seed), "--out", out]
@@ -115,7 +124,8 @@ def main():
     old = {r["name"]: r for r in json.load(open(path))} if os.path.exists(path) else {}
     old.update({r["name"]: r for r in rows})  # a subset re-measures its rows and keeps the others
     json.dump(list(old.values()), open(path, "w"), indent=1)
-    lines = [f"torch {torch.__version__}; mean ± sd over seeds {args.seeds}; the shared 500 held-out problems",
+    lines = [f"torch {torch.__version__}; mean ± sd over seeds {args.seeds}; the shared 500 held-out problems of "
+             "each task",
              "", "| algorithm | command | held-out accuracy | before | after | gain | wall s |",
              "|---|---|---|---|---|---|---|"]
     for r in old.values():
