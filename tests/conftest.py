@@ -31,5 +31,21 @@ def pytest_sessionstart(session):
     """Build (or find) the cached `tiny` and `tiny-swaps` once, before any test runs: a build takes ~3 min on one core,
     longer on a loaded machine, and must not count against a subprocess test's timeout."""
     import common
-    common.load_model("tiny", device=torch.device("cpu"))
-    common.load_model("tiny-swaps", device=torch.device("cpu"))  # the logic puzzle's start (tests/test_swaps.py)
+    from concurrent.futures import ThreadPoolExecutor
+    # each build is one single-threaded child process: the two run side by side on 2 cores
+    with ThreadPoolExecutor(2) as pool:  # tiny-swaps: the logic puzzle's start (tests/test_swaps.py)
+        list(pool.map(lambda name: common.load_model(name, device=torch.device("cpu")), ["tiny", "tiny-swaps"]))
+
+
+def kill_at_first_checkpoint(script, argv, out, timeout=300):
+    """Run `python <script> <argv> --out <out>` and SIGKILL it (no cleanup at all) as soon as its first
+    checkpoint (<out>/checkpoint/state.pt) exists; returns that file's path."""
+    import signal, subprocess, time
+    p = subprocess.Popen([sys.executable, script, *argv, "--out", out], cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state, t0 = os.path.join(out, "checkpoint", "state.pt"), time.time()
+    while p.poll() is None and not os.path.exists(state) and time.time() - t0 < timeout:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL); p.wait()
+    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    return state

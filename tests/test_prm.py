@@ -7,7 +7,7 @@ import torch
 
 import common as C
 import prm
-from conftest import REALDATA, ROOT
+from conftest import kill_at_first_checkpoint, REALDATA, ROOT
 
 PRM800K = os.path.join(REALDATA, "prm800k-stepwise", "phase1_test.stepwise-critic.parquet")
 
@@ -206,13 +206,7 @@ def test_resume_after_sigkill_continues_the_same_run(tmp_path):
              "--n-eval", "4", "--max-n", "4", "--subsets", "2", "--log-every", "1", "--device", "cpu"]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     a = prm.main(flags + ["--out", full])
-    p = subprocess.Popen([sys.executable, "prm.py", *flags, "--out", cut], cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"},
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state, t0 = os.path.join(cut, "checkpoint", "state.pt"), time.time()
-    while p.poll() is None and not os.path.exists(state) and time.time() - t0 < 300:
-        time.sleep(0.01)
-    p.send_signal(signal.SIGKILL); p.wait()
-    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    state = kill_at_first_checkpoint("prm.py", flags, cut)
     assert torch.load(state, weights_only=True)["step"] in (2, 4)
     b = prm.main(flags + ["--out", cut, "--resume"])
     rows = C.read_metrics(full)

@@ -8,7 +8,7 @@ import torch
 
 import common as C
 import star
-from conftest import REALDATA, ROOT
+from conftest import kill_at_first_checkpoint, REALDATA, ROOT
 from test_common import save_random_causal
 
 
@@ -157,13 +157,7 @@ def test_resume_after_sigkill_continues_the_same_run(tmp_path, one_thread):
              "--log-every", "1", "--max-new-tokens", "40", "--device", "cpu"]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     a = star.main(flags + ["--out", full])
-    p = subprocess.Popen([sys.executable, "star.py", *flags, "--out", cut], cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1"},
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state, t0 = os.path.join(cut, "checkpoint", "state.pt"), time.time()
-    while p.poll() is None and not os.path.exists(state) and time.time() - t0 < 300:
-        time.sleep(0.01)
-    p.send_signal(signal.SIGKILL); p.wait()
-    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    state = kill_at_first_checkpoint("star.py", flags, cut)
     b = star.main(flags + ["--out", cut, "--resume"])
     strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
     rows = strip(C.read_metrics(full))
