@@ -30,11 +30,16 @@ torch.set_num_threads(1)
 def pytest_sessionstart(session):
     """Build (or find) the cached `tiny` and `tiny-swaps` once, before any test runs: a build takes ~3 min on one core,
     longer on a loaded machine, and must not count against a subprocess test's timeout."""
+    import subprocess
     import common
-    from concurrent.futures import ThreadPoolExecutor
-    # each build is one single-threaded child process: the two run side by side on 2 cores
-    with ThreadPoolExecutor(2) as pool:  # tiny-swaps: the logic puzzle's start (tests/test_swaps.py)
-        list(pool.map(lambda name: common.load_model(name, device=torch.device("cpu")), ["tiny", "tiny-swaps"]))
+    # the two builds run side by side on 2 cores: tiny-swaps (the logic puzzle's start, tests/test_swaps.py) in
+    # a child process (loading models from threads is not safe in transformers), tiny here; the lock and the
+    # cache marker make the second load_model("tiny-swaps") a plain load
+    child = subprocess.Popen([sys.executable, "-c", "import common, torch; common.load_model('tiny-swaps', "
+                              "device=torch.device('cpu'))"], cwd=ROOT)
+    common.load_model("tiny", device=torch.device("cpu"))
+    child.wait()
+    common.load_model("tiny-swaps", device=torch.device("cpu"))
 
 
 def kill_at_first_checkpoint(script, argv, out, timeout=300):
