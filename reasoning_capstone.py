@@ -176,7 +176,6 @@ def run_grpo(sft_model, tok, train, args):
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Reasoning specialist: SFT -> sample -> verify -> RFT / DPO / GRPO")
-    p.add_argument("--model", default="tiny-untrained", help="starting model: built-in name (tiny-untrained: random weights, so stage 1 is a real SFT), local folder or hub id")
     p.add_argument("--dataset", default=None, help="puzzles: Countdown (nums/target) or GSM8K rows, hub id or "
                    ".jsonl/.json/.parquet (or .gz); default: built-in")
     p.add_argument("--skip-bad-rows", action="store_true", help=C.SKIP_BAD_ROWS)
