@@ -134,7 +134,7 @@ def test_bad_flags_are_one_line_errors():
     with pytest.raises(C.InputError, match="--step-growth must be >= 1"):
         star.main(["--step-growth", "0.5"])
     r = subprocess.run([sys.executable, os.path.join(ROOT, "star.py"), "--task", "sudoku"], capture_output=True, text=True)
-    assert r.returncode == 2 and r.stderr.strip() == "error: --task 'sudoku': choose arithmetic, countdown, swaps"
+    assert r.returncode == 2 and r.stderr.strip() == "error: --task 'sudoku': choose arithmetic, countdown, swaps, reviews"
 
 
 def test_torchrun_two_ranks_gather_the_kept_set(tmp_path):
