@@ -150,13 +150,15 @@ class AdaptiveKLController:
             self.value *= 1 + float(np.clip(current_kl / self.target - 1, -0.2, 0.2)) * n_steps / self.horizon
 
 
-def lm_forward(lm, v_head, ids, attn, n):
+def lm_forward(lm, v_head, ids, attn, n, temperature=1.0):
     """log π(y_t) (B, n) of the last n tokens, the value V(s_t) (B, n) (None without a head) and the
     per-token entropy (B, n, detached). ids/attn: [left-padded prompt | completion]. Position j's hidden
-    state has read tokens <= j: it predicts token j+1 and is the state s_t in which that token is chosen."""
+    state has read tokens <= j: it predicts token j+1 and is the state s_t in which that token is chosen.
+    π is the sampling distribution softmax(logits / temperature), as in TRL: the rollouts came from it."""
     out = lm(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), logits_to_keep=n + 1,
              output_hidden_states=v_head is not None)
-    lp, ent = logits_logprobs(out.logits[:, :-1], ids[:, -n:], entropy=True)   # (B, n) each, chunked softmax
+    logits = out.logits[:, :-1] if temperature == 1.0 else out.logits[:, :-1] / temperature
+    lp, ent = logits_logprobs(logits, ids[:, -n:], entropy=True)   # (B, n) each, chunked softmax
     if v_head is None:
         return lp, None, ent
     h = out.hidden_states[-1][:, -(n + 1):-1]                         # (B, n, H)
@@ -166,14 +168,14 @@ def lm_forward(lm, v_head, ids, attn, n):
 class PolicyWithValue(nn.Module):
     """The policy LM + a value head, one module so that DDP syncs both."""
 
-    def __init__(self, lm):
+    def __init__(self, lm, temperature=1.0):
         super().__init__()
-        self.lm = lm
+        self.lm, self.temperature = lm, temperature
         self.v_head = nn.Linear(lm.config.get_text_config().hidden_size, 1)
         nn.init.zeros_(self.v_head.weight); nn.init.zeros_(self.v_head.bias)   # V = 0 until it learns
 
     def forward(self, ids, attn, n):
-        return lm_forward(self.lm, self.v_head, ids, attn, n)
+        return lm_forward(self.lm, self.v_head, ids, attn, n, self.temperature)
 
 
 @torch.no_grad()
@@ -250,8 +252,8 @@ def evaluate_policy(ac, ref, tok, test, score_fn, args, has_gold, autocast):
                         temperature=args.temperature, top_p=args.top_p)
         ids, attn = torch.cat([roll["prompt_ids"], roll["completion_ids"]], 1), torch.cat([roll["prompt_mask"], roll["completion_mask"]], 1)
         T, m = roll["completion_ids"].shape[1], roll["completion_mask"].float()
-        lp, _, ent = batched(lambda *a: lm_forward(ac.lm, None, *a), ids, attn, T, args.micro_batch)
-        ref_lp = batched(lambda *a: lm_forward(ref, None, *a), ids, attn, T, args.micro_batch)[0]
+        lp, _, ent = batched(lambda *a: lm_forward(ac.lm, None, *a, args.temperature), ids, attn, T, args.micro_batch)
+        ref_lp = batched(lambda *a: lm_forward(ref, None, *a, args.temperature), ids, attn, T, args.micro_batch)[0]
         scores = score_fn([p for p in mine for _ in range(k)], roll["texts"])
     toks = all_gather_list([row[r.bool()].tolist() for row, r in zip(roll["completion_ids"], roll["completion_mask"])])
     texts = all_gather_list(roll["texts"])
@@ -297,7 +299,8 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch", type=int, default=32, help="completions per forward/backward on one rank (gradient accumulation)")
     p.add_argument("--ppo-epochs", type=int, default=4, help="passes over each rollout batch")
     p.add_argument("--max-new-tokens", type=int, default=None, help="completion budget in tokens (default 40; reviews 64)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (PPO's log-probs assume 1.0)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts; "
+                   "log π, its KL to π_ref and the entropy are those of softmax(logits / T), as in TRL")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for rollouts (1.0 = the policy's own distribution)")
     p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate of the policy (policy gradients need ~30x less than SFT)")
     p.add_argument("--vf-lr", type=float, default=1e-3, help="AdamW learning rate of the value head (new weights: larger)")
@@ -363,7 +366,7 @@ def run(args, out):
         if isinstance(mod, nn.Dropout):
             mod.p = 0.0
     ref = copy.deepcopy(model).eval().requires_grad_(False)
-    ac = PolicyWithValue(model).to(d.device)
+    ac = PolicyWithValue(model, args.temperature).to(d.device)
     train, test = load_data(args, tok)
     has_gold = test[0]["answer"] is not None
     check(args.reward == "model" or has_gold, f"--dataset {args.dataset}: no answers to verify; pass --reward-model")
@@ -407,7 +410,7 @@ def run(args, out):
             with autocast():
                 raw = score_fn(problems, roll["texts"])                                  # (B,)
                 old_lp, old_v, ent = batched(ac, ids, attn, T, micro)
-                ref_lp = batched(lambda *a: lm_forward(ref, None, *a), ids, attn, T, micro)[0]
+                ref_lp = batched(lambda *a: lm_forward(ref, None, *a, args.temperature), ids, attn, T, micro)[0]
             scores = raw - args.missing_eos_penalty * (~roll["has_eos"]).float()
             # -- 3. per-token rewards (KL penalty + score at the last token) -> GAE -> whitened advantages
             rewards, kl = token_rewards(scores, old_lp, ref_lp, mask, kl_ctl.value, args.kl_estimator)
