@@ -252,7 +252,7 @@ def test_ddp_setup_two_gloo_ranks(tmp_path):
         C.print0("rank0 only")
         C.cleanup()
     """))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", str(script)],
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("rank0 only") == 1

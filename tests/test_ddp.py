@@ -39,8 +39,7 @@ def keys(d, prefix=""):
 
 @pytest.mark.parametrize("script", sorted(SMALL))
 def test_two_gloo_ranks_match_single_process_summary_keys(script, tmp_path):
-    port = 29400 + sorted(SMALL).index(script)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                         os.path.join(ROOT, f"{script}.py"), *SMALL[script], "--device", "cpu", "--out", str(tmp_path / "ddp")],
                        capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])

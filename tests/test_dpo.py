@@ -143,7 +143,7 @@ def test_ddp_gradient_matches_single_process(tmp_path):
     """2 gloo ranks with --batch-size 8 (4 pairs each) take the same step as one process on the same 8 pairs."""
     common = SMALL + ["--steps", "2", "--lr", "1e-3"]
     dpo.main(common + ["--out", str(tmp_path / "one")])
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                         os.path.join(ROOT, "dpo.py")] + common + ["--out", str(tmp_path / "two")],
                        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -158,7 +158,7 @@ def test_fsdp_matches_single_process(tmp_path):
     greedy evaluation decoded in lock-step) takes the same steps and saves the same model as one process."""
     common = SMALL + ["--steps", "2", "--lr", "1e-3"]
     dpo.main(common + ["--out", str(tmp_path / "one")])
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29543",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                         os.path.join(ROOT, "dpo.py")] + common + ["--fsdp", "--out", str(tmp_path / "two")],
                        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]

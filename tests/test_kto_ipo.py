@@ -262,7 +262,7 @@ def test_ddp_kto_matches_single_process(tmp_path):
     """2 gloo ranks, global batch 8 (z0 over the global batch via all-reduce) take the same steps as one process."""
     flags = CPU + ["--steps", "2", "--batch-size", "8", "--eval-n", "8", "--n-train", "64", "--lr", "1e-4", "--beta", "1", "--builtin", "corrupt"]
     K.main(flags + ["--out", str(tmp_path / "one")])
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                         os.path.join(ROOT, "kto_ipo.py")] + flags + ["--out", str(tmp_path / "two")],
                        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -278,7 +278,7 @@ def test_fsdp_kto_matches_single_process(tmp_path):
     the same steps and the same saved weights as one process."""
     flags = CPU + ["--steps", "2", "--batch-size", "8", "--eval-n", "8", "--n-train", "64", "--lr", "1e-4", "--beta", "1", "--builtin", "corrupt"]
     K.main(flags + ["--out", str(tmp_path / "one")])
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29549",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                         os.path.join(ROOT, "kto_ipo.py")] + flags + ["--fsdp", "--out", str(tmp_path / "two")],
                        capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]

@@ -220,7 +220,7 @@ def test_sentiment_path_gpt2_policy_distilbert_classifier(tmp_path):
 def test_torchrun_two_ranks(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29623",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                         "ppo_lm.py", "--steps", "2", "--batch-size", "8", "--mini-batch", "4", "--micro-batch", "1",
                         "--eval-n", "8", "--eval-samples", "2", "--max-new-tokens", "36", "--device", "cpu",
                         "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

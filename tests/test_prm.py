@@ -188,7 +188,7 @@ def test_flag_errors():
 
 def test_two_ranks_with_torchrun(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                         os.path.join(ROOT, "prm.py"), "--n-train", "16", "--samples-per-problem", "1", "--steps", "3",
                         "--n-eval", "4", "--max-n", "4", "--subsets", "2", "--device", "cpu", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)

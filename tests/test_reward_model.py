@@ -132,7 +132,7 @@ def test_resume_after_ctrl_c(tmp_path, monkeypatch):
 
 
 def test_torchrun_two_ranks(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                         os.path.join(ROOT, "reward_model.py"), "--steps", "3", "--train-size", "64", "--eval-size", "20",
                         "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=240, cwd=str(tmp_path))

@@ -139,7 +139,7 @@ def test_bad_flags_are_one_line_errors():
 
 def test_torchrun_two_ranks_gather_the_kept_set(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                         os.path.join(ROOT, "star.py"), "--n-train", "16", "--samples", "4", "--n-test", "8", "--iterations", "1",
                         "--steps", "2", "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=300, env=env)
