@@ -32,14 +32,12 @@ Run:
         --max-new-tokens 16 --batch-size 256 --mini-batch 64 --micro-batch 64 --lr 1.41e-5 --init-kl-coef 0.2 \
         --kl-target 6 --steps 100 --eval-n 256   # positive reviews; TRL's old notebook (same β, target, lr): 0.24 -> 2.48
     torchrun --nproc_per_node 4 ppo_lm.py --model ... --batch-size 256    # rollouts sharded over ranks
-Measured results of the default verifier run (mean ± sd over seeds, shared held-out set
-common.heldout()): README 'Results', `python tests/bench/cross_algorithm.py --seeds 0,1,2 --only ppo_lm`.
-Observed on the earlier start model and not re-measured: the verifier run barely moved the held-out
-reward and lowered greedy accuracy: one sample per prompt and a critic that explains almost none of
-the return variance leave little signal in a sparse 0/1 reward (GRPO's per-prompt groups did better).
-Against a learned RM the policy optimised fast and hacked it: with reward_model.py's RM every β of
-the sweep raised the RM score while greedy accuracy fell, more at smaller β (larger KL); with the
-64-pair RM the gold accuracy only fell (no rise first).
+Measured (mean ± sd over seeds 0-2, the shared held-out set; README 'PPO ablation', command
+`python tests/bench/cross_algorithm.py --seeds 0,1,2 --only ppo_lm --extra="--ppo-epochs 4"`): the number of
+passes over each rollout batch is what mattered. With TRL's 4 (8 AdamW updates per 64 completions) greedy
+accuracy went 0.482 -> 0.885 ± 0.090; with 1 (2 updates), the default, 0.991 ± 0.006, as high as grpo.py at
+the same 3,840 completions (0.990 ± 0.007). GAE λ = 1 alone (0.943 ± 0.027) or rollouts at T = 0.7 alone
+(0.948 ± 0.019) were not separable from the old default, and together with 2 epochs were worse (0.910).
 The reviews world (--task reviews, common.make_reviews): prompts "Review: <opener><aspect>", a policy
 pretrained on a mix of positive, negative and neutral reviews (`tiny-reviews`, a third each, built and
 cached like tiny), the reward the built-in sentiment RM (`tiny-reviews-rm`: reward_model.py --task reviews,
@@ -297,7 +295,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="prompts (= completions) per rollout batch over all ranks")
     p.add_argument("--mini-batch", type=int, default=32, help="completions per optimizer step (over all ranks)")
     p.add_argument("--micro-batch", type=int, default=32, help="completions per forward/backward on one rank (gradient accumulation)")
-    p.add_argument("--ppo-epochs", type=int, default=4, help="passes over each rollout batch")
+    p.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch (1: measured best "
+                   "on the built-in task, README 'PPO ablation'; TRL's default is 4)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="completion budget in tokens (default 40; reviews 64)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts; "
                    "log π, its KL to π_ref and the entropy are those of softmax(logits / T), as in TRL")
