@@ -143,7 +143,8 @@ def small_rm(tmp_path_factory):
 
 def test_ppo_raises_reward_model_score_at_bounded_kl(tmp_path, small_rm):
     s = ppo_lm.main(["--reward-model", small_rm, "--steps", "15", "--batch-size", "32", "--mini-batch", "16", "--eval-n", "48",
-                     "--eval-samples", "2", "--init-kl-coef", "0.2", "--seed", "0", "--out", str(tmp_path)])
+                     "--eval-samples", "2", "--init-kl-coef", "0.2", "--ppo-epochs", "4", "--seed", "0",
+                     "--out", str(tmp_path)])   # 4 passes: the recipe the numbers below were measured with
     for k in ("score_before", "score_after", "kl_after", "gold_accuracy_before", "gold_accuracy_after", "gold_sampled_after",
               "entropy_after", "distinct_2_after", "unique_after", "train_score_first10", "train_score_last10", "wall_time_s"):
         assert k in s, k
@@ -155,6 +156,16 @@ def test_ppo_raises_reward_model_score_at_bounded_kl(tmp_path, small_rm):
     assert json.load(open(tmp_path / "summary.json"))["score_after"] == s["score_after"]
     assert os.path.isfile(tmp_path / "model" / "config.json") and os.path.isfile(tmp_path / "model" / "value_head.pt")
     assert os.path.isfile(tmp_path / "curves.png")
+
+
+def test_default_verifier_run_raises_held_out_accuracy(tmp_path):
+    """`python ppo_lm.py` itself (seed 0: 60 steps x 64 completions, the verifier reward, 1 pass per rollout).
+    Bench (README 'PPO ablation', seeds 0-2, unpinned): 0.482 -> 0.991 ± 0.006, grpo.py at the same
+    completions 0.990 ± 0.007, the old 4-pass default 0.885 ± 0.090. This run, pinned numerics: 0.482 -> 0.990,
+    KL 0.98 nats, with torch 2.13.0 and 2.14.1 alike. The bar 0.88 is 18 sd of the seed spread below the mean."""
+    s = ppo_lm.main(["--seed", "0", "--out", str(tmp_path)])
+    assert s["gold_accuracy_before"] < 0.5 and s["gold_accuracy_after"] > 0.88, s
+    assert 0 < s["kl_after"] < 5, s
 
 
 def test_kl_sweep_and_overoptimization_outputs(tmp_path, small_rm):
