@@ -35,10 +35,10 @@ Run:
     torchrun --nproc_per_node 4 ppo_lm.py --model ... --batch-size 256    # rollouts sharded over ranks
 Measured (mean ± sd over seeds 0-2, the shared held-out set; README 'PPO ablation', command
 `python tests/bench/cross_algorithm.py --seeds 0,1,2 --only ppo_lm --extra="--ppo-epochs 4"`): the number of
-passes over each rollout batch is what mattered. With TRL's 4 (8 AdamW updates per 64 completions) greedy
+passes over each rollout batch is what mattered most. With TRL's 4 (8 AdamW updates per 64 completions) greedy
 accuracy went 0.482 -> 0.885 ± 0.090; with 1 (2 updates), the default, 0.991 ± 0.006, as high as grpo.py at
 the same 3,840 completions (0.990 ± 0.007). GAE λ = 1 alone (0.943 ± 0.027) or rollouts at T = 0.7 alone
-(0.948 ± 0.019) were not separable from the old default, and together with 2 epochs were worse (0.910).
+(0.948 ± 0.019) were not separable from the old default, nor better together with 2 epochs (0.910 ± 0.081).
 The reviews world (--task reviews, common.make_reviews): prompts "Review: <opener><aspect>", a policy
 pretrained on a mix of positive, negative and neutral reviews (`tiny-reviews`, a third each, built and
 cached like tiny), the reward the built-in sentiment RM (`tiny-reviews-rm`: reward_model.py --task reviews,
