@@ -71,7 +71,7 @@ def test_rationalization_never_leaks_the_hint(monkeypatch):
                     texts.append("#### 0")
         return dict(texts=texts)
 
-    monkeypatch.setattr(star.common, "generate", fake_generate)
+    monkeypatch.setattr(star.C, "generate", fake_generate)
     args = SimpleNamespace(samples=2, max_new_tokens=8, temperature=1.0, top_p=1.0, rationalize=True)
     direct, rat = star.sample_and_filter(None, None, probs, args)
     originals = {p["prompt"]: p for p in probs}
