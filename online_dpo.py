@@ -248,16 +248,17 @@ def main(argv=None):
                 loss = losses.sum() / len(idx)  # local mean; DDP averages ranks -> global mean
                 C.nan_guard(loss, step)
                 opt.zero_grad(set_to_none=True); loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0); opt.step(); step += 1
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0); opt.step()
                 mean = lambda x: C.all_reduce_mean(x.float().mean().item())  # over the batch, then the ranks
                 logger.log(step, loss=mean(loss), reward_acc=mean(cr > rjr), reward_margin=mean(cr - rjr),
                            logp_chosen=mean(pc))
+                step += 1  # updates done; rows carry the 0-based index of theirs
         # ---- 5. evaluate
         acc = C.evaluate(policy, tok, test, max_new_tokens=args.max_new_tokens)["accuracy"]
         kl, sacc = (C.all_reduce_mean(v) for v in kl_to_initial(policy, init, tok, d.shard(test), args.max_new_tokens))
         row = dict(round=rnd, judge_score=judge_mean, gold_accuracy=acc, sampled_accuracy=sacc, pairs=len(pairs))
         table.append(dict(row, skipped_ties=ties, kl_to_initial=kl))
-        logger.log(step, **row, kl_to_initial=kl)
+        logger.log(step - 1, **row, kl_to_initial=kl)  # after the round's last update
 
     C.print0("\nround | judge score | gold accuracy (greedy) | sampled acc (T=1) | pairs kept | KL to initial")
     for r in table:

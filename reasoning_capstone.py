@@ -243,7 +243,7 @@ def main(argv=None):
     def record(stage, m, t0, **extra):
         acc, pk = evaluate(m, tok, test, args)
         row = dict(stage=stage, accuracy=acc, **{f"pass@{args.pass_k}": pk}, wall_s=round(time.time() - t0, 1), **extra)
-        table.append(row); logger.log(len(table), **{k: v for k, v in row.items() if k != "stage"}, stage=stage)
+        table.append(row); logger.log(len(table) - 1, **{k: v for k, v in row.items() if k != "stage"}, stage=stage)
         return row
 
     t0 = time.time()

@@ -212,7 +212,7 @@ def main(argv=None) -> dict:
         C.print0(f"resumed from {ckpt}: iteration {resume['iteration']} ({resume['phase']})")
     else:
         acc_before, table = C.evaluate(model, tok, test, **eval_kw)["accuracy"], []
-    logger = C.Logger(args.out, config=vars(args), wandb=args.wandb, resume_step=resume and resume["gstep"])
+    logger = C.Logger(args.out, config=vars(args), wandb=args.wandb, resume_step=resume and resume["gstep"] - 1)
     C.print0(f"held-out accuracy before STaR: {acc_before:.3f} ({len(test)} problems); {len(train)} training problems")
     mine = d.shard(train)             # this rank samples rationales for its share of the problems
     per_rank = args.batch_size // d.world_size
@@ -283,7 +283,7 @@ def main(argv=None) -> dict:
                 losses.append(loss_sum)
                 done = snap(step + 1)
                 if step % args.log_every == 0 or step == steps - 1:
-                    logger.log(gstep, iteration=it, loss=C.all_reduce_mean(loss_sum),
+                    logger.log(gstep - 1, iteration=it, loss=C.all_reduce_mean(loss_sum),
                                grad_norm=float(gnorm), lr=sched.get_last_lr()[0])
                 if args.save_every and gstep % args.save_every == 0 and step + 1 < steps:  # the last: after the eval
                     save(it, "train", opt, sched, **done)
@@ -297,7 +297,7 @@ def main(argv=None) -> dict:
                        heldout_accuracy=float(acc), sample_s=round(t_sample, 1),
                        iteration_s=round(time.time() - t_it, 1))
             table.append(row)
-            logger.log(gstep, **{k: v for k, v in row.items() if v is not None})
+            logger.log(gstep - 1, **{k: v for k, v in row.items() if v is not None})  # after update gstep - 1
             if args.save_every:
                 save(it + 1, "sample")
 
