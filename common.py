@@ -1741,6 +1741,18 @@ def ctrl_c(save):
         raise SystemExit(130)
 
 
+def ctrl_c_checkpoint(ckpt, model, tok, opt, sched, extra, done, sharded=False):
+    """ctrl_c() for a loop whose Ctrl-C checkpoint is the model, optimizer, scheduler and extra after
+    done() finished updates; sharded (FSDP): no checkpoint (sharded optimizer state is not saved),
+    only the line that says so."""
+    def save():
+        if sharded:
+            return f"interrupted at step {done()}: no checkpoint under --fsdp"
+        save_checkpoint(ckpt, model, tok, done(), opt, sched, extra)
+        return f"interrupted: checkpoint at step {done()} in {ckpt} (continue with --resume)"
+    return ctrl_c(save)
+
+
 def checkpoint_folder(folder):
     """`folder`, or, when a save was killed between its two renames (_swap_in), the previous
     checkpoint it had moved aside to <folder>.old-<pid> (read where it is: under torchrun every

@@ -28,13 +28,11 @@ Run:
     python grpo.py --dataset train.jsonl --eval-dataset test.jsonl     # local GSM8K/Countdown rows
     torchrun --nproc_per_node 4 grpo.py --model ... --prompts-per-step 32   # prompts sharded by rank
     python grpo.py --save-every 20 ... ; python grpo.py --resume ...        # continue a run
-Real data: common.load_problems() turns GSM8K rows into chat messages ("... give the final answer after
-'####'"), formatted with the tokenizer's chat template; the verifier compares the extracted final
-number (`#### 42`, else the last \\boxed{}, else the last number) with the reference answer.
+Real data: common.load_problems() makes GSM8K rows chat messages that ask for the answer after '####';
+the verifier compares the extracted final number (`#### 42`, else the last \\boxed{}, else the last one).
 Outputs in --out: metrics.jsonl, curves.png, summary.json (held-out greedy accuracy and sampled
-pass@1 at the rollout temperature, before and after), model/ (the final HF folder) and
-checkpoint/ (with --save-every or on Ctrl-C). Measured results (mean ± sd over seeds, shared
-held-out set common.heldout()): README 'Results',
+pass@1 at the rollout temperature, before and after), model/ and checkpoint/ (--save-every, Ctrl-C).
+Measured results (mean ± sd over seeds, the shared held-out set common.heldout()): README 'Results',
 `python tests/bench/cross_algorithm.py --seeds 0,1,2 --only grpo`.
 
 Follows TRL's GRPOTrainer and nanochat's chat_rl.py. Simplified vs the paper: outcome rewards
@@ -112,9 +110,8 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, eps_low=0.2, eps_hi
 
 
 def rank_advantages(rewards, group_size, scale):
-    """This rank's advantages from its own rewards (B_local,), with every group on one rank.
-    The batch std ('batch') needs every rank's rewards, so all ranks gather them (rank order)
-    and slice their part back out. Returns (advantages (B_local,), global rewards (B_global,))."""
+    """This rank's advantages (B_local,) from its rewards, every group on one rank: the batch std needs
+    all ranks' rewards, so they are gathered (rank order). Returns (advantages, global rewards)."""
     everything = torch.tensor(C.all_gather_list(rewards.tolist()), dtype=torch.float32)
     adv = group_advantages(everything, group_size, scale)
     n = rewards.numel()
@@ -129,12 +126,10 @@ def batch_logprobs(model, ids, attn, n_completion, micro_batch):
 
 
 def accumulate_policy_grads(model, ids, attn, loss_mask, adv, old_logps, ref_logps, micro_batch, step=0, **loss_kw):
-    """Backward of grpo_loss over this rank's rollouts, micro_batch rows at a time (gradient
-    accumulation). ids/attn (B, P+T) = [left-padded prompt | completion], loss_mask (B, T).
-    Each micro-batch's loss is weighted by its share of the GLOBAL normaliser (sequences for
-    grpo/dr_grpo, tokens for dapo) times world_size, because DDP averages gradients over ranks:
-    the accumulated, averaged gradient is then exactly one process's gradient on the whole global
-    batch. Returns token-mean stats (loss, clip_frac, kl, entropy)."""
+    """Backward of grpo_loss over this rank's rollouts, micro_batch rows at a time. ids/attn (B, P+T) =
+    [left-padded prompt | completion], loss_mask (B, T). Each micro-batch's loss is weighted by its share
+    of the GLOBAL normaliser (sequences; dapo: tokens) times world_size, as DDP averages gradients over
+    ranks: the result is one process's gradient on the global batch. Returns token-mean stats."""
     B, T = loss_mask.shape
     W = C.DIST.world_size
     dapo = loss_kw.get("loss_type") == "dapo"
@@ -167,10 +162,9 @@ def accumulate_policy_grads(model, ids, attn, loss_mask, adv, old_logps, ref_log
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="GRPO: group-relative policy optimization with a verifier reward")
     p.add_argument("--model", default="tiny", help="'tiny' (built in), a local HF folder or a hub id")
-    p.add_argument("--dataset", default=None, help="hub id (openai/gsm8k) or local .jsonl/.json/.parquet, or .gz of "
-                   "one (GSM8K, Countdown or MATH rows); default: the built-in --task")
-    p.add_argument("--eval-dataset", default=None, help="held-out problems; default: the hub dataset's test split, or "
-                   "the last --eval-n rows of a local --dataset")
+    p.add_argument("--dataset", default=None, help="GSM8K/Countdown/MATH rows: hub id or .jsonl/.json/.parquet "
+                   "(or .gz); default: the built-in --task")
+    p.add_argument("--eval-dataset", default=None, help="held-out problems (default: the test split / last rows)")
     p.add_argument("--skip-bad-rows", action="store_true", help=C.SKIP_BAD_ROWS)
     p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic, "
                    "countdown or swaps (the logic puzzle; --model tiny then means tiny-swaps)")
@@ -178,8 +172,7 @@ def parse_args(argv=None):
     p.add_argument("--train-n", type=int, default=None, help="training problems (default: 2000 built in, all rows)")
     p.add_argument("--eval-n", type=int, default=C.HELDOUT_N, help="held-out problems (built in: common.heldout)")
     C.add_run_flags(p, "grpo")  # --out, --seed, --device, --wandb, --trust-remote-code
-    p.add_argument("--steps", type=int, default=200, help="rollout steps (each: generate, score, --num-iterations "
-                   "updates)")
+    p.add_argument("--steps", type=int, default=200, help="rollout steps (generate, score, --num-iterations updates)")
     p.add_argument("--prompts-per-step", type=int, default=8, help="prompts per step, all ranks together")
     p.add_argument("--group-size", type=int, default=8, help="G: completions sampled per prompt")
     p.add_argument("--max-new-tokens", type=int, default=48, help="completion budget; Dr. GRPO's constant normaliser")
@@ -193,14 +186,11 @@ def parse_args(argv=None):
     p.add_argument("--beta", type=float, default=0.0, help="KL-to-reference weight; > 0 keeps a frozen reference copy")
     p.add_argument("--eps-low", type=float, default=0.2, help="ratio clip below: 1 - eps_low")
     p.add_argument("--eps-high", type=float, default=0.2, help="ratio clip above: 1 + eps_high (DAPO: 0.28)")
-    p.add_argument("--loss-type", default="grpo", choices=["grpo", "dapo", "dr_grpo"], help="loss aggregation "
-                   "(grpo_loss)")
-    p.add_argument("--scale-rewards", default="group", choices=["group", "batch", "none"], help="advantage std: per "
-                   "group (paper), over the batch, or none (Dr. GRPO)")
-    p.add_argument("--num-iterations", type=int, default=1, help="updates per rollout batch (the paper's mu); > 1 "
-                   "makes the clip matter")
-    p.add_argument("--format-reward", type=float, default=0.0, help="reward weight of a well-formed answer "
-                   "(common.format_ok)")
+    p.add_argument("--loss-type", default="grpo", choices=["grpo", "dapo", "dr_grpo"], help="aggregation (grpo_loss)")
+    p.add_argument("--scale-rewards", default="group", choices=["group", "batch", "none"],
+                   help="advantage std: per group (paper), over the batch, or none (Dr. GRPO)")
+    p.add_argument("--num-iterations", type=int, default=1, help="updates per rollout batch (mu; > 1: the clip acts)")
+    p.add_argument("--format-reward", type=float, default=0.0, help="reward for a well-formed answer (format_ok)")
     p.add_argument("--mask-truncated", action="store_true", help="no loss on completions cut off (DAPO)")
     p.add_argument("--micro-batch", type=int, default=32, help="sequences per forward/backward (gradient accumulation)")
     p.add_argument("--grad-checkpointing", action="store_true", help="trade compute for activation memory")
@@ -208,8 +198,7 @@ def parse_args(argv=None):
                    "ops are too small to split: more threads only contend), else torch's default")
     p.add_argument("--no-autocast", action="store_true", help="fp32 forward passes on GPUs too (default: bf16)")
     p.add_argument("--eval-every", type=int, default=50, help="held-out greedy accuracy every N steps (0: at the ends)")
-    p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out problem (at --temperature) for "
-                   "pass@k; 0 = greedy accuracy only")
+    p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out problem for pass@k (0: none)")
     p.add_argument("--pass-k", type=int, default=1, help="k for pass@k (with --eval-samples)")
     p.add_argument("--save-every", type=int, default=0, help="write <out>/checkpoint every N steps (0: on Ctrl-C only)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
@@ -234,8 +223,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     d = C.setup(args.seed, args.device, out=args.out)
-    C.check(args.prompts_per_step % d.world_size == 0, f"--prompts-per-step {args.prompts_per_step} must be "
-            f"divisible by the {d.world_size} ranks (every group on one rank)")
+    C.check_ranks(args.prompts_per_step, "--prompts-per-step")  # every group on one rank
     t_start, threads = time.time(), torch.get_num_threads()  # threads restored at the end: tests call main()
     if d.device.type == "cpu" and (args.threads or args.model in ("tiny", "tiny-untrained")):
         torch.set_num_threads(args.threads or 1)
@@ -336,9 +324,7 @@ def main(argv=None) -> dict:
             m = dict(reward=all_r.mean().item(), reward_std=all_r.std().item(), accuracy=acc, frac_zero_std=zero_std,
                      clip_frac=local["clip_frac"], entropy=local["entropy"], loss=local["loss"], grad_norm=grad_norm,
                      completion_len=clen, truncated=trunc, lr=sched.get_last_lr()[0], gen_time=t_gen,
-                     step_time=time.time() - t0)
-            if args.beta > 0:
-                m["kl"] = local["kl"]
+                     step_time=time.time() - t0, **({"kl": local["kl"]} if args.beta > 0 else {}))
             if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
                 with autocast():
                     m["eval_accuracy"] = C.evaluate(model, tok, test, max_new_tokens=args.max_new_tokens)["accuracy"]
@@ -351,12 +337,11 @@ def main(argv=None) -> dict:
     with autocast():
         after = {k: float(v) for k, v in C.evaluate(model, tok, test, **eval_kw).items()}
     rows = C.read_metrics(args.out) if d.master else []
+    avg = lambda k, rs: float(np.mean([r[k] for r in rs])) if rows else None  # over metrics rows
     summary = dict(model=args.model, dataset=args.dataset or args.task, steps=args.steps, world_size=d.world_size,
                    **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()},
-                   train_reward_first10=float(np.mean([r["reward"] for r in rows[:10]])) if rows else None,
-                   train_reward_last10=float(np.mean([r["reward"] for r in rows[-10:]])) if rows else None,
-                   frac_zero_std_mean=float(np.mean([r["frac_zero_std"] for r in rows])) if rows else None,
-                   sec_per_step=float(np.mean([r["step_time"] for r in rows])) if rows else None,
+                   train_reward_first10=avg("reward", rows[:10]), train_reward_last10=avg("reward", rows[-10:]),
+                   frac_zero_std_mean=avg("frac_zero_std", rows), sec_per_step=avg("step_time", rows),
                    wall_time_s=time.time() - t_start)
     C.plot_metrics(args.out, ["reward", "accuracy", "eval_accuracy", "frac_zero_std", "clip_frac", "kl", "entropy"],
                    "curves.png", title=f"GRPO on {args.dataset or args.task}")

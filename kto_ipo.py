@@ -411,13 +411,7 @@ def main(argv=None):
     # ---- training: one flat loop over 0-based updates; this rank's rows = shard of the global batch
     model.train()
     done, last = start, {}  # updates finished (what a Ctrl-C checkpoint saves), the last logged metrics
-
-    def interrupted():
-        if fsdp:
-            return f"interrupted at step {done}: no checkpoint under --fsdp"
-        C.save_checkpoint(ckpt, model, tok, done, opt, sched, extra)
-        return f"interrupted: checkpoint at step {done} in {ckpt} (continue with --resume)"
-    with C.ctrl_c(interrupted):
+    with C.ctrl_c_checkpoint(ckpt, model, tok, opt, sched, extra, lambda: done, sharded=fsdp):
         for step in tqdm(range(start, args.steps), desc=args.loss, disable=not d.master or None, initial=start,
                          total=args.steps):
             g = C.batch_indices(step, args.batch_size, len(train), args.seed)
