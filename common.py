@@ -1,17 +1,19 @@
 """common.py: the small, boring things every script shares (no algorithm lives here).
 
 Sections, top to bottom:
-  1. setup       device / dtype / seed / DDP (torchrun) / one-line user errors
-  2. tasks       the embedded world: arithmetic with a checkable chain of thought, Countdown,
-                 verifiers, preference data, plus a GSM8K-style answer extractor for real data
-  3. data        local jsonl/parquet or hub datasets, with errors that name the row and field
+  1. setup       device / dtype / autocast / seed / DDP (torchrun) / flag checks / one-line user errors
+  2. tasks       the embedded world: arithmetic with a checkable chain of thought, Countdown, swaps,
+                 reviews, verifiers, preference data, plus a GSM8K-style answer extractor for real data
+  3. data        one reader for local jsonl/json/parquet or hub datasets, errors that name the row and
+                 field; problems, pairs, unpaired rows; the held-out split of a local file
   4. models      load_model(): hub id, local folder, or the built-in ~0.8M-param char-level Llama
-  5. generation  batched sampling (left padding, stop at end-of-turn/EOS; static-cache fast path on CUDA)
-  6. log-probs   per-token log-probs without a float32 [batch, seq, vocab] blow-up; SFT helper
-  7. rewards     rm_score(): the one reward-model scorer (right padding, the RM's own template)
-  8. checkpoints atomic save / resume, metrics (stdout + jsonl + optional wandb) and plots
+  5. generation  batched sampling (left padding, stop at end-of-turn/EOS; static-cache fast path on
+                 CUDA), accuracy / pass@k, the model's own answers and mistakes
+  6. log-probs   per-token and per-sequence log-probs without a float32 [batch, seq, vocab] blow-up; SFT
+  7. rewards     rm_score(), the one reward-model scorer; pairwise win rates (verifier, RM, judge LM)
+  8. loop        seeded batch order, lr schedule, Ctrl-C, atomic checkpoints / resume, metrics, plots
 """
-import ast, contextlib, json, math, os, random, re, shutil, sys, time
+import ast, contextlib, functools, json, math, os, random, re, shutil, sys, time
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +39,30 @@ def friendly_errors():
 def check(cond, msg):
     if not cond:
         raise InputError(msg)
+
+
+RULES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, ">= 2": lambda v: v >= 2,
+         "in [0, 1)": lambda v: 0 <= v < 1, "in (0, 1]": lambda v: 0 < v <= 1, "in [0, 1]": lambda v: 0 <= v <= 1}
+
+
+def check_flags(args, rules):
+    """A parse_args' range checks in one call: rules = {"> 0": "lr beta", ">= 0": "warmup_steps", ...}
+    (argparse dest names, RULES' keys). The first flag out of range is `--flag must be > 0, got -1`;
+    a flag left at None (unset, a default computed later) is not checked."""
+    for rule, names in rules.items():
+        for name in names.split():
+            v = getattr(args, name)
+            check(v is None or RULES[rule](v), f"--{name.replace('_', '-')} must be {rule}, got {v}")
+
+
+def add_run_flags(p, name):
+    """The flags every LM script ends its parser with: --out (default out/<name>), --seed, --device,
+    --wandb, --trust-remote-code."""
+    p.add_argument("--out", default=os.path.join("out", name), help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="random seed (weights, data order, sampling)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda, then mps, then cpu)")
+    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow hub models with custom code")
 
 
 def set_seed(seed):
@@ -70,7 +96,8 @@ def get_device(name=None, flag="--device"):
     else:  # xpu, ...: the backend's own is_available()
         ok = bool(getattr(getattr(torch, dev.type, None), "is_available", lambda: False)())
     if not ok:
-        why = " (this torch was built without CUDA)" if dev.type == "cuda" and not torch.backends.cuda.is_built() else ""
+        no_cuda = dev.type == "cuda" and not torch.backends.cuda.is_built()
+        why = " (this torch was built without CUDA)" if no_cuda else ""
         raise InputError(f"{flag} {name}: no such device here{why}; available: {', '.join(here)}")
     return dev
 
@@ -106,6 +133,24 @@ def get_dtype(device):
     return torch.float32
 
 
+def autocast(device=None, enabled=True):
+    """bf16 autocast on CUDA GPUs that support it, else nothing. The weights stay fp32: updates of
+    lr ~1e-6 would round away in bf16 weights."""
+    device = device or DIST.device
+    if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def ddp(model):
+    """The model wrapped in DistributedDataParallel under torchrun (gradients averaged over the
+    ranks); the model itself in one process."""
+    if DIST.world_size == 1:
+        return model
+    ids = [DIST.device] if DIST.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
 @dataclass
 class Dist:
     rank: int = 0
@@ -130,7 +175,8 @@ def setup(seed=0, device=None, out=None):
         check_out(out)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         import torch.distributed as dist
-        rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", 0))
         dev = get_device(device)
         if dev.type == "cuda":
             dev = torch.device("cuda", local); torch.cuda.set_device(dev)
@@ -142,6 +188,11 @@ def setup(seed=0, device=None, out=None):
     DIST.__dict__.update(new.__dict__)  # in place: `from common import DIST` stays valid everywhere
     set_seed(seed)  # same seed on every rank: identical initial weights and sampling streams
     return DIST
+
+
+def check_ranks(n, flag="--batch-size"):
+    """A global batch must split evenly over the torchrun ranks."""
+    check(n % DIST.world_size == 0, f"{flag} {n} must be divisible by the {DIST.world_size} ranks")
 
 
 def print0(*args, **kw):
@@ -328,8 +379,10 @@ def countdown_verify(nums, target, completion):
         try:
             tree = ast.parse(m.group(1).strip(), mode="eval")
             used = sorted(int(n.value) for n in ast.walk(tree) if isinstance(n, ast.Constant))
-            ok_nodes = all(isinstance(n, (ast.Expression, ast.BinOp, ast.Constant, ast.Add, ast.Sub, ast.Mult, ast.Div)) for n in ast.walk(tree))
-            return ok_nodes and used == sorted(nums) and abs(eval(compile(tree, "<answer>", "eval"), {"__builtins__": {}}) - target) < 1e-6
+            allowed = (ast.Expression, ast.BinOp, ast.Constant, ast.Add, ast.Sub, ast.Mult, ast.Div)
+            ok_nodes = all(isinstance(n, allowed) for n in ast.walk(tree))
+            return ok_nodes and used == sorted(nums) and \
+                abs(eval(compile(tree, "<answer>", "eval"), {"__builtins__": {}}) - target) < 1e-6
         except (SyntaxError, ZeroDivisionError, ValueError, TypeError):
             return False
     pool, last = list(nums), None
@@ -561,7 +614,8 @@ def make_unpaired(task, n, seed, split="train", frac_good=0.5):
     rows = []
     for p in make_task(task, n, seed, split):
         good = rng.random() < frac_good
-        rows.append(dict(prompt=p["prompt"], completion=p["solution"] if good else corrupt(p, rng), label=good, problem=p))
+        rows.append(dict(prompt=p["prompt"], completion=p["solution"] if good else corrupt(p, rng), label=good,
+                         problem=p))
     return rows
 
 # ----------------------------------------------------------------------------- 3. data
@@ -577,19 +631,23 @@ SKIP_BAD_ROWS = ("drop (and count) data rows the verifier cannot check (no numbe
 def read_rows(spec, split="train", flag="--dataset"):
     """Rows (list of dicts) from a local .jsonl/.json/.parquet file (each may be .gz) or a hub dataset
     id. Unreadable input (binary, not UTF-8, truncated or corrupt compression, a row that is not a JSON
-    object) is an InputError `<flag> <file>:<row>: ...`."""
+    object) is an InputError `<flag> <file>:<row>: ...`. UltraFeedback's preference splits are
+    train_prefs / test_prefs: "train" and "test" name them."""
     if os.path.isfile(spec):
         rows = _read_file(spec, flag)
         check(rows, f"{flag} {spec}: no rows (an empty file)")
         return rows
     check(not spec.endswith(DATA_EXTS + (".gz",)), f"{flag} {spec}: no such file")
+    if "ultrafeedback" in spec:
+        split = {"train": "train_prefs", "test": "test_prefs"}.get(split, split)
     try:
         import datasets
         return list(datasets.load_dataset(spec, "main" if spec.endswith("gsm8k") else None, split=split))
     except ImportError:
         raise InputError(f"{flag} {spec}: hub datasets need `pip install datasets`") from None
     except Exception as e:  # offline, unknown id, gated...
-        raise InputError(f"{flag} {spec}: not a local file and not loadable from the hub ({type(e).__name__})") from None
+        raise InputError(f"{flag} {spec}: not a local file and not loadable from the hub "
+                         f"({type(e).__name__})") from None
 
 
 def _read_file(spec, flag):
@@ -630,7 +688,8 @@ def _text(raw, where):
 
 
 def _kind(x):
-    kinds = {"list": "an array", "str": "a string", "int": "a number", "float": "a number", "bool": "true/false", "NoneType": "null"}
+    kinds = {"list": "an array", "str": "a string", "int": "a number", "float": "a number", "bool": "true/false",
+             "NoneType": "null"}
     return kinds.get(type(x).__name__, type(x).__name__)
 
 
@@ -649,7 +708,8 @@ def _json_array(text, spec, flag):
     except json.JSONDecodeError as e:
         raise InputError(f"{flag} {spec}:{e.lineno}: not valid JSON ({e.msg})") from None
     for i, r in enumerate(items, 1):
-        check(isinstance(r, dict), f"{flag} {spec}: item {i} of the array must be a JSON object {{...}}, got {_kind(r)}")
+        check(isinstance(r, dict),
+              f"{flag} {spec}: item {i} of the array must be a JSON object {{...}}, got {_kind(r)}")
     return items
 
 
@@ -696,8 +756,8 @@ def problem_row(r, where):
         check(nums, f"{where}: field 'nums' is empty")
         q = (f"Using the numbers {nums}, create an equation that equals {target}. Use each number once with + - * /. "
              "Give the equation in <answer> </answer> tags.")
-        return dict(task="countdown", prompt=[{"role": "user", "content": q}], answer=str(target), nums=nums, target=target,
-                    solution="")
+        return dict(task="countdown", prompt=[{"role": "user", "content": q}], answer=str(target), nums=nums,
+                    target=target, solution="")
     qk = "question" if "question" in r else "problem"
     check(qk in r or "answer" in r, f"{where}: not a GSM8K, MATH or Countdown row (question or problem + answer, "
           f"or nums + target); its fields: {', '.join(sorted(r))}")
@@ -742,7 +802,7 @@ def load_pairs(spec, split="train", n=None, skip_bad=False, flag="--dataset"):
     """Preference pairs {prompt, chosen, rejected} from hh-rlhf transcripts, UltraFeedback-style
     message lists, or prompt/chosen/rejected text. Bad rows stop the run with their count (the
     first one named); with skip_bad (--skip-bad-rows) they are dropped and counted instead."""
-    rows = read_rows(spec, "train_prefs" if "ultrafeedback" in spec and split == "train" else split, flag)
+    rows = read_rows(spec, split, flag)
     return keep_good_rows(rows[:n] if n else rows, spec, _pair, skip_bad, flag)
 
 
@@ -759,6 +819,109 @@ def _pair(r, where):
     check(c.strip() and rj.strip(), f"{where}: empty chosen or rejected completion")
     check(c != rj, f"{where}: chosen is identical to rejected")
     return dict(prompt=prompt, chosen=c, rejected=rj)
+
+
+def load_unpaired(spec, split="train", n=None, skip_bad=False):
+    """KTO's unpaired rows {prompt, completion, label} from trl-lib/kto-mix-14k-style data: prompt a string
+    or chat messages, completion a string or messages (the last message's content), label a
+    bool (or 0/1). Paired data (chosen/rejected, no label) becomes two rows, True and False, as
+    TRL does. A bad row raises an InputError naming the row and the field (skip_bad: dropped)."""
+    rows = read_rows(spec, split)
+    if "label" not in rows[0] and "chosen" in rows[0]:
+        return [dict(prompt=p["prompt"], completion=p[k], label=k == "chosen")
+                for p in load_pairs(spec, split, n, skip_bad) for k in ("chosen", "rejected")]
+    return keep_good_rows(rows[:n] if n else rows, spec, _unpaired, skip_bad)
+
+
+def _unpaired(r, where):
+    require(r, ["prompt", "completion", "label"], where)
+    for f in ("prompt", "completion"):
+        v = r[f] = list(r[f]) if isinstance(r[f], (list, tuple, np.ndarray)) else r[f]
+        check(isinstance(v, str) or (v and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in v)),
+              f"{where}: field {f!r} must be a string or a list of {{role, content}} messages")
+    label, comp = r["label"], r["completion"] if isinstance(r["completion"], str) else r["completion"][-1]["content"]
+    check(isinstance(label, (bool, np.bool_)) or label in (0, 1),
+          f"{where}: field 'label' must be true/false, got {label!r}")
+    check(comp.strip(), f"{where}: field 'completion' is empty")
+    return dict(prompt=r["prompt"], completion=comp, label=bool(label))
+
+
+def parse_math_shepherd(row, where="row"):
+    """Math-Shepherd row -> (question, steps, labels). `input` is the question followed by
+    'Step 1: ... ки\\nStep 2: ... ки...'; `label` is the same text with each 'ки' replaced by
+    '+' (from this step the gold answer is still reachable) or '-'."""
+    require(row, ["input", "label"], where)
+    parts, lab, labels, pos = row["input"].split("ки"), row["label"], [], 0
+    check(len(parts) > 1, f"{where}: no 'ки' step tags in 'input'")
+    for seg in parts[:-1]:                      # the label text has one char where input has 'ки'
+        pos += len(seg)
+        check(pos < len(lab) and lab[pos] in "+-", f"{where}: 'label' has no +/- at step tag {len(labels) + 1}")
+        labels.append(lab[pos] == "+"); pos += 1
+    segs = [s.strip() for s in parts[:-1]]
+    # The question is glued to step 1; a few rows carry a stray tag inside the question, so the
+    # segments before the one holding 'Step 1:' (and their tags) belong to the question.
+    k = next((i for i, s in enumerate(segs) if re.search(r"\b[Ss]tep 1:", s)), None)
+    if k is not None:
+        head, first = re.split(r"(?=\b[Ss]tep 1:)", segs[k], maxsplit=1)
+        question, steps, labels = " ".join(segs[:k] + [head]).strip(), [first.strip()] + segs[k + 1:], labels[k:]
+    else:                                       # no 'Step 1:': the question ends at its last '?'
+        q = segs[0].rfind("?")
+        check(q >= 0, f"{where}: cannot tell where the question ends (no 'Step 1:' and no '?')")
+        question, steps = segs[0][:q + 1], [segs[0][q + 1:].strip()] + segs[1:]
+    check(question and all(steps), f"{where}: empty question or step")
+    return question, steps, labels
+
+
+def parse_prm800k(rows, where="prm800k"):
+    """PRM800K step-wise rows (one per rated candidate step: instruction, responses = the steps so
+    far, next_response, rating -1/0/1 as number or string, empty for human-written steps) ->
+    [(question, steps, labels)], one per rated row. The candidate's label is rating >= 0 (neutral
+    counts as not wrong); earlier steps take the rating of the row that rated them (human-written
+    steps count as correct)."""
+    def rating(r):
+        try:
+            v = float(r.get("rating"))
+        except (TypeError, ValueError):
+            return None
+        return None if math.isnan(v) else v
+    rated = {(r["instruction"], tuple(r["responses"]), r["next_response"]): rating(r)
+             for r in rows if "next_response" in r}
+    out = []
+    for i, r in enumerate(rows, 1):
+        require(r, ["instruction", "responses", "next_response"], f"{where} row {i}")
+        v, prev = rating(r), [str(s) for s in r["responses"]]
+        if v is None:
+            continue
+        old = [rated.get((r["instruction"], tuple(prev[:j]), s)) for j, s in enumerate(prev)]
+        out.append((r["instruction"], prev + [r["next_response"]], [o is None or o >= 0 for o in old] + [v >= 0]))
+    return out
+
+
+def parse_trl(row, where):
+    """TRL's stepwise rows: prompt, completions (the steps), labels (one bool per step)."""
+    require(row, ["prompt", "completions", "labels"], where)
+    return row["prompt"], list(row["completions"]), [bool(x) for x in row["labels"]]
+
+
+def load_step_data(spec, n=None, skip_bad=False):
+    """Step-labelled solutions (prm.py) {prompt, steps, labels, correct} from a file or hub id in one of
+    three formats: Math-Shepherd, PRM800K step-wise rows, or TRL's prompt/completions/labels."""
+    rows = read_rows(spec, "train")
+    rows = rows[:n] if n and "next_response" not in rows[0] else rows   # PRM800K: n rated rows, below
+    if "input" in rows[0] and "label" in rows[0]:
+        data = keep_good_rows(rows, spec, parse_math_shepherd, skip_bad)
+    elif "next_response" in rows[0]:
+        data = parse_prm800k(rows, f"--dataset {spec}")[:n]
+    elif {"prompt", "completions", "labels"} <= set(rows[0]):
+        data = keep_good_rows(rows, spec, parse_trl, skip_bad)
+    else:
+        raise InputError(f"--dataset {spec}: unknown columns {sorted(rows[0])}; expected Math-Shepherd (input, "
+                         "label), PRM800K (instruction, responses, next_response, rating) or prompt/completions/labels")
+    for i, (q, steps, labels) in enumerate(data, 1):
+        check(len(steps) == len(labels) and steps,
+              f"--dataset {spec} example {i}: {len(steps)} steps but {len(labels)} labels")
+    return [dict(prompt=[{"role": "user", "content": q}], steps=s, labels=l, correct=all(l), answer=None)
+            for q, s, l in data]
 
 
 def keep_good_rows(rows, spec, parse, skip_bad, flag="--dataset"):
@@ -778,6 +941,13 @@ def keep_good_rows(rows, spec, parse, skip_bad, flag="--dataset"):
                f"{' ...' if len(bad) > 5 else ''}")
     check(out, f"{flag} {spec}: no usable rows")
     return out
+
+
+def hold_out(rows, n, spec, flag="--eval-n", what="rows"):
+    """(rows[:-n], rows[-n:]): a local file's held-out split is its last n rows (hub datasets have a
+    test split instead). Too few rows to keep any for training is an InputError."""
+    check(len(rows) > n, f"--dataset {spec}: {len(rows)} {what}, need more than {flag} {n}")
+    return rows[:-n], rows[-n:]
 
 
 def warn_unknown_chars(tok, rows, spec, flag="--dataset"):
@@ -865,7 +1035,8 @@ TINY_RECIPE = f"steps={TINY_SFT_STEPS} habit={TINY_HABIT} numerics=avx2"  # the 
 # their AVX2 code paths, in a fresh process since they are read when torch loads, is meant to make
 # the build bit-identical on every x86 CPU with AVX2 (checked here on one CPU model: identical
 # weights twice, and with MKL's instruction set capped separately). tests/conftest.py pins the same.
-PORTABLE_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2", "OMP_NUM_THREADS": "1"}
+PORTABLE_NUMERICS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                     "OMP_NUM_THREADS": "1"}
 
 
 TINY_TASKS = ("arithmetic", "swaps", "reviews")  # the tasks with a built-in SFT model: "tiny" and "tiny-<task>"
@@ -942,6 +1113,21 @@ def build_reviews_rm(folder):
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _cached(folder, marker, recipe, build):
+    """`folder`, first built by build(folder) unless its marker file already holds `recipe` (a new
+    recipe rebuilds); one builder at a time (parallel runs, torchrun ranks) behind a file lock."""
+    os.makedirs(os.path.dirname(folder) or ".", exist_ok=True)
+    with open(folder + ".lock", "w") as lock:
+        try:
+            import fcntl; fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # Windows: no lock, build races are merely wasteful
+            pass
+        path = os.path.join(folder, marker)
+        if not os.path.isfile(path) or open(path).read() != recipe:
+            build(folder)
+    return folder
+
+
 def load_model(name, kind="causal", device=None, dtype=None, trust_remote_code=False, flag="--model"):
     """(model, tokenizer) for a built-in name, a local folder or a hub id.
     kind='causal' -> AutoModelForCausalLM; kind='reward' -> AutoModelForSequenceClassification:
@@ -953,32 +1139,16 @@ def load_model(name, kind="causal", device=None, dtype=None, trust_remote_code=F
         tok = char_tokenizer()
         model = tiny_model(tok)
         if kind == "reward":
-            folder = os.path.join(tiny_cache_dir() + "-untrained"); save_pretrained_atomic(folder, model, tok); name = folder
+            name = tiny_cache_dir() + "-untrained"
+            save_pretrained_atomic(name, model, tok)
         else:
             return model.to(device), tok
     elif name == "tiny" or (name.startswith("tiny-") and name[5:] in TINY_TASKS):
         task = "arithmetic" if name == "tiny" else name[5:]
-        name, recipe = tiny_cache_dir(task), tiny_recipe(task)
-        marker = os.path.join(name, "built_with_steps.txt")  # rebuild when the recipe changes
-        os.makedirs(os.path.dirname(name) or ".", exist_ok=True)
-        with open(name + ".lock", "w") as lock:  # one builder at a time (parallel runs, torchrun)
-            try:
-                import fcntl; fcntl.flock(lock, fcntl.LOCK_EX)
-            except ImportError:  # Windows: no lock, build races are merely wasteful
-                pass
-            if not os.path.isfile(marker) or open(marker).read() != recipe:
-                build_tiny(name, task=task)
+        name = _cached(tiny_cache_dir(task), "built_with_steps.txt", tiny_recipe(task),
+                       lambda folder: build_tiny(folder, task=task))
     elif name == REVIEWS_RM:
-        name = tiny_cache_dir() + "-reviews-rm"
-        os.makedirs(os.path.dirname(name) or ".", exist_ok=True)
-        with open(name + ".lock", "w") as lock:  # one builder at a time
-            try:
-                import fcntl; fcntl.flock(lock, fcntl.LOCK_EX)
-            except ImportError:
-                pass
-            marker = os.path.join(name, "built_with.txt")
-            if not os.path.isfile(marker) or open(marker).read() != REVIEWS_RM_RECIPE:
-                build_reviews_rm(name)
+        name = _cached(tiny_cache_dir() + "-reviews-rm", "built_with.txt", REVIEWS_RM_RECIPE, build_reviews_rm)
     elif not os.path.isdir(name) and (name.startswith((".", "/")) or name.count("/") > 1):
         raise InputError(f"{flag} {name}: no such local folder")
     auto = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
@@ -1001,6 +1171,15 @@ def load_model(name, kind="causal", device=None, dtype=None, trust_remote_code=F
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tok.pad_token_id
     return model.to(device), tok
+
+
+def dropout_off(model):
+    """Every dropout layer to p = 0 (as TRL does): policy, old-policy and reference log-probs of the
+    same tokens must be the same numbers, or the ratio is not 1 on the first update."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
 
 
 def save_pretrained_atomic(folder, model, tok=None):
@@ -1045,7 +1224,8 @@ def _writing(folder, what):
         remove()
         if not (isinstance(e, OSError) or type(e).__name__ == "SafetensorError"):  # e.g. Ctrl-C: as it was
             raise
-        kept = f"the previous {what} there is kept and loadable" + " (--resume continues from it)" * (what == "checkpoint")
+        kept = f"the previous {what} there is kept and loadable" + \
+            " (--resume continues from it)" * (what == "checkpoint")
         kept = kept if os.path.isdir(folder) else f"there was no {what} there yet"
         raise InputError(f"saving the {what} to {folder} failed ({type(e).__name__}: {e}); {kept}") from None
 
@@ -1123,7 +1303,8 @@ def encode_prompts(tok, prompts, device, max_prompt_len=None):
     ids = [prompt_ids(tok, p) for p in prompts]
     limit = max_prompt_len or 10**9
     if any(len(x) > limit for x in ids):
-        print0(f"[common] warning: {sum(len(x) > limit for x in ids)} prompt(s) longer than {limit} tokens, truncated from the left")
+        print0(f"[common] warning: {sum(len(x) > limit for x in ids)} prompt(s) longer than {limit} tokens, "
+               "truncated from the left")
         ids = [x[-limit:] for x in ids]
     check(all(len(x) > 0 for x in ids), "empty prompt")
     T = max(len(x) for x in ids)
@@ -1141,7 +1322,8 @@ def completion_mask(tokens, stop):
 
 
 @torch.no_grad()
-def generate(model, tok, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, max_prompt_len=None, batch_size=256):
+def generate(model, tok, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p=1.0, max_prompt_len=None,
+             batch_size=256):
     """Sample n completions per prompt (temperature 0 = greedy). Output rows are grouped by
     prompt: row i*n + j is sample j of prompt i. Returns a dict with prompt_ids/prompt_mask
     (left padded), completion_ids/completion_mask (right padded, up to the first EOS),
@@ -1155,7 +1337,8 @@ def generate(model, tok, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p
     p_ids, p_mask = p_ids.repeat_interleave(n, 0), p_mask.repeat_interleave(n, 0)
     stop = stop_ids(tok, model)                              # end-of-turn, EOS, generation_config's EOS ids
     kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=stop)
-    kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else kw.update(do_sample=False)
+    kw.update(dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else
+              dict(do_sample=False))
     n_batches, synced = -(-len(p_ids) // batch_size), is_sharded(model)
     if synced:  # FSDP: ranks decode in lock-step to the longest sequence, and run as many batches
         import torch.distributed as dist
@@ -1178,7 +1361,8 @@ def generate(model, tok, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p
     c_ids = c_ids.masked_fill(c_mask == 0, tok.pad_token_id)
     texts = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(c_ids, c_mask)]
     model.train(was_training)
-    return dict(prompt_ids=p_ids, prompt_mask=p_mask, completion_ids=c_ids, completion_mask=c_mask, has_eos=has_eos, texts=texts)
+    return dict(prompt_ids=p_ids, prompt_mask=p_mask, completion_ids=c_ids, completion_mask=c_mask, has_eos=has_eos,
+                texts=texts)
 
 
 def pass_at_k(n, c, k):
@@ -1191,12 +1375,45 @@ def evaluate(model, tok, problems, samples=0, k=1, temperature=1.0, max_new_toke
     pass@k from that many samples per problem."""
     mine = DIST.shard(problems)
     out = generate(model, tok, [p["prompt"] for p in mine], n=1, temperature=0, max_new_tokens=max_new_tokens)
-    res = {"accuracy": float(all_reduce_mean(float(np.mean([verify(p, t) for p, t in zip(mine, out["texts"])])) if mine else 0.0))}
+    acc = float(np.mean([verify(p, t) for p, t in zip(mine, out["texts"])])) if mine else None
+    res = {"accuracy": float(all_reduce_mean(acc) if mine else 0.0)}
     if samples:
-        out = generate(model, tok, [p["prompt"] for p in mine], n=samples, temperature=temperature, max_new_tokens=max_new_tokens)
+        out = generate(model, tok, [p["prompt"] for p in mine], n=samples, temperature=temperature,
+                       max_new_tokens=max_new_tokens)
         ok = [verify(p, out["texts"][i * samples + j]) for i, p in enumerate(mine) for j in range(samples)]
-        res[f"pass@{k}"] = all_reduce_mean(float(np.mean([pass_at_k(samples, sum(ok[i * samples:(i + 1) * samples]), k) for i in range(len(mine))])))
+        res[f"pass@{k}"] = all_reduce_mean(float(np.mean([pass_at_k(samples, sum(ok[i * samples:(i + 1) * samples]), k)
+                                                          for i in range(len(mine))])))
     return res
+
+
+@torch.no_grad()
+def sample_answers(model, tok, problems, n, temperature, max_new_tokens):
+    """This rank's share of the problems, each with n sampled answers: [(index, [answers])]."""
+    mine = DIST.shard(list(range(len(problems))))
+    with autocast():
+        texts = generate(model, tok, [problems[i]["prompt"] for i in mine], n=n, temperature=temperature,
+                         max_new_tokens=max_new_tokens)["texts"] if mine else []
+    return [(i, texts[k * n:(k + 1) * n]) for k, i in enumerate(mine)]
+
+
+def own_mistakes(model, tok, problems, tries, temperature, max_new_tokens):
+    """The start model's OWN mistakes, for preference data: `tries` samples per problem, and
+    [(index, the first wrong one)] for every problem with a wrong sample (verifier), from all
+    ranks in problem order. Real sets are built the same way (UltraFeedback: model answers ranked by
+    a judge); hand-made errors are ones the model already puts almost no mass on."""
+    found = [(i, wrong[0]) for i, answers in sample_answers(model, tok, problems, tries, temperature, max_new_tokens)
+             if (wrong := [t for t in answers if not verify(problems[i], t)])]
+    return sorted(all_gather_list(found))
+
+
+@torch.no_grad()
+def greedy_answers(model, tok, prompts, max_new_tokens):
+    """The greedy answer to every prompt (sharded over ranks, gathered in order)."""
+    mine = DIST.shard(list(range(len(prompts))))
+    with autocast():
+        texts = generate(model, tok, [prompts[i] for i in mine], temperature=0,
+                         max_new_tokens=max_new_tokens)["texts"] if mine else []
+    return [t for _, t in sorted(all_gather_list(list(zip(mine, texts))))]
 
 # ----------------------------------------------------------------------------- 6. log-probs
 
@@ -1232,6 +1449,41 @@ def logits_logprobs(logits, labels, entropy=False, chunk=8):
     return (lp, torch.cat(ents)) if entropy else lp
 
 
+def seq_logps(model, tok, prompts, completions, max_len=None):
+    """log pi(y|x) summed over each completion's tokens (end token included), and the token counts:
+    two (B,) tensors, one forward pass. The per-token mean is the first divided by the second."""
+    ids, mask, cmask = collate(tok, prompts, completions, next(model.parameters()).device, max_len=max_len)
+    lp = token_logprobs(model, ids, mask, cmask.shape[1])              # (B, n) per-token log-probs
+    return (lp * cmask).sum(1), cmask.sum(1)
+
+
+def pair_logps(model, tok, pairs, max_len=None):
+    """Summed log-probs of chosen and rejected in ONE forward pass: rows [prompt | chosen] for the b
+    pairs, then [prompt | rejected] (2b rows). Returns three (b,) tensors: log pi(y_w|x), log pi(y_l|x)
+    and the chosen token counts |y_w| (for a per-token NLL term)."""
+    prompts = [p["prompt"] for p in pairs]
+    seq, n = seq_logps(model, tok, prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+                       max_len)
+    return seq[:len(pairs)], seq[len(pairs):], n[:len(pairs)]
+
+
+@torch.no_grad()
+def sharded(fn, items, batch_size):
+    """fn(chunk) -> a tuple of (b,) tensors, for every item: the items are sharded over the ranks, run
+    batch_size at a time under autocast, and gathered in order into float32 tensors (one per output).
+    Every rank makes as many calls as the largest shard (FSDP's forwards are collectives): a rank out
+    of items runs item 0 and drops the result."""
+    mine, rows, width = DIST.shard(list(range(len(items)))), [], 0
+    for i in range(0, -(-len(items) // DIST.world_size), batch_size):
+        j = mine[i:i + batch_size]
+        with autocast():
+            outs = fn([items[k] for k in j or [0]])
+        width = len(outs)
+        rows += zip(j, *(o.float().tolist() for o in outs))
+    rows = sorted(all_gather_list(rows))
+    return tuple(torch.tensor([r[c] for r in rows]) for c in range(1, width + 1))
+
+
 def collate(tok, prompts, completions, device, max_len=None, add_eos=True):
     """[left-padded prompt | right-padded completion + end token] for training on given text: the
     prompt's ids from prompt_ids(), the completion's from tok(text, add_special_tokens=False), then the
@@ -1262,9 +1514,7 @@ def sft(model, tok, pairs, steps, batch_size=32, lr=1e-3, weight_decay=0.0, desc
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 + 0.45 * (1 + math.cos(math.pi * s / max(1, steps))))
     order, losses = [], []
     for step in tqdm(range(steps), desc=desc, disable=not DIST.master or None, leave=False):
-        while len(order) < batch_size:
-            order += random.sample(range(len(pairs)), len(pairs))
-        batch, order = [pairs[i] for i in order[:batch_size]], order[batch_size:]
+        batch = [pairs[i] for i in take_batch(order, random, len(pairs), batch_size)]
         ids, mask, cmask = collate(tok, [b[0] for b in batch], [b[1] for b in batch], device)
         lp = token_logprobs(model, ids, mask, cmask.shape[1])
         loss = -(lp * cmask).sum() / cmask.sum()
@@ -1275,7 +1525,7 @@ def sft(model, tok, pairs, steps, batch_size=32, lr=1e-3, weight_decay=0.0, desc
             print0(f"[{desc}] step {step} loss {loss.item():.4f}")
     return losses
 
-# ----------------------------------------------------------------------------- 7. reward-model scoring
+# ----------------------------------------------------------------------------- 7. rewards and judges
 
 def rm_inputs(tok, prompt, completion, max_length):
     """One reward-model input's ids: the RM's own chat template over [prompt, assistant: completion]
@@ -1325,7 +1575,126 @@ def rm_score(model, tok, prompts, completions, max_length=None, label=0, batch_s
         out.append(logits[:, label].float())
     return torch.cat(out) if out else torch.zeros(0, device=device)
 
-# ----------------------------------------------------------------------------- 8. checkpoints, metrics
+
+# Pairwise win rate of one model's answers against another's. The judge: the task verifier, a reward
+# model (higher score wins, equal = tie) or a judge LM with MT-Bench's pairwise prompt "pair-v2" (Zheng
+# et al. 2023, "Judging LLM-as-a-Judge", FastChat, Apache-2.0), asked with the answers in both orders.
+JUDGE_SYSTEM = (
+    "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants to "
+    "the user question displayed below. You should choose the assistant that follows the user's instructions and "
+    "answers the user's question better. Your evaluation should consider factors such as the helpfulness, "
+    "relevance, accuracy, depth, creativity, and level of detail of their responses. Begin your evaluation by "
+    "comparing the two responses and provide a short explanation. Avoid any position biases and ensure that the "
+    "order in which the responses were presented does not influence your decision. Do not allow the length of the "
+    "responses to influence your evaluation. Do not favor certain names of the assistants. Be as objective as "
+    "possible. After providing your explanation, output your final verdict by strictly following this format: "
+    "\"[[A]]\" if assistant A is better, \"[[B]]\" if assistant B is better, and \"[[C]]\" for a tie.")
+JUDGE_USER = ("[User Question]\n{question}\n\n[The Start of Assistant A's Answer]\n{answer_a}\n"
+              "[The End of Assistant A's Answer]\n\n[The Start of Assistant B's Answer]\n{answer_b}\n"
+              "[The End of Assistant B's Answer]")
+
+
+def parse_verdict(text):
+    """'A', 'B' or 'C' (tie) from the judge's last [[X]]; None when it gave no verdict."""
+    found = re.findall(r"\[\[([ABC])\]\]", text)
+    return found[-1] if found else None
+
+
+def combine_orders(v_ab, v_ba):
+    """+1 (first answer wins) / 0 (tie) / -1 from verdicts with the answers in both positions:
+    a win counts only when both orders agree, so position bias cancels (MT-Bench convention)."""
+    return 1 if (v_ab, v_ba) == ("A", "B") else -1 if (v_ab, v_ba) == ("B", "A") else 0
+
+
+@torch.no_grad()
+def judge_pairs(judge, prompts, problems, answers_a, answers_b, judge_lm=None, max_new_tokens=512,
+                trust_remote_code=False):
+    """+1 / 0 / -1 per prompt: answer a vs answer b. judge: 'verifier' (problems needed) or a
+    reward-model folder / hub id; judge_lm (a causal LM) instead: the pair-v2 prompt, both orders."""
+    if judge_lm is None and judge == "verifier":
+        return [(verify(p, a) > verify(p, b)) - (verify(p, a) < verify(p, b))
+                for p, a, b in zip(problems, answers_a, answers_b)]
+    if judge_lm is None:  # a sequence classifier scoring prompt + answer
+        rm, rtok = load_model(judge, kind="reward", trust_remote_code=trust_remote_code, flag="--judge")
+        rm.eval()
+        with autocast():
+            sa, sb = (rm_score(rm, rtok, prompts, ans, batch_size=16).tolist() for ans in (answers_a, answers_b))
+        return [(x > y) - (x < y) for x, y in zip(sa, sb)]
+    jm, jtok = load_model(judge_lm, trust_remote_code=trust_remote_code, flag="--judge-lm")
+    question = lambda p: p if isinstance(p, str) else p[-1]["content"]
+
+    def verdicts(first, second):
+        msgs = [[{"role": "system", "content": JUDGE_SYSTEM},
+                 {"role": "user", "content": JUDGE_USER.format(question=question(p), answer_a=a, answer_b=b)}]
+                for p, a, b in zip(prompts, first, second)]
+        with autocast():
+            texts = generate(jm, jtok, msgs, temperature=0, max_new_tokens=max_new_tokens, batch_size=16)["texts"]
+        return [parse_verdict(t) for t in texts]
+    return [combine_orders(x, y) for x, y in zip(verdicts(answers_a, answers_b), verdicts(answers_b, answers_a))]
+
+
+def win_rate(judge, prompts, problems, answers, baseline, **kw):
+    """Pairwise outcomes of `answers` vs `baseline` (one of each per prompt), judged with
+    judge_pairs(judge, ..., **kw) sharded over the ranks. Returns (counts, outcomes): counts =
+    {judge, n, win, tie, loss, win_rate = (win + tie / 2) / n}, outcomes = [+1 / 0 / -1] per prompt."""
+    mine = DIST.shard(list(range(len(prompts))))
+    pick = lambda xs: [xs[i] for i in mine]
+    res = judge_pairs(judge, pick(prompts), pick(problems), pick(answers), pick(baseline), **kw)
+    outcome = [o for _, o in sorted(all_gather_list(list(zip(mine, res))))]
+    win, tie, loss = outcome.count(1), outcome.count(0), outcome.count(-1)
+    return dict(judge=kw.get("judge_lm") or judge, n=len(outcome), win=win, tie=tie, loss=loss,
+                win_rate=(win + 0.5 * tie) / len(outcome)), outcome
+
+# ----------------------------------------------------------------------------- 8. training loop, checkpoints, metrics
+
+def batch_indices(step, batch_size, n, seed):
+    """The global batch of update `step` (0-based): example k = step * batch_size + j is item k % n of
+    a permutation seeded by (seed, epoch = k // n). A pure function of (seed, step): a resumed run
+    sees exactly the batches the uninterrupted run would have seen, with no sampler state to save."""
+    return [_perm(seed, k // n, n)[k % n] for k in range(step * batch_size, (step + 1) * batch_size)]
+
+
+@functools.lru_cache(maxsize=4)
+def _perm(seed, epoch, n):
+    return random.Random(seed * 1_000_003 + epoch).sample(range(n), n)
+
+
+def take_batch(order, rng, n, size):
+    """The next `size` indices of an endless stream of shuffles of range(n) drawn from `rng` (a
+    random.Random, or the random module); `order`, the indices drawn but not yet used, is consumed in
+    place, so a checkpoint that saves it (and rng's state) resumes the same stream."""
+    while len(order) < size:
+        order += rng.sample(range(n), n)
+    batch = order[:size]
+    del order[:size]
+    return batch
+
+
+def micro_batches(model, rows, size):
+    """Gradient accumulation: yield `rows` `size` at a time, each under autocast. A DDP model skips the
+    gradient all-reduce (no_sync) on all but the last chunk, so the ranks average once per update (every
+    rank must see the same number of chunks); FSDP and a single process reduce as they go."""
+    chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
+    for k, chunk in enumerate(chunks):
+        wait = k < len(chunks) - 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        with (model.no_sync() if wait else contextlib.nullcontext()), autocast():
+            yield chunk
+
+
+def lr_schedule(opt, warm, steps=None):
+    """LambdaLR: a linear warm-up, lr * (s + 1) / warm for the first updates, then the full lr
+    (steps=None) or a cosine decay from it to 10% at update `steps`."""
+    def factor(s):
+        w = min(1.0, (s + 1) / warm)
+        return w if steps is None else w * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def clip_grad(model, max_norm):
+    """Clip the global gradient norm; returns the norm before clipping as a float (FSDP: a DTensor)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
 
 def rng_state():
     npst = np.random.get_state()
@@ -1355,8 +1724,33 @@ def save_checkpoint(folder, model, tok, step, optimizer=None, scheduler=None, ex
         if tok is not None:
             tok.save_pretrained(tmp)
         torch.save({"step": step, "optimizer": optimizer.state_dict() if optimizer else None,
-                    "scheduler": scheduler.state_dict() if scheduler else None, "rng": rng or rng_state(), "extra": extra or {}},
-                   os.path.join(tmp, "state.pt"))
+                    "scheduler": scheduler.state_dict() if scheduler else None, "rng": rng or rng_state(),
+                    "extra": extra or {}}, os.path.join(tmp, "state.pt"))
+
+
+@contextlib.contextmanager
+def ctrl_c(save):
+    """Around a training loop: on Ctrl-C, save() writes what --resume needs and returns the line to
+    print; then leave the process group without a barrier (another rank may never arrive) and exit
+    with status 130, as a shell does for SIGINT."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        print0(save())
+        cleanup(barrier=False)
+        raise SystemExit(130)
+
+
+def ctrl_c_checkpoint(ckpt, model, tok, opt, sched, extra, done, sharded=False):
+    """ctrl_c() for a loop whose Ctrl-C checkpoint is the model, optimizer, scheduler and extra after
+    done() finished updates; sharded (FSDP): no checkpoint (sharded optimizer state is not saved),
+    only the line that says so."""
+    def save():
+        if sharded:
+            return f"interrupted at step {done()}: no checkpoint under --fsdp"
+        save_checkpoint(ckpt, model, tok, done(), opt, sched, extra)
+        return f"interrupted: checkpoint at step {done()} in {ckpt} (continue with --resume)"
+    return ctrl_c(save)
 
 
 def checkpoint_folder(folder):
@@ -1381,7 +1775,8 @@ def checkpoint_state(folder):
     try:
         return torch.load(os.path.join(folder, "state.pt"), weights_only=True)
     except Exception as e:  # e.g. a pickled object weights_only refuses to build
-        raise InputError(f"--resume: {folder}/state.pt is not a checkpoint this code wrote ({type(e).__name__})") from None
+        raise InputError(f"--resume: {folder}/state.pt is not a checkpoint this code wrote "
+                         f"({type(e).__name__})") from None
 
 
 def load_checkpoint(folder, model, optimizer=None, scheduler=None):
@@ -1429,9 +1824,11 @@ class Logger:
     def log(self, step, **metrics):
         if not DIST.master:
             return
-        rec = {"step": step, **{k: (float(v) if isinstance(v, (int, float, np.floating, np.integer, torch.Tensor)) else v) for k, v in metrics.items()}}
+        number = (int, float, np.floating, np.integer, torch.Tensor)
+        rec = {"step": step, **{k: float(v) if isinstance(v, number) else v for k, v in metrics.items()}}
         from tqdm.auto import tqdm
-        tqdm.write(" ".join([f"step {step}"] + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items() if k != "step"]))
+        tqdm.write(" ".join([f"step {step}"] + [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                                for k, v in rec.items() if k != "step"]))
         with open(os.path.join(self.out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(rec) + "\n")
         if self.wandb:
@@ -1470,16 +1867,25 @@ def write_summary(out, summary):
     print0("summary: " + json.dumps(summary, default=float))
 
 
-def plot(out, series, filename, xlabel="step", ylabel="", title=""):
-    """series: {label: (xs, ys)} -> <out>/<filename> PNG. matplotlib is optional."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, on rank 0; None (said once per call) where
+    matplotlib is not installed, and on the other ranks. matplotlib is optional."""
     if not DIST.master:
         return None
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        return plt
     except ImportError:
         print0("[common] matplotlib not installed: no plot written")
+        return None
+
+
+def plot(out, series, filename, xlabel="step", ylabel="", title=""):
+    """series: {label: (xs, ys)} -> <out>/<filename> PNG (see pyplot)."""
+    plt = pyplot()
+    if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, (xs, ys) in series.items():

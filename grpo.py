@@ -28,16 +28,12 @@ Run:
     python grpo.py --dataset train.jsonl --eval-dataset test.jsonl     # local GSM8K/Countdown rows
     torchrun --nproc_per_node 4 grpo.py --model ... --prompts-per-step 32   # prompts sharded by rank
     python grpo.py --save-every 20 ... ; python grpo.py --resume ...        # continue a run
-Real data: load_problems() turns GSM8K rows into chat messages ("... give the final answer after
-'####'"), formatted with the tokenizer's chat template; the verifier compares the extracted final
-number (`#### 42`, else the last \\boxed{}, else the last number) with the reference answer.
+Real data: common.load_problems() makes GSM8K rows chat messages that ask for the answer after '####';
+the verifier compares the extracted final number (`#### 42`, else the last \\boxed{}, else the last one).
 Outputs in --out: metrics.jsonl, curves.png, summary.json (held-out greedy accuracy and sampled
-pass@1 at the rollout temperature, before and after), model/ (the final HF folder) and
-checkpoint/ (with --save-every or on Ctrl-C). Measured results (mean ± sd over seeds, shared
-held-out set common.heldout()): README 'Results',
-`python tests/bench/cross_algorithm.py --seeds 0,1,2 --only grpo`. On the earlier start model (not
-re-measured) GRPO first sharpened the policy: sampled pass@1 and the training reward rose and the
-entropy fell; greedy accuracy moved less.
+pass@1 at the rollout temperature, before and after), model/ and checkpoint/ (--save-every, Ctrl-C).
+Measured results (mean ± sd over seeds, the shared held-out set common.heldout()): README 'Results',
+`python tests/bench/cross_algorithm.py --seeds 0,1,2 --only grpo`.
 
 Follows TRL's GRPOTrainer and nanochat's chat_rl.py. Simplified vs the paper: outcome rewards
 only (no process supervision), no iterative reward-model retraining, a constant lr after a short
@@ -45,17 +41,13 @@ warmup; with --num-iterations 1 (default) the update is exactly on-policy (ρ = 
 binds) and the old log-probs are not recomputed. Weights and AdamW state are fp32; on GPUs the
 forward passes run under bf16 autocast (pure-bf16 weights would round lr ~1e-6 updates away).
 """
-import argparse, contextlib, copy, functools, os, random, time
+import argparse, contextlib, copy, os, time
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import common  # common.DIST is rebound by setup(): always read it through the module
-from common import (InputError, Logger, all_gather_list, all_reduce_mean, check, cleanup, evaluate, format_ok,
-                    friendly_errors, generate, heldout, load_checkpoint, load_model, load_problems, make_task,
-                    nan_guard, plot_metrics, print0, read_metrics, save_checkpoint, save_pretrained_atomic, setup,
-                    token_logprobs, verify, warn_unknown_chars, write_summary)
+import common as C
 
 # ----------------------------------------------------------------------------- the loss
 
@@ -66,7 +58,7 @@ def group_advantages(rewards, group_size, scale="group"):
     by the whole batch's std ('batch', more robust to easy/hard groups) or not at all ('none',
     Dr. GRPO). std is the unbiased (n-1) one, as in torch and TRL. A group whose rewards are all
     equal gets exactly 0 (no NaN, no 1e-4 blow-up of rounding noise)."""
-    check(rewards.numel() % group_size == 0, f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    C.check(rewards.numel() % group_size == 0, f"{rewards.numel()} rewards do not split into groups of {group_size}")
     g = rewards.view(-1, group_size).float()                      # (n_groups, G)
     adv = g - g.mean(1, keepdim=True)
     if scale == "group":
@@ -74,7 +66,7 @@ def group_advantages(rewards, group_size, scale="group"):
     elif scale == "batch":
         adv = adv / (g.std() + 1e-4)
     elif scale != "none":
-        raise InputError(f"scale={scale!r}: choose group, batch or none")
+        raise C.InputError(f"scale={scale!r}: choose group, batch or none")
     zero_std = (g == g[:, :1]).all(1, keepdim=True)              # nothing to learn in this group
     return adv.masked_fill(zero_std, 0.0).reshape(-1)
 
@@ -109,7 +101,7 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, eps_low=0.2, eps_hi
     elif loss_type == "dr_grpo":
         loss = (per_token * mf).sum() / (mf.shape[0] * (max_completion_length or mf.shape[1]))
     else:
-        raise InputError(f"loss_type={loss_type!r}: choose grpo, dapo or dr_grpo")
+        raise C.InputError(f"loss_type={loss_type!r}: choose grpo, dapo or dr_grpo")
     with torch.no_grad():  # the clip is active where it removed the gradient (PPO's pessimistic side)
         clipped = ((ratio < 1 - eps_low) & (a < 0)) | ((ratio > 1 + eps_high) & (a > 0))
         n = mf.sum().clamp(min=1)
@@ -118,33 +110,30 @@ def grpo_loss(logps, old_logps, ref_logps, advantages, mask, eps_low=0.2, eps_hi
 
 
 def rank_advantages(rewards, group_size, scale):
-    """This rank's advantages from its own rewards (B_local,), with every group on one rank.
-    The batch std ('batch') needs every rank's rewards, so all ranks gather them (rank order)
-    and slice their part back out. Returns (advantages (B_local,), global rewards (B_global,))."""
-    everything = torch.tensor(all_gather_list(rewards.tolist()), dtype=torch.float32)
+    """This rank's advantages (B_local,) from its rewards, every group on one rank: the batch std needs
+    all ranks' rewards, so they are gathered (rank order). Returns (advantages, global rewards)."""
+    everything = torch.tensor(C.all_gather_list(rewards.tolist()), dtype=torch.float32)
     adv = group_advantages(everything, group_size, scale)
     n = rewards.numel()
-    return adv[common.DIST.rank * n:(common.DIST.rank + 1) * n].to(rewards.device), everything
+    return adv[C.DIST.rank * n:(C.DIST.rank + 1) * n].to(rewards.device), everything
 
 
 def batch_logprobs(model, ids, attn, n_completion, micro_batch):
     """log π (B, n_completion) without grad, micro_batch rows at a time (old / reference policy)."""
     with torch.no_grad():
-        return torch.cat([token_logprobs(model, ids[i:i + micro_batch], attn[i:i + micro_batch], n_completion)
+        return torch.cat([C.token_logprobs(model, ids[i:i + micro_batch], attn[i:i + micro_batch], n_completion)
                           for i in range(0, ids.shape[0], micro_batch)])
 
 
 def accumulate_policy_grads(model, ids, attn, loss_mask, adv, old_logps, ref_logps, micro_batch, step=0, **loss_kw):
-    """Backward of grpo_loss over this rank's rollouts, micro_batch rows at a time (gradient
-    accumulation). ids/attn (B, P+T) = [left-padded prompt | completion], loss_mask (B, T).
-    Each micro-batch's loss is weighted by its share of the GLOBAL normaliser (sequences for
-    grpo/dr_grpo, tokens for dapo) times world_size, because DDP averages gradients over ranks:
-    the accumulated, averaged gradient is then exactly one process's gradient on the whole global
-    batch. Returns token-mean stats (loss, clip_frac, kl, entropy)."""
+    """Backward of grpo_loss over this rank's rollouts, micro_batch rows at a time. ids/attn (B, P+T) =
+    [left-padded prompt | completion], loss_mask (B, T). Each micro-batch's loss is weighted by its share
+    of the GLOBAL normaliser (sequences; dapo: tokens) times world_size, as DDP averages gradients over
+    ranks: the result is one process's gradient on the global batch. Returns token-mean stats."""
     B, T = loss_mask.shape
-    W = common.DIST.world_size
+    W = C.DIST.world_size
     dapo = loss_kw.get("loss_type") == "dapo"
-    norm = all_reduce_mean(float(loss_mask.sum())) * W if dapo else B * W   # global tokens / sequences
+    norm = C.all_reduce_mean(float(loss_mask.sum())) * W if dapo else B * W   # global tokens / sequences
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     sums, n_tok = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "entropy": 0.0}, 0.0
     starts = range(0, B, micro_batch)
@@ -153,11 +142,11 @@ def accumulate_policy_grads(model, ids, attn, loss_mask, adv, old_logps, ref_log
         # all-reduce gradients only on the last micro-batch (DDP: every rank has the same count)
         sync = contextlib.nullcontext() if (not ddp or i == starts[-1]) else model.no_sync()
         with sync:
-            lp, ent = token_logprobs(model, ids[sl], attn[sl], T, entropy=True)
+            lp, ent = C.token_logprobs(model, ids[sl], attn[sl], T, entropy=True)
             loss, st = grpo_loss(lp, None if old_logps is None else old_logps[sl],
                                  None if ref_logps is None else ref_logps[sl], adv[sl], loss_mask[sl], **loss_kw)
             share = (float(loss_mask[sl].sum()) if dapo else lp.shape[0]) / max(norm, 1.0) * W
-            nan_guard(loss, step)
+            C.nan_guard(loss, step)
             (loss * share).backward()
         k = float(loss_mask[sl].sum())
         n_tok += k
@@ -167,82 +156,65 @@ def accumulate_policy_grads(model, ids, attn, loss_mask, adv, old_logps, ref_log
         sums["entropy"] += float((ent * loss_mask[sl]).sum())
     return {k: v if k == "loss" else v / max(n_tok, 1.0) for k, v in sums.items()}
 
-
-@functools.lru_cache(maxsize=4)
-def _epoch_order(n, seed, epoch):
-    return random.Random(seed * 1_000_003 + epoch).sample(range(n), n)
-
-
-def prompt_indices(n, per_step, seed, step):
-    """The step's prompts: a deterministic function of (seed, step), each epoch a fresh
-    permutation. So a resumed run sees exactly the prompts an uninterrupted one would."""
-    return [_epoch_order(n, seed, k // n)[k % n] for k in range(step * per_step, (step + 1) * per_step)]
-
 # ----------------------------------------------------------------------------- flags
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="GRPO: group-relative policy optimization with a verifier reward")
     p.add_argument("--model", default="tiny", help="'tiny' (built in), a local HF folder or a hub id")
-    p.add_argument("--dataset", default=None, help="hub id (openai/gsm8k) or local .jsonl/.json/.parquet, or .gz of "
-                   "one (GSM8K, Countdown or MATH rows); default: the built-in --task")
-    p.add_argument("--eval-dataset", default=None, help="held-out problems; default: the hub dataset's test split, or the last --eval-n rows of a local --dataset")
-    p.add_argument("--skip-bad-rows", action="store_true", help=common.SKIP_BAD_ROWS)
+    p.add_argument("--dataset", default=None, help="GSM8K/Countdown/MATH rows: hub id or .jsonl/.json/.parquet "
+                   "(or .gz); default: the built-in --task")
+    p.add_argument("--eval-dataset", default=None, help="held-out problems (default: the test split / last rows)")
+    p.add_argument("--skip-bad-rows", action="store_true", help=C.SKIP_BAD_ROWS)
     p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic, "
                    "countdown or swaps (the logic puzzle; --model tiny then means tiny-swaps)")
-    p.add_argument("--difficulty", type=int, default=None, help="built-in task difficulty "
-                   "(arithmetic digits / countdown numbers / swaps in a puzzle)")
-    p.add_argument("--train-n", type=int, default=None, help="training problems (default: 2000 built-in, all rows of a --dataset)")
-    p.add_argument("--eval-n", type=int, default=common.HELDOUT_N, help="held-out problems for accuracy before/after (built in: common.heldout)")
-    p.add_argument("--out", default="out/grpo", help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights, prompt order and sampling")
-    p.add_argument("--device", default=None, help="torch device (default: cuda, then mps, then cpu)")
-    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
-    p.add_argument("--steps", type=int, default=200, help="rollout steps (each: generate, score, --num-iterations updates)")
-    p.add_argument("--prompts-per-step", type=int, default=8, help="prompts per step over all ranks (divisible by the world size)")
+    p.add_argument("--difficulty", type=int, default=None, help="built-in task difficulty (digits / numbers / swaps)")
+    p.add_argument("--train-n", type=int, default=None, help="training problems (default: 2000 built in, all rows)")
+    p.add_argument("--eval-n", type=int, default=C.HELDOUT_N, help="held-out problems (built in: common.heldout)")
+    C.add_run_flags(p, "grpo")  # --out, --seed, --device, --wandb, --trust-remote-code
+    p.add_argument("--steps", type=int, default=200, help="rollout steps (generate, score, --num-iterations updates)")
+    p.add_argument("--prompts-per-step", type=int, default=8, help="prompts per step, all ranks together")
     p.add_argument("--group-size", type=int, default=8, help="G: completions sampled per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="completion budget; also Dr. GRPO's constant normaliser")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="completion budget; Dr. GRPO's constant normaliser")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for rollouts (0.7: the "
                    "earlier tiny model sampled poorly at 1.0; real models: 0.7-1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for rollouts")
-    p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate (policy gradients need ~30x less than SFT)")
+    p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate (policy gradients: ~30x below SFT's)")
     p.add_argument("--warmup-steps", type=int, default=5, help="linear lr warmup (optimizer steps), then constant")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
-    p.add_argument("--beta", type=float, default=0.0, help="KL-to-reference coefficient; > 0 loads a frozen reference copy")
+    p.add_argument("--beta", type=float, default=0.0, help="KL-to-reference weight; > 0 keeps a frozen reference copy")
     p.add_argument("--eps-low", type=float, default=0.2, help="ratio clip below: 1 - eps_low")
-    p.add_argument("--eps-high", type=float, default=0.2, help="ratio clip above: 1 + eps_high (DAPO clip-higher: 0.28)")
-    p.add_argument("--loss-type", default="grpo", choices=["grpo", "dapo", "dr_grpo"], help="loss aggregation (see grpo_loss)")
-    p.add_argument("--scale-rewards", default="group", choices=["group", "batch", "none"], help="advantage std: per group (paper), over the batch, or none (Dr. GRPO)")
-    p.add_argument("--num-iterations", type=int, default=1, help="optimizer updates per rollout batch (mu in the paper); > 1 makes the clip matter")
-    p.add_argument("--format-reward", type=float, default=0.0, help="extra reward weight for a well-formed answer (common.format_ok)")
-    p.add_argument("--mask-truncated", action="store_true", help="completions that hit --max-new-tokens without EOS get zero loss (DAPO)")
+    p.add_argument("--eps-high", type=float, default=0.2, help="ratio clip above: 1 + eps_high (DAPO: 0.28)")
+    p.add_argument("--loss-type", default="grpo", choices=["grpo", "dapo", "dr_grpo"], help="aggregation (grpo_loss)")
+    p.add_argument("--scale-rewards", default="group", choices=["group", "batch", "none"],
+                   help="advantage std: per group (paper), over the batch, or none (Dr. GRPO)")
+    p.add_argument("--num-iterations", type=int, default=1, help="updates per rollout batch (mu; > 1: the clip acts)")
+    p.add_argument("--format-reward", type=float, default=0.0, help="reward for a well-formed answer (format_ok)")
+    p.add_argument("--mask-truncated", action="store_true", help="no loss on completions cut off (DAPO)")
     p.add_argument("--micro-batch", type=int, default=32, help="sequences per forward/backward (gradient accumulation)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="trade compute for activation memory (large models)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = 1 for the built-in tiny model (its ops are too small to split: more threads only contend), else torch's default")
-    p.add_argument("--no-autocast", action="store_true", help="fp32 forward passes on GPUs too (default: bf16 autocast where supported)")
-    p.add_argument("--eval-every", type=int, default=50, help="held-out greedy accuracy every N steps (0 = only before/after)")
-    p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out problem (at --temperature) for pass@k; 0 = greedy accuracy only")
+    p.add_argument("--grad-checkpointing", action="store_true", help="trade compute for activation memory")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 = 1 for the built-in tiny model (its "
+                   "ops are too small to split: more threads only contend), else torch's default")
+    p.add_argument("--no-autocast", action="store_true", help="fp32 forward passes on GPUs too (default: bf16)")
+    p.add_argument("--eval-every", type=int, default=50, help="held-out greedy accuracy every N steps (0: at the ends)")
+    p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out problem for pass@k (0: none)")
     p.add_argument("--pass-k", type=int, default=1, help="k for pass@k (with --eval-samples)")
-    p.add_argument("--save-every", type=int, default=0, help="write <out>/checkpoint every N steps (0 = only on Ctrl-C)")
+    p.add_argument("--save-every", type=int, default=0, help="write <out>/checkpoint every N steps (0: on Ctrl-C only)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
     args = p.parse_args(argv)
-    check(args.group_size >= 2, f"--group-size must be >= 2: GRPO's advantages compare samples within a group, got {args.group_size}")
-    check(args.lr > 0, f"--lr must be > 0, got {args.lr}")
-    for name in ("steps", "prompts_per_step", "max_new_tokens", "num_iterations", "micro_batch", "eval_n"):
-        check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    check(args.train_n is None or args.train_n >= 1, f"--train-n must be >= 1, got {args.train_n}")
-    for name in ("warmup_steps", "threads", "eval_every", "eval_samples", "save_every", "beta", "weight_decay", "format_reward"):
-        check(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    check(0 <= args.eps_low < 1, f"--eps-low must be in [0, 1), got {args.eps_low}")
-    check(args.eps_high >= 0, f"--eps-high must be >= 0, got {args.eps_high}")
-    check(args.temperature > 0, f"--temperature must be > 0 (greedy rollouts make every group zero-variance), got {args.temperature}")
-    check(0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}")
-    check(args.grad_clip > 0, f"--grad-clip must be > 0, got {args.grad_clip}")
-    check(args.pass_k >= 1 and (not args.eval_samples or args.pass_k <= args.eval_samples),
-          f"--pass-k must be in [1, --eval-samples], got {args.pass_k}")
-    args.model = common.task_model(args.model, args.task, args.dataset)  # tiny-<task> for a task tiny never saw
+    C.check(args.group_size >= 2,
+            f"--group-size must be >= 2: GRPO's advantages compare samples within a group, got {args.group_size}")
+    C.check_flags(args, {"> 0": "lr grad_clip", ">= 1": "steps prompts_per_step max_new_tokens num_iterations "
+                                               "micro_batch eval_n train_n",
+                         ">= 0": "warmup_steps threads eval_every eval_samples save_every beta weight_decay "
+                                 "format_reward eps_high",
+                         "in [0, 1)": "eps_low", "in (0, 1]": "top_p"})
+    C.check(args.temperature > 0,
+            f"--temperature must be > 0 (greedy rollouts make every group zero-variance), got {args.temperature}")
+    C.check(args.pass_k >= 1 and (not args.eval_samples or args.pass_k <= args.eval_samples),
+            f"--pass-k must be in [1, --eval-samples], got {args.pass_k}")
+    args.model = C.task_model(args.model, args.task, args.dataset)  # tiny-<task> for a task tiny never saw
     return args
 
 # ----------------------------------------------------------------------------- main
@@ -250,9 +222,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    d = setup(args.seed, args.device, out=args.out)
-    check(args.prompts_per_step % d.world_size == 0,
-          f"--prompts-per-step {args.prompts_per_step} must be divisible by the {d.world_size} ranks (every group on one rank)")
+    d = C.setup(args.seed, args.device, out=args.out)
+    C.check_ranks(args.prompts_per_step, "--prompts-per-step")  # every group on one rank
     t_start, threads = time.time(), torch.get_num_threads()  # threads restored at the end: tests call main()
     if d.device.type == "cpu" and (args.threads or args.model in ("tiny", "tiny-untrained")):
         torch.set_num_threads(args.threads or 1)
@@ -261,66 +232,69 @@ def main(argv=None) -> dict:
     if args.dataset:
         local = os.path.isfile(args.dataset)
         n = args.train_n + args.eval_n if args.train_n and local and not args.eval_dataset else args.train_n
-        train = load_problems(args.dataset, "train", n, args.skip_bad_rows)
+        train = C.load_problems(args.dataset, "train", n, args.skip_bad_rows)
         if args.eval_dataset:
-            test = load_problems(args.eval_dataset, "test", args.eval_n, args.skip_bad_rows, "--eval-dataset")
+            test = C.load_problems(args.eval_dataset, "test", args.eval_n, args.skip_bad_rows, "--eval-dataset")
         elif local:  # one local file: hold its last eval_n rows out
-            check(len(train) > args.eval_n, f"--dataset {args.dataset}: {len(train)} rows, need more than --eval-n {args.eval_n}")
-            train, test = train[:-args.eval_n], train[-args.eval_n:]
+            train, test = C.hold_out(train, args.eval_n, args.dataset)
         else:
-            test = load_problems(args.dataset, "test", args.eval_n, args.skip_bad_rows)
+            test = C.load_problems(args.dataset, "test", args.eval_n, args.skip_bad_rows)
     else:
-        train = make_task(args.task, args.train_n or 2000, args.seed, "train", args.difficulty)
-        test = heldout(args.task, args.eval_n, args.difficulty)
-    print0(f"[grpo] {len(train)} training problems, {len(test)} held out; {d.world_size} rank(s) on {d.device}")
+        train = C.make_task(args.task, args.train_n or 2000, args.seed, "train", args.difficulty)
+        test = C.heldout(args.task, args.eval_n, args.difficulty)
+    C.print0(f"[grpo] {len(train)} training problems, {len(test)} held out; {d.world_size} rank(s) on {d.device}")
 
     # -- models: the policy (fp32 master weights) and, only when beta > 0, a frozen reference
-    model, tok = load_model(args.model, device=d.device, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
-    warn_unknown_chars(tok, train + test, args.dataset)
-    for mod in model.modules():  # dropout off: ρ must be exactly 1 on the first update
-        if isinstance(mod, torch.nn.Dropout):
-            mod.p = 0.0
+    model, tok = C.load_model(args.model, device=d.device, dtype=torch.float32,
+                              trust_remote_code=args.trust_remote_code)
+    C.warn_unknown_chars(tok, train + test, args.dataset)
+    C.dropout_off(model)  # ρ must be exactly 1 on the first update
     ref = copy.deepcopy(model).eval().requires_grad_(False) if args.beta > 0 else None
-    amp = d.device.type == "cuda" and torch.cuda.is_bf16_supported() and not args.no_autocast
-    autocast = lambda: torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=amp)
-    eval_kw = dict(samples=args.eval_samples, k=args.pass_k, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    autocast = lambda: C.autocast(enabled=not args.no_autocast)
+    eval_kw = dict(samples=args.eval_samples, k=args.pass_k, temperature=args.temperature,
+                   max_new_tokens=args.max_new_tokens)
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (args.warmup_steps + 1)))
+    sched = C.lr_schedule(opt, args.warmup_steps + 1)
     ckpt, start = os.path.join(args.out, "checkpoint"), 0
     if args.resume:  # the checkpoint also restores the RNG: the next samples are the ones we would have drawn
-        start, extra = load_checkpoint(ckpt, model, opt, sched)
+        start, extra = C.load_checkpoint(ckpt, model, opt, sched)
         before = extra["before"]
-        print0(f"[grpo] resumed from {ckpt} at step {start}")
+        C.print0(f"[grpo] resumed from {ckpt} at step {start}")
     else:
-        with autocast():
-            before = {k: float(v) for k, v in evaluate(model, tok, test, **eval_kw).items()}  # plain floats: state.pt loads weights_only
-    print0(f"[grpo] held-out before: {before}")
+        with autocast():  # plain floats: state.pt loads with weights_only
+            before = {k: float(v) for k, v in C.evaluate(model, tok, test, **eval_kw).items()}
+    C.print0(f"[grpo] held-out before: {before}")
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    policy = torch.nn.parallel.DistributedDataParallel(model) if d.world_size > 1 else model
-    logger = Logger(args.out, config=vars(args), wandb=args.wandb, resume_step=start - 1 if args.resume else None)  # drops rows after the checkpoint
-    G, mb = args.group_size, args.micro_batch
+    policy = C.ddp(model)
+    logger = C.Logger(args.out, config=vars(args), wandb=args.wandb, resume_step=start - 1 if args.resume else None)
+    G, micro = args.group_size, args.micro_batch
     loss_kw = dict(eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta, loss_type=args.loss_type,
                    max_completion_length=args.max_new_tokens)
 
     def save(step, rng=None):  # rng: from the start of an interrupted step (common.rng_state: CUDA's too)
-        save_checkpoint(ckpt, model, tok, step, opt, sched, extra={"before": before}, rng=rng)
+        C.save_checkpoint(ckpt, model, tok, step, opt, sched, extra={"before": before}, rng=rng)
+
+    def interrupted():  # the interrupted step is redone on --resume, with the same samples
+        save(step, rng0)
+        return f"[grpo] interrupted: checkpoint at step {step} in {ckpt}; continue with --resume"
 
     step, rng0 = start, None
-    try:
-        for step in tqdm(range(start, args.steps), desc="grpo", disable=not d.master or None, initial=start, total=args.steps):
-            t0, rng0 = time.time(), common.rng_state()
+    with C.ctrl_c(interrupted):
+        for step in tqdm(range(start, args.steps), desc="grpo", disable=not d.master or None, initial=start,
+                         total=args.steps):
+            t0, rng0 = time.time(), C.rng_state()
             # -- 1. rollouts: G samples for each of this rank's prompts (rows grouped by prompt)
-            problems = d.shard([train[i] for i in prompt_indices(len(train), args.prompts_per_step, args.seed, step)])
+            problems = d.shard([train[i] for i in C.batch_indices(step, args.prompts_per_step, len(train), args.seed)])
             with autocast():
-                roll = generate(policy, tok, [p["prompt"] for p in problems], n=G, max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, top_p=args.top_p)
+                roll = C.generate(policy, tok, [p["prompt"] for p in problems], n=G, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature, top_p=args.top_p)
             t_gen = time.time() - t0
             # -- 2. rewards: the verifier (+ optional format bonus) -> group-relative advantages
-            correct = [float(verify(problems[i // G], t)) for i, t in enumerate(roll["texts"])]
-            rewards = torch.tensor([c + args.format_reward * format_ok(problems[i // G], t)
+            correct = [float(C.verify(problems[i // G], t)) for i, t in enumerate(roll["texts"])]
+            rewards = torch.tensor([c + args.format_reward * C.format_ok(problems[i // G], t)
                                     for i, (c, t) in enumerate(zip(correct, roll["texts"]))], device=d.device)
             adv, all_r = rank_advantages(rewards, G, args.scale_rewards)
             ids = torch.cat([roll["prompt_ids"], roll["completion_ids"]], 1)        # (B, P+T)
@@ -331,60 +305,54 @@ def main(argv=None) -> dict:
                 loss_mask = loss_mask * roll["has_eos"][:, None].float()
             # -- 3. old / reference log-probs, once per rollout (on-policy with 1 iteration: skipped)
             with autocast():
-                old = batch_logprobs(model, ids, attn, T, mb) if args.num_iterations > 1 else None
-                ref_lp = batch_logprobs(ref, ids, attn, T, mb) if ref is not None else None
+                old = batch_logprobs(model, ids, attn, T, micro) if args.num_iterations > 1 else None
+                ref_lp = batch_logprobs(ref, ids, attn, T, micro) if ref is not None else None
             # -- 4. num_iterations AdamW updates on the same rollouts
             for _ in range(args.num_iterations):
                 opt.zero_grad(set_to_none=True)
                 with autocast():
-                    st = accumulate_policy_grads(policy, ids, attn, loss_mask, adv, old, ref_lp, mb, step=step, **loss_kw)
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                    st = accumulate_policy_grads(policy, ids, attn, loss_mask, adv, old, ref_lp, micro, step=step,
+                                                 **loss_kw)
+                grad_norm = C.clip_grad(model, args.grad_clip)
                 opt.step(); sched.step()
             # -- 5. metrics (global: rewards were gathered; the rest is averaged over ranks)
             zero_std = (all_r.view(-1, G).std(1) == 0).float().mean().item()
-            acc = all_reduce_mean(float(np.mean(correct)))
-            local = {k: all_reduce_mean(v) for k, v in st.items()}
-            clen = all_reduce_mean(float(roll["completion_mask"].sum(1).float().mean()))
-            trunc = all_reduce_mean(float((~roll["has_eos"]).float().mean()))
+            acc = C.all_reduce_mean(float(np.mean(correct)))
+            local = {k: C.all_reduce_mean(v) for k, v in st.items()}
+            clen = C.all_reduce_mean(float(roll["completion_mask"].sum(1).float().mean()))
+            trunc = C.all_reduce_mean(float((~roll["has_eos"]).float().mean()))
             m = dict(reward=all_r.mean().item(), reward_std=all_r.std().item(), accuracy=acc, frac_zero_std=zero_std,
-                     clip_frac=local["clip_frac"], entropy=local["entropy"], loss=local["loss"], grad_norm=float(grad_norm),
-                     completion_len=clen, truncated=trunc, lr=sched.get_last_lr()[0], gen_time=t_gen, step_time=time.time() - t0)
-            if args.beta > 0:
-                m["kl"] = local["kl"]
+                     clip_frac=local["clip_frac"], entropy=local["entropy"], loss=local["loss"], grad_norm=grad_norm,
+                     completion_len=clen, truncated=trunc, lr=sched.get_last_lr()[0], gen_time=t_gen,
+                     step_time=time.time() - t0, **({"kl": local["kl"]} if args.beta > 0 else {}))
             if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
                 with autocast():
-                    m["eval_accuracy"] = evaluate(model, tok, test, max_new_tokens=args.max_new_tokens)["accuracy"]
+                    m["eval_accuracy"] = C.evaluate(model, tok, test, max_new_tokens=args.max_new_tokens)["accuracy"]
             logger.log(step, **m)
             if args.save_every and (step + 1) % args.save_every == 0:
                 save(step + 1)
-    except KeyboardInterrupt:  # the interrupted step is redone on --resume, with the same samples
-        save(step, rng0)
-        print0(f"[grpo] interrupted: checkpoint at step {step} in {ckpt}; continue with --resume")
-        cleanup(barrier=False)
-        raise SystemExit(130)
 
     # -- evaluation, summary, final model
     model.eval()
     with autocast():
-        after = {k: float(v) for k, v in evaluate(model, tok, test, **eval_kw).items()}
-    rows = read_metrics(args.out) if d.master else []
+        after = {k: float(v) for k, v in C.evaluate(model, tok, test, **eval_kw).items()}
+    rows = C.read_metrics(args.out) if d.master else []
+    avg = lambda k, rs: float(np.mean([r[k] for r in rs])) if rows else None  # over metrics rows
     summary = dict(model=args.model, dataset=args.dataset or args.task, steps=args.steps, world_size=d.world_size,
                    **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()},
-                   train_reward_first10=float(np.mean([r["reward"] for r in rows[:10]])) if rows else None,
-                   train_reward_last10=float(np.mean([r["reward"] for r in rows[-10:]])) if rows else None,
-                   frac_zero_std_mean=float(np.mean([r["frac_zero_std"] for r in rows])) if rows else None,
-                   sec_per_step=float(np.mean([r["step_time"] for r in rows])) if rows else None,
+                   train_reward_first10=avg("reward", rows[:10]), train_reward_last10=avg("reward", rows[-10:]),
+                   frac_zero_std_mean=avg("frac_zero_std", rows), sec_per_step=avg("step_time", rows),
                    wall_time_s=time.time() - t_start)
-    plot_metrics(args.out, ["reward", "accuracy", "eval_accuracy", "frac_zero_std", "clip_frac", "kl", "entropy"], "curves.png",
-                 title=f"GRPO on {args.dataset or args.task}")
+    C.plot_metrics(args.out, ["reward", "accuracy", "eval_accuracy", "frac_zero_std", "clip_frac", "kl", "entropy"],
+                   "curves.png", title=f"GRPO on {args.dataset or args.task}")
     if d.master:
-        save_pretrained_atomic(os.path.join(args.out, "model"), model, tok)
-    write_summary(args.out, summary)
+        C.save_pretrained_atomic(os.path.join(args.out, "model"), model, tok)
+    C.write_summary(args.out, summary)
     torch.set_num_threads(threads)
-    cleanup()
+    C.cleanup()
     return summary
 
 
 if __name__ == "__main__":
-    with friendly_errors():
+    with C.friendly_errors():
         main()

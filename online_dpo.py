@@ -45,17 +45,18 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import common as C
-from common import DIST, check, print0
 
 
-def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1, label_smoothing=0.0):
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1,
+             label_smoothing=0.0):
     """DPO (Rafailov et al. 2023, eq. 7), duplicated from dpo.py on purpose. Inputs (B,) summed
     completion log-probs; h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)];
     loss = -(1-eps) log sigma(beta h) - eps log sigma(-beta h). Returns (losses (B,),
     chosen_rewards (B,), rejected_rewards (B,)), the implicit rewards beta*log(pi/pi_ref), detached."""
     h = (policy_chosen_logps - policy_rejected_logps) - (ref_chosen_logps - ref_rejected_logps)
     losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    return losses, beta * (policy_chosen_logps - ref_chosen_logps).detach(), beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
+    return losses, chosen_rewards, beta * (policy_rejected_logps - ref_rejected_logps).detach()
 
 
 def best_vs_worst(prompts, completions, scores, k):
@@ -71,20 +72,32 @@ def best_vs_worst(prompts, completions, scores, k):
 
 
 # Self-Rewarding LMs (Yuan et al. 2024), Figure 2: the LLM-as-a-judge prompt, additive 5 points.
-SELF_JUDGE = """Review the user's question and the corresponding response using the additive 5-point scoring system described below. Points are accumulated based on the satisfaction of each criterion:
-- Add 1 point if the response is relevant and provides some information related to the user's inquiry, even if it is incomplete or contains some irrelevant content.
-- Add another point if the response addresses a substantial portion of the user's question, but does not completely resolve the query or provide a direct answer.
-- Award a third point if the response answers the basic elements of the user's question in a useful way, regardless of whether it seems to have been written by an AI Assistant or if it has elements typically found in blogs or search results.
-- Grant a fourth point if the response is clearly written from an AI Assistant's perspective, addressing the user's question directly and comprehensively, and is well-organized and helpful, even if there is slight room for improvement in clarity, conciseness or focus.
-- Bestow a fifth point for a response that is impeccably tailored to the user's question by an AI Assistant, without extraneous information, reflecting expert knowledge, and demonstrating a high-quality, engaging, and insightful answer.
-
-User: {prompt}
-<response>{response}</response>
-
-After examining the user's instruction and the response:
-- Briefly justify your total score, up to 100 words.
-- Conclude with the score using the format: "Score: <total points>"
-Remember to assess from the AI Assistant perspective, utilizing web search knowledge as necessary. To evaluate the response in alignment with this additive scoring model, we'll systematically attribute points based on the outlined criteria."""
+SELF_JUDGE = (
+    "Review the user's question and the corresponding response using the additive 5-point scoring system "
+    "described below. Points are accumulated based on the satisfaction of each criterion:\n"
+    "- Add 1 point if the response is relevant and provides some information related to the user's inquiry, "
+    "even if it is incomplete or contains some irrelevant content.\n"
+    "- Add another point if the response addresses a substantial portion of the user's question, but does not"
+    " completely resolve the query or provide a direct answer.\n"
+    "- Award a third point if the response answers the basic elements of the user's question in a useful way,"
+    " regardless of whether it seems to have been written by an AI Assistant or if it has elements typically "
+    "found in blogs or search results.\n"
+    "- Grant a fourth point if the response is clearly written from an AI Assistant's perspective, addressing"
+    " the user's question directly and comprehensively, and is well-organized and helpful, even if there is "
+    "slight room for improvement in clarity, conciseness or focus.\n"
+    "- Bestow a fifth point for a response that is impeccably tailored to the user's question by an AI "
+    "Assistant, without extraneous information, reflecting expert knowledge, and demonstrating a "
+    "high-quality, engaging, and insightful answer.\n"
+    "\n"
+    "User: {prompt}\n"
+    "<response>{response}</response>\n"
+    "\n"
+    "After examining the user's instruction and the response:\n"
+    "- Briefly justify your total score, up to 100 words.\n"
+    "- Conclude with the score using the format: \"Score: <total points>\"\n"
+    "Remember to assess from the AI Assistant perspective, utilizing web search knowledge as necessary. To "
+    "evaluate the response in alignment with this additive scoring model, we'll systematically attribute "
+    "points based on the outlined criteria.")
 
 
 def parse_score(text):
@@ -112,22 +125,14 @@ def judge_scores(args, problems, completions, policy, tok, rm):
     return C.rm_score(rm_model, rm_tok, [p["prompt"] for p in problems], completions, batch_size=32).tolist()
 
 
-def pair_logps(model, tok, pairs, device):
-    """Summed completion log-probs of chosen and rejected in one forward pass (2b rows), and the
-    chosen completions' token counts (for the per-token RPO term)."""
-    b, prompts = len(pairs), [p["prompt"] for p in pairs]
-    ids, mask, cmask = C.collate(tok, prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], device)
-    seq = (C.token_logprobs(model, ids, mask, cmask.shape[1]) * cmask).sum(1)
-    return seq[:b], seq[b:], cmask[:b].sum(1).clamp(min=1)
-
-
 @torch.no_grad()
 def kl_to_initial(policy, init, tok, problems, max_new_tokens):
     """KL(pi || pi_init) per completion, Monte Carlo with the k1 estimator: sample y ~ pi, average
     sum_t [log pi(y_t) - log pi_init(y_t)] (unbiased; shows how far the rounds drifted). Also
     returns the accuracy of those T=1 samples (held-out sampled accuracy)."""
     out = C.generate(policy, tok, [p["prompt"] for p in problems], temperature=1.0, max_new_tokens=max_new_tokens)
-    sampled_acc = float(np.mean([C.verify(p, t) for p, t in zip(problems, out["texts"])])) if all(p.get("answer") for p in problems) else 0.0
+    gold = all(p.get("answer") for p in problems)
+    sampled_acc = float(np.mean([C.verify(p, t) for p, t in zip(problems, out["texts"])])) if gold else 0.0
     ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
     mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
     n, cm = out["completion_ids"].shape[1], out["completion_mask"]
@@ -143,7 +148,8 @@ def parse_args(argv):
     p.add_argument("--skip-bad-rows", action="store_true", help=C.SKIP_BAD_ROWS)
     p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic, "
                    "countdown or swaps (the logic puzzle; --model tiny then means tiny-swaps)")
-    p.add_argument("--judge", default="verifier", help="'verifier' (gold checker), 'self' (policy as LLM-as-a-judge) or a reward-model folder / hub id")
+    p.add_argument("--judge", default="verifier", help="'verifier' (gold checker), 'self' (policy as LLM-as-a-judge) "
+                   "or a reward-model folder / hub id")
     p.add_argument("--rounds", type=int, default=4, help="generate -> judge -> DPO rounds")
     p.add_argument("--prompts", type=int, default=256, help="prompts sampled per round")
     p.add_argument("--k", type=int, default=8, help="completions per prompt (pairs are best vs worst of k; k=4 gave "
@@ -151,28 +157,25 @@ def parse_args(argv):
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for the policy's own data "
                    "(the earlier start model's T=1 samples were mostly wrong)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="completion budget")
-    p.add_argument("--judge-max-new-tokens", type=int, default=128, help="budget of the self-judge's justification + score")
+    p.add_argument("--judge-max-new-tokens", type=int, default=128, help="budget of the self-judge's justification + "
+                   "score")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta (KL strength to the round's reference)")
     p.add_argument("--rpo-alpha", type=float, default=8.0, help="weight of the chosen completion's per-token NLL "
                    "(Iterative RPO, Pang et al. 2024, use 1); tiny: 8 (at 1 or 0 the earlier start model's "
                    "accuracy fell)")
     p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (tiny: 2e-5, 1e-4 collapsed the "
                    "earlier start model; 0.5B-7B models: ~5e-7)")
-    p.add_argument("--batch-size", type=int, default=16, help="global DPO batch in pairs (divisible by the number of ranks)")
+    p.add_argument("--batch-size", type=int, default=16, help="global DPO batch in pairs (divisible by the number of "
+                   "ranks)")
     p.add_argument("--epochs", type=int, default=2, help="DPO epochs over each round's pairs")
-    p.add_argument("--eval-n", type=int, default=C.HELDOUT_N, help="held-out problems for gold accuracy and KL (built in: common.heldout)")
-    p.add_argument("--out", default=os.path.join("out", "online_dpo"), help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
-    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow hub models with custom code")
+    p.add_argument("--eval-n", type=int, default=C.HELDOUT_N, help="held-out problems for gold accuracy and KL (built "
+                   "in: common.heldout)")
+    C.add_run_flags(p, "online_dpo")  # --out, --seed, --device, --wandb, --trust-remote-code
     args = p.parse_args(argv)
-    for k in ("rounds", "prompts", "max_new_tokens", "batch_size", "epochs", "eval_n"):
-        check(getattr(args, k) > 0, f"--{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
-    check(args.k >= 2, f"--k must be >= 2 (a pair needs two completions), got {args.k}")
-    check(args.lr > 0 and args.beta > 0, f"--lr and --beta must be > 0, got {args.lr}, {args.beta}")
-    check(args.rpo_alpha >= 0, f"--rpo-alpha must be >= 0, got {args.rpo_alpha}")
-    check(args.temperature > 0, f"--temperature must be > 0 to sample distinct completions, got {args.temperature}")
+    C.check_flags(args, {"> 0": "rounds prompts max_new_tokens batch_size epochs eval_n lr beta", ">= 0": "rpo_alpha"})
+    C.check(args.k >= 2, f"--k must be >= 2 (a pair needs two completions), got {args.k}")
+    C.check(args.temperature > 0,
+            f"--temperature must be > 0 to sample distinct completions, got {args.temperature}")
     args.model = C.task_model(args.model, args.task, args.dataset)  # tiny-<task> for a task tiny never saw
     return args
 
@@ -180,7 +183,7 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     d = C.setup(args.seed, args.device, out=args.out)
-    check(args.batch_size % d.world_size == 0, f"--batch-size {args.batch_size} must be divisible by the {d.world_size} ranks")
+    C.check_ranks(args.batch_size)
     t0 = time.time()
     policy, tok = C.load_model(args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
     init = copy.deepcopy(policy).eval().requires_grad_(False)  # the initial model, for KL only
@@ -192,30 +195,33 @@ def main(argv=None):
         pool, test = C.make_task(args.task, 4096, args.seed), C.heldout(args.task, args.eval_n)
     else:
         rows = C.load_problems(args.dataset, skip_bad=args.skip_bad_rows)
-        check(len(rows) > args.eval_n, f"--dataset {args.dataset}: {len(rows)} rows, need more than --eval-n {args.eval_n}")
-        pool, test = rows[:-args.eval_n], rows[-args.eval_n:]
+        pool, test = C.hold_out(rows, args.eval_n, args.dataset)
         C.warn_unknown_chars(tok, rows, args.dataset)
-    check(args.judge != "verifier" or all(p.get("answer") for p in test), "--judge verifier needs problems with answers")
+    C.check(args.judge != "verifier" or all(p.get("answer") for p in test),
+            "--judge verifier needs problems with answers")
     logger = C.Logger(args.out, vars(args), args.wandb)
     rng = random.Random(args.seed)
 
     acc0 = C.evaluate(policy, tok, test, max_new_tokens=args.max_new_tokens)["accuracy"]
-    s0 = C.all_reduce_mean(kl_to_initial(policy, init, tok, DIST.shard(test), args.max_new_tokens)[1])
-    table = [dict(round=0, judge_score=None, gold_accuracy=acc0, sampled_accuracy=s0, pairs=0, skipped_ties=0, kl_to_initial=0.0)]
+    s0 = C.all_reduce_mean(kl_to_initial(policy, init, tok, C.DIST.shard(test), args.max_new_tokens)[1])
+    table = [dict(round=0, judge_score=None, gold_accuracy=acc0, sampled_accuracy=s0, pairs=0, skipped_ties=0,
+                  kl_to_initial=0.0)]
     logger.log(0, gold_accuracy=acc0)
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
-    ddp = torch.nn.parallel.DistributedDataParallel(policy) if d.world_size > 1 else policy
+    ddp = C.ddp(policy)
     step = 0
     for rnd in range(1, args.rounds + 1):
         # ---- 1-2. sample K completions per prompt (this rank's share) and judge them
-        prompts = DIST.shard(rng.sample(pool, min(args.prompts, len(pool))))
-        out = C.generate(policy, tok, [p["prompt"] for p in prompts], n=args.k, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+        prompts = C.DIST.shard(rng.sample(pool, min(args.prompts, len(pool))))
+        out = C.generate(policy, tok, [p["prompt"] for p in prompts], n=args.k, temperature=args.temperature,
+                         max_new_tokens=args.max_new_tokens)
         scores = judge_scores(args, [p for p in prompts for _ in range(args.k)], out["texts"], policy, tok, rm)
         # ---- 3. best vs worst; every rank gets the same global list of pairs
         pairs = C.all_gather_list(best_vs_worst([p["prompt"] for p in prompts], out["texts"], scores, args.k))
         ties = args.prompts - len(pairs)
         judge_mean = C.all_reduce_mean(float(np.mean(scores)))
-        print0(f"round {rnd}: judge score {judge_mean:.3f}, {len(pairs)} pairs kept, {ties} prompts skipped (all {args.k} tied)")
+        C.print0(f"round {rnd}: judge score {judge_mean:.3f}, {len(pairs)} pairs kept, {ties} prompts skipped "
+                 f"(all {args.k} tied)")
         # ---- 4. one epoch of DPO; the reference is the policy at the start of this round, so its
         # log-probs are computed once now, before the first update (no second model in memory).
         order = rng.sample(range(len(pairs)), len(pairs))
@@ -224,14 +230,14 @@ def main(argv=None):
             policy.eval()
             ref = {}
             for b in range(nb):
-                idx = DIST.shard(order[b * args.batch_size:(b + 1) * args.batch_size])
-                rc, rr, _ = pair_logps(policy, tok, [pairs[i] for i in idx], d.device)
+                idx = C.DIST.shard(order[b * args.batch_size:(b + 1) * args.batch_size])
+                rc, rr, _ = C.pair_logps(policy, tok, [pairs[i] for i in idx])
                 ref.update({i: (c, r) for i, c, r in zip(idx, rc.tolist(), rr.tolist())})
         policy.train()
         for epoch in range(args.epochs):
             for b in tqdm(range(nb), desc=f"round {rnd} dpo", disable=not d.master or None, leave=False):
-                idx = DIST.shard(order[b * args.batch_size:(b + 1) * args.batch_size])
-                pc, pr, n_c = pair_logps(ddp, tok, [pairs[i] for i in idx], d.device)
+                idx = C.DIST.shard(order[b * args.batch_size:(b + 1) * args.batch_size])
+                pc, pr, n_c = C.pair_logps(ddp, tok, [pairs[i] for i in idx])
                 rc = torch.tensor([ref[i][0] for i in idx], device=d.device)
                 rr = torch.tensor([ref[i][1] for i in idx], device=d.device)
                 losses, cr, rjr = dpo_loss(pc, pr, rc, rr, args.beta)
@@ -242,26 +248,31 @@ def main(argv=None):
                 loss = losses.sum() / len(idx)  # local mean; DDP averages ranks -> global mean
                 C.nan_guard(loss, step)
                 opt.zero_grad(set_to_none=True); loss.backward()
-                torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0); opt.step(); step += 1
-                logger.log(step, loss=C.all_reduce_mean(loss.item()), reward_acc=C.all_reduce_mean((cr > rjr).float().mean().item()),
-                           reward_margin=C.all_reduce_mean((cr - rjr).mean().item()), logp_chosen=C.all_reduce_mean(pc.mean().item()))
+                torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0); opt.step()
+                mean = lambda x: C.all_reduce_mean(x.float().mean().item())  # over the batch, then the ranks
+                logger.log(step, loss=mean(loss), reward_acc=mean(cr > rjr), reward_margin=mean(cr - rjr),
+                           logp_chosen=mean(pc))
+                step += 1  # updates done; rows carry the 0-based index of theirs
         # ---- 5. evaluate
         acc = C.evaluate(policy, tok, test, max_new_tokens=args.max_new_tokens)["accuracy"]
-        kl, sacc = (C.all_reduce_mean(v) for v in kl_to_initial(policy, init, tok, DIST.shard(test), args.max_new_tokens))
-        table.append(dict(round=rnd, judge_score=judge_mean, gold_accuracy=acc, sampled_accuracy=sacc, pairs=len(pairs), skipped_ties=ties, kl_to_initial=kl))
-        logger.log(step, round=rnd, judge_score=judge_mean, gold_accuracy=acc, sampled_accuracy=sacc, pairs=len(pairs), kl_to_initial=kl)
+        kl, sacc = (C.all_reduce_mean(v) for v in kl_to_initial(policy, init, tok, d.shard(test), args.max_new_tokens))
+        row = dict(round=rnd, judge_score=judge_mean, gold_accuracy=acc, sampled_accuracy=sacc, pairs=len(pairs))
+        table.append(dict(row, skipped_ties=ties, kl_to_initial=kl))
+        logger.log(step - 1, **row, kl_to_initial=kl)  # after the round's last update
 
-    print0("\nround | judge score | gold accuracy (greedy) | sampled acc (T=1) | pairs kept | KL to initial")
+    C.print0("\nround | judge score | gold accuracy (greedy) | sampled acc (T=1) | pairs kept | KL to initial")
     for r in table:
         js = "-" if r["judge_score"] is None else f"{r['judge_score']:.3f}"
-        print0(f"{r['round']:5d} | {js:>11} | {r['gold_accuracy']:22.3f} | {r['sampled_accuracy']:17.3f} | {r['pairs']:10d} | {r['kl_to_initial']:.3f}")
+        C.print0(f"{r['round']:5d} | {js:>11} | {r['gold_accuracy']:22.3f} | {r['sampled_accuracy']:17.3f} | "
+                 f"{r['pairs']:10d} | {r['kl_to_initial']:.3f}")
     C.plot(args.out, {"gold accuracy": ([r["round"] for r in table], [r["gold_accuracy"] for r in table]),
                       "judge score": ([r["round"] for r in table[1:]], [r["judge_score"] for r in table[1:]])},
            "rounds.png", xlabel="round", title="online DPO")
     if d.master:
         C.save_pretrained_atomic(os.path.join(args.out, "model"), policy, tok)
-    summary = dict(judge=args.judge, rounds=args.rounds, accuracy_before=acc0, accuracy_after=table[-1]["gold_accuracy"],
-                   sampled_accuracy_before=s0, sampled_accuracy_after=table[-1]["sampled_accuracy"],
+    summary = dict(judge=args.judge, rounds=args.rounds, accuracy_before=acc0,
+                   accuracy_after=table[-1]["gold_accuracy"], sampled_accuracy_before=s0,
+                   sampled_accuracy_after=table[-1]["sampled_accuracy"],
                    kl_to_initial=table[-1]["kl_to_initial"], table=table, wall_s=round(time.time() - t0, 1))
     C.write_summary(args.out, summary)
     C.cleanup()

@@ -22,16 +22,13 @@ Outputs in --out (default out/ppo_gridworld): metrics.jsonl, learning_curve.png,
 summary.json (greedy evaluation return over --eval-episodes episodes, env steps, wall time).
 
 Follows CleanRL's ppo.py (orthogonal init, separate actor/critic MLPs, Adam eps 1e-5, linear
-lr annealing, per-minibatch advantage normalisation, clipped value loss, grad-norm clipping).
-Differences from the paper / CleanRL:
-  * episode ends are handled exactly: `terminated` stops bootstrapping, `truncated` (time limit)
-    bootstraps from V(true final observation); CleanRL treats both as terminal.
-  * no target-KL early stopping, no observation/reward normalisation, no recurrent policies,
-    discrete actions only; the paper's shared-trunk Atari network and Atari/MuJoCo settings are not
-    reproduced. Per-env hyperparameters live in PRESETS (CartPole's from rl-baselines3-zoo, which also
-    anneals the clip epsilon: --anneal-clip).
+lr annealing, per-minibatch advantage normalisation, clipped value loss, grad-norm clipping), except
+that episode ends are exact: `terminated` stops bootstrapping, `truncated` (time limit) bootstraps
+from V(true final observation); CleanRL treats both as terminal. Simplified: no target-KL early
+stopping, no observation/reward normalisation, no recurrent policies, discrete actions only, no
+Atari/MuJoCo settings. Per-env hyperparameters: PRESETS (CartPole's from rl-baselines3-zoo).
 """
-import argparse, os, time
+import argparse, time
 
 import gymnasium as gym
 import numpy as np
@@ -39,7 +36,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-import common
+import common as C
 
 # ----------------------------------------------------------------------------- environments
 
@@ -85,18 +82,19 @@ def make_env(env_id):
     try:
         env = gym.make(env_id)
     except gym.error.Error as e:
-        raise common.InputError(f"--env {env_id!r}: {e}") from None
-    common.check(isinstance(env.action_space, gym.spaces.Discrete),
-                 f"--env {env_id!r}: needs discrete actions, has {env.action_space}")
-    common.check(isinstance(env.observation_space, (gym.spaces.Box, gym.spaces.Discrete)),
-                 f"--env {env_id!r}: observations must be Box or Discrete, got {env.observation_space}")
+        raise C.InputError(f"--env {env_id!r}: {e}") from None
+    C.check(isinstance(env.action_space, gym.spaces.Discrete),
+            f"--env {env_id!r}: needs discrete actions, has {env.action_space}")
+    C.check(isinstance(env.observation_space, (gym.spaces.Box, gym.spaces.Discrete)),
+            f"--env {env_id!r}: observations must be Box or Discrete, got {env.observation_space}")
     return env
 
 
 def encode(obs, space, device):
     """Numpy observations (N, ...) -> float tensor (N, obs_dim); Discrete(n) becomes one-hot (N, n)."""
     if isinstance(space, gym.spaces.Discrete):
-        return torch.nn.functional.one_hot(torch.as_tensor(np.asarray(obs, dtype=np.int64) - space.start), space.n).float().to(device)
+        idx = torch.as_tensor(np.asarray(obs, dtype=np.int64) - space.start)
+        return torch.nn.functional.one_hot(idx, space.n).float().to(device)
     return torch.as_tensor(np.asarray(obs, dtype=np.float32), device=device).reshape(len(obs), -1)
 
 
@@ -117,8 +115,9 @@ class Agent(nn.Module):
 
     def __init__(self, n_obs, n_act, hidden=64):
         super().__init__()
-        self.actor = nn.Sequential(layer(n_obs, hidden), nn.Tanh(), layer(hidden, hidden), nn.Tanh(), layer(hidden, n_act, 0.01))
-        self.critic = nn.Sequential(layer(n_obs, hidden), nn.Tanh(), layer(hidden, hidden), nn.Tanh(), layer(hidden, 1, 1.0))
+        mlp = lambda n_out, std: nn.Sequential(layer(n_obs, hidden), nn.Tanh(), layer(hidden, hidden), nn.Tanh(),
+                                               layer(hidden, n_out, std))
+        self.actor, self.critic = mlp(n_act, 0.01), mlp(1, 1.0)
 
     def forward(self, x):
         """x (B, obs_dim) -> action distribution over (B,) and value (B,)."""
@@ -193,12 +192,13 @@ PRESETS = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="PPO from scratch on a grid world or any discrete-action gymnasium env",
-                                epilog="flags without a default take it from PRESETS: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
-    p.add_argument("--env", default="gridworld", help="'gridworld' (built in) or a gymnasium id with discrete actions, e.g. CartPole-v1")
+                                epilog="flags without a default take it from PRESETS: "
+                                + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
+    p.add_argument("--env", default="gridworld", help="'gridworld' (built in) or a discrete-action gymnasium id")
     p.add_argument("--seed", type=int, default=1, help="seed for torch, numpy and the environments")
     p.add_argument("--out", default="out/ppo_gridworld", help="output folder (metrics.jsonl, plots, summary.json)")
     p.add_argument("--device", default="cpu", help="torch device; tiny MLPs are fastest on cpu")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads; 1 is fastest for tiny MLPs, more threads only contend")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for tiny MLPs)")
     p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
     p.add_argument("--total-steps", type=int, help="total env steps (all envs); default from PRESETS")
     p.add_argument("--num-envs", type=int, help="parallel envs in the gymnasium.vector.SyncVectorEnv")
@@ -216,7 +216,8 @@ def parse_args(argv=None):
     p.add_argument("--ent-coef", type=float, help="entropy bonus coefficient")
     p.add_argument("--vf-coef", type=float, default=0.5, help="value loss coefficient")
     p.add_argument("--max-grad-norm", type=float, default=0.5, help="global gradient-norm clip")
-    p.add_argument("--norm-adv", action=argparse.BooleanOptionalAction, default=True, help="per-minibatch advantage normalisation")
+    p.add_argument("--norm-adv", action=argparse.BooleanOptionalAction, default=True,
+                   help="normalise the advantages of each minibatch")
     p.add_argument("--hidden", type=int, default=64, help="MLP hidden width")
     p.add_argument("--eval-episodes", type=int, default=20, help="greedy evaluation episodes at the end")
     p.add_argument("--log-every", type=int, default=0, help="log every N iterations (0 = about 25 lines per run)")
@@ -224,47 +225,37 @@ def parse_args(argv=None):
     for k, v in PRESETS.get(args.env, PRESETS["default"]).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    for name, ok, rule in [("lr", args.lr > 0, "> 0"), ("num_envs", args.num_envs >= 1, ">= 1"),
-                           ("num_steps", args.num_steps >= 1, ">= 1"), ("gamma", 0 < args.gamma <= 1, "in (0, 1]"),
-                           ("gae_lambda", 0 <= args.gae_lambda <= 1, "in [0, 1]"), ("clip_coef", args.clip_coef > 0, "> 0"),
-                           ("vf_clip", args.vf_clip >= 0, ">= 0"), ("ent_coef", args.ent_coef >= 0, ">= 0"),
-                           ("vf_coef", args.vf_coef >= 0, ">= 0"), ("max_grad_norm", args.max_grad_norm > 0, "> 0"),
-                           ("update_epochs", args.update_epochs >= 1, ">= 1"), ("hidden", args.hidden >= 1, ">= 1"),
-                           ("threads", args.threads >= 1, ">= 1"),
-                           ("eval_episodes", args.eval_episodes >= 1, ">= 1"), ("log_every", args.log_every >= 0, ">= 0"),
-                           ("num_minibatches", 1 <= args.num_minibatches <= args.num_envs * args.num_steps, "in [1, num_envs * num_steps]"),
-                           ("total_steps", args.total_steps >= args.num_envs * args.num_steps,
-                            f">= num_envs * num_steps = {args.num_envs * args.num_steps}")]:
-        common.check(ok, f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
+    C.check_flags(args, {"> 0": "lr clip_coef max_grad_norm", ">= 1": "num_envs num_steps update_epochs hidden threads "
+                                                                "eval_episodes",
+                         ">= 0": "vf_clip ent_coef vf_coef log_every", "in (0, 1]": "gamma", "in [0, 1]": "gae_lambda"})
+    batch = args.num_envs * args.num_steps
+    C.check(1 <= args.num_minibatches <= batch,
+            f"--num-minibatches must be in [1, num_envs * num_steps], got {args.num_minibatches}")
+    C.check(args.total_steps >= batch,
+            f"--total-steps must be >= num_envs * num_steps = {batch}, got {args.total_steps}")
     return args
 
 # ----------------------------------------------------------------------------- train
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = common.get_device(args.device)  # not here: one line naming the devices that are
-    common.check_out(args.out)
-    common.set_seed(args.seed)
+    device = C.setup(args.seed, args.device, out=args.out).device  # --out and --device checked, seeded
     threads = torch.get_num_threads()  # restored at the end: main() may be called from a test
     torch.set_num_threads(args.threads)  # batch <= 1k rows: thread start-up costs more than it saves
     make_env(args.env).close()  # fail fast (one line) on a bad id before building N copies
-    # Autoreset: gymnasium 1.x defaults to NEXT_STEP (the step *after* a done only returns the
-    # reset obs, a fake transition we would have to skip). SAME_STEP resets inside the done step:
-    # the returned obs is already the next episode's first obs, the true last obs is in
-    # infos["final_obs"][i] (masked by infos["_final_obs"]), and every transition is real
-    # (checked against gymnasium 1.4's SyncVectorEnv.step).
+    # Autoreset SAME_STEP (gymnasium 1.x defaults to NEXT_STEP, whose step after a done is a fake
+    # transition): a done step already returns the next episode's first obs, the true last one is in
+    # infos["final_obs"][i], and every transition is real (checked against gymnasium 1.4).
     envs = gym.vector.SyncVectorEnv([lambda: make_env(args.env) for _ in range(args.num_envs)],
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     space = envs.single_observation_space
     agent = Agent(obs_dim(space), int(envs.single_action_space.n), args.hidden).to(device)
     opt = torch.optim.Adam(agent.parameters(), lr=args.lr, eps=1e-5, foreach=True)  # foreach: fewer kernel calls
-    if os.path.exists(os.path.join(args.out, "metrics.jsonl")):  # Logger appends: start this run's curve afresh
-        os.remove(os.path.join(args.out, "metrics.jsonl"))
-    logger = common.Logger(args.out, config=vars(args), wandb=args.wandb)
+    logger = C.Logger(args.out, config=vars(args), wandb=args.wandb)
 
     N, T = args.num_envs, args.num_steps
     batch = N * T
-    mb_size = batch // args.num_minibatches
+    minibatch = batch // args.num_minibatches
     iters = args.total_steps // batch
     log_every = args.log_every or max(1, iters // 25)
     # rollout buffers, time-major (T, N, ...)
@@ -278,10 +269,10 @@ def main(argv=None) -> dict:
     ep_ret = np.zeros(N)  # running return of each env's current episode
     episodes, curve, n_logged = [], ([], []), 0  # finished (step, return); logged (step, mean return)
     step, t0 = 0, time.time()
-    for it in tqdm(range(1, iters + 1), desc=f"ppo {args.env}"):
-        if args.anneal_lr:  # linear decay to 0 at the last iteration (CleanRL)
-            opt.param_groups[0]["lr"] = args.lr * (1 - (it - 1) / iters)
-        clip = args.clip_coef * (1 - (it - 1) / iters) if args.anneal_clip else args.clip_coef  # zoo: "lin_0.2"
+    for it in tqdm(range(iters), desc=f"ppo {args.env}"):  # 0-based iterations
+        if args.anneal_lr:  # linear decay towards 0 over the iterations (CleanRL)
+            opt.param_groups[0]["lr"] = args.lr * (1 - it / iters)
+        clip = args.clip_coef * (1 - it / iters) if args.anneal_clip else args.clip_coef  # zoo: "lin_0.2"
         # -- rollout: T steps of N envs with the current (old) policy
         for t in range(T):
             obs_buf[t] = next_obs
@@ -298,7 +289,8 @@ def main(argv=None) -> dict:
             if trunc.any():  # time limit hit: bootstrap from V(true last obs), not V(reset obs)
                 idx = np.nonzero(trunc)[0]
                 with torch.no_grad():
-                    final_val[t, idx] = agent.critic(encode(np.stack(info["final_obs"][idx]), space, device)).squeeze(-1)
+                    final_obs = encode(np.stack(info["final_obs"][idx]), space, device)
+                    final_val[t, idx] = agent.critic(final_obs).squeeze(-1)
             ep_ret += reward
             for i in np.nonzero(term | trunc)[0]:
                 episodes.append((step, ep_ret[i])); ep_ret[i] = 0
@@ -317,8 +309,8 @@ def main(argv=None) -> dict:
         stats = []
         for _ in range(args.update_epochs):
             perm = torch.randperm(batch, device=device)
-            for start in range(0, batch - mb_size + 1, mb_size):  # a ragged remainder is dropped
-                idx = perm[start:start + mb_size]
+            for start in range(0, batch - minibatch + 1, minibatch):  # a ragged remainder is dropped
+                idx = perm[start:start + minibatch]
                 dist, value = agent(b_obs[idx])
                 loss, s = ppo_loss(dist.log_prob(b_act[idx]), b_logp[idx], b_adv[idx], value, b_val[idx], b_ret[idx],
                                    dist.entropy(), clip, args.vf_clip or None, args.vf_coef, args.ent_coef,
@@ -329,14 +321,15 @@ def main(argv=None) -> dict:
                 opt.step()
                 stats.append(s)
 
-        if it % log_every == 0 or it == iters:
+        if (it + 1) % log_every == 0 or it + 1 == iters:
             # mean return of the episodes finished since the last log line (else the last 20)
             recent = [r for _, r in episodes[n_logged:]] or [r for _, r in episodes[-20:]] or [float("nan")]
             n_logged = len(episodes)
             # explained variance 1 - Var(R - V)/Var(R): 1 = critic predicts returns, <= 0 = useless
             explained_var = 1 - (b_ret - b_val).var().item() / max(b_ret.var().item(), 1e-8)
             curve[0].append(step); curve[1].append(float(np.mean(recent)))
-            logger.log(step, episodic_return=float(np.mean(recent)), episodes=len(episodes), explained_var=explained_var,
+            logger.log(step, episodic_return=float(np.mean(recent)), episodes=len(episodes),
+                       explained_var=explained_var,
                        sps=int(step / (time.time() - t0)), lr=opt.param_groups[0]["lr"],
                        **{k: float(np.mean([s[k] for s in stats])) for k in stats[0]})
     envs.close()
@@ -356,18 +349,20 @@ def main(argv=None) -> dict:
     for e in eval_envs:
         e.close()
 
-    common.plot(args.out, {"train episodic return": curve}, "learning_curve.png", "env steps", "episodic return",
-                f"PPO on {args.env} (greedy eval {np.mean(returns):.3g})")
-    common.plot_metrics(args.out, ["approx_kl", "clipfrac", "entropy", "explained_var"], "health.png", f"PPO health, {args.env}")
+    C.plot(args.out, {"train episodic return": curve}, "learning_curve.png", "env steps", "episodic return",
+           f"PPO on {args.env} (greedy eval {np.mean(returns):.3g})")
+    C.plot_metrics(args.out, ["approx_kl", "clipfrac", "entropy", "explained_var"], "health.png",
+                   f"PPO health, {args.env}")
     summary = dict(env=args.env, seed=args.seed, env_steps=step, iterations=iters, train_time_s=round(train_time, 2),
                    wall_time_s=round(time.time() - t0, 2), eval_episodes=args.eval_episodes,
                    eval_return_mean=float(np.mean(returns)), eval_return_std=float(np.std(returns)),
-                   final_train_return=curve[1][-1] if curve[1] and np.isfinite(curve[1][-1]) else None, episodes=len(episodes))
-    common.write_summary(args.out, summary)
+                   final_train_return=curve[1][-1] if curve[1] and np.isfinite(curve[1][-1]) else None,
+                   episodes=len(episodes))
+    C.write_summary(args.out, summary)
     torch.set_num_threads(threads)
     return summary
 
 
 if __name__ == "__main__":
-    with common.friendly_errors():
+    with C.friendly_errors():
         main()

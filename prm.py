@@ -37,27 +37,23 @@ Design (--head): both verifiers give one log-odds per token, so the losses do no
   logratio (default): a causal LM pi, initialised from the backbone, scored by its implicit reward
     against the frozen backbone pi_ref (Yuan et al. 2024, "Free Process Rewards without Process
     Labels"): q_t = beta * sum_{i <= t} log pi(y_i | y_<i) / pi_ref(y_i | y_<i) over solution tokens.
-    The PRM fits q at every step end, the ORM at the EOS only. Verification becomes the LM's own
-    next-token prediction, which the backbone already does well: on the earlier `tiny` (not
-    re-measured), it separated the correct chain from one with a one-step slip almost perfectly
-    on held-out problems in 300 steps.
+    The PRM fits q at every step end, the ORM at the EOS only: verification becomes the LM's own
+    next-token prediction, which the backbone already does well.
   classifier: AutoModelForTokenClassification with one label (PRM) and load_model(kind="reward")
-    (ORM): the usual choice for large pretrained backbones (e.g. Math-Shepherd's). On the earlier
-    `tiny` (not re-measured) a fresh head learned format and step position but not arithmetic
-    (slip AUC at chance after 400 steps).
+    (ORM): the usual choice for large pretrained backbones (e.g. Math-Shepherd's); on `tiny` a fresh
+    head learned format and step position but not arithmetic (README 'Results').
 Simplified vs the paper: tiny models and a synthetic task; labels come from a checker, not
 humans; Lightman et al. supervise only up to the first wrong step (we also label later steps bad,
 which the min/prod scores treat alike); no active learning, no weighted majority vote.
 """
-import argparse, collections, copy, math, os, random, re, time, zlib
+import argparse, collections, copy, math, os, random, time, zlib
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import common
-from common import DIST, check, print0
+import common as C
 
 METHODS = ("prm", "orm", "majority", "prm_vote", "orm_vote", "random", "oracle")  # oracle = pass@N
 
@@ -91,9 +87,10 @@ def split_steps(text, sep):
 
 def task_item(problem, text):
     """A built-in sample with step labels (common.step_labels) and outcome (verify)."""
-    labels, ok = common.step_labels(problem, text) or [False], common.verify(problem, text)
+    labels, ok = C.step_labels(problem, text) or [False], C.verify(problem, text)
     labels[-1] = labels[-1] and ok     # the last step (scored at EOS) claims "done and right": a cut-off chain is not
-    return dict(prompt=problem["prompt"], steps=split_steps(text, ";"), answer=common.extract_answer(text), labels=labels, correct=ok)
+    return dict(prompt=problem["prompt"], steps=split_steps(text, ";"), answer=C.extract_answer(text), labels=labels,
+                correct=ok)
 
 
 def slip(problem, rng):
@@ -101,7 +98,7 @@ def slip(problem, rng):
     every later step is locally consistent, so only a process check finds where it broke.
     Swaps: common.corrupt's slips are of this kind (the ball misplaced at one step, later steps follow)."""
     if problem["task"] != "arithmetic":
-        return common.corrupt(problem, rng)
+        return C.corrupt(problem, rng)
     x, y = problem["x"], problem["y"]
     n = max(len(str(x)), len(str(y)))
     bad, carry, steps, delta = rng.randrange(n), 0, [], 0
@@ -115,111 +112,40 @@ def slip(problem, rng):
     return ";".join(steps + [f"#### {x + y + delta * 10**bad}"])   # what the slipped chain adds up to
 
 
-def parse_math_shepherd(row, where="row"):
-    """Math-Shepherd row -> (question, steps, labels). `input` is the question followed by
-    'Step 1: ... ки\\nStep 2: ... ки...'; `label` is the same text with each 'ки' replaced by
-    '+' (from this step the gold answer is still reachable) or '-'."""
-    common.require(row, ["input", "label"], where)
-    parts, lab, labels, pos = row["input"].split("ки"), row["label"], [], 0
-    check(len(parts) > 1, f"{where}: no 'ки' step tags in 'input'")
-    for seg in parts[:-1]:                      # the label text has one char where input has 'ки'
-        pos += len(seg)
-        check(pos < len(lab) and lab[pos] in "+-", f"{where}: 'label' has no +/- at step tag {len(labels) + 1}")
-        labels.append(lab[pos] == "+"); pos += 1
-    segs = [s.strip() for s in parts[:-1]]
-    # The question is glued to step 1; a few rows carry a stray tag inside the question, so the
-    # segments before the one holding 'Step 1:' (and their tags) belong to the question.
-    k = next((i for i, s in enumerate(segs) if re.search(r"\b[Ss]tep 1:", s)), None)
-    if k is not None:
-        head, first = re.split(r"(?=\b[Ss]tep 1:)", segs[k], maxsplit=1)
-        question, steps, labels = " ".join(segs[:k] + [head]).strip(), [first.strip()] + segs[k + 1:], labels[k:]
-    else:                                       # no 'Step 1:': the question ends at its last '?'
-        q = segs[0].rfind("?")
-        check(q >= 0, f"{where}: cannot tell where the question ends (no 'Step 1:' and no '?')")
-        question, steps = segs[0][:q + 1], [segs[0][q + 1:].strip()] + segs[1:]
-    check(question and all(steps), f"{where}: empty question or step")
-    return question, steps, labels
-
-
-def parse_prm800k(rows, where="prm800k"):
-    """PRM800K step-wise rows (one per rated candidate step: instruction, responses = the steps so
-    far, next_response, rating -1/0/1 as number or string, empty for human-written steps) ->
-    [(question, steps, labels)], one per rated row. The candidate's label is rating >= 0 (neutral
-    counts as not wrong); earlier steps take the rating of the row that rated them (human-written
-    steps count as correct)."""
-    def rating(r):
-        try:
-            v = float(r.get("rating"))
-        except (TypeError, ValueError):
-            return None
-        return None if math.isnan(v) else v
-    rated = {(r["instruction"], tuple(r["responses"]), r["next_response"]): rating(r) for r in rows if "next_response" in r}
-    out = []
-    for i, r in enumerate(rows, 1):
-        common.require(r, ["instruction", "responses", "next_response"], f"{where} row {i}")
-        v, prev = rating(r), [str(s) for s in r["responses"]]
-        if v is None:
-            continue
-        old = [rated.get((r["instruction"], tuple(prev[:j]), s)) for j, s in enumerate(prev)]
-        out.append((r["instruction"], prev + [r["next_response"]], [o is None or o >= 0 for o in old] + [v >= 0]))
-    return out
-
-
-def parse_trl(row, where):
-    """TRL's stepwise rows: prompt, completions (the steps), labels (one bool per step)."""
-    common.require(row, ["prompt", "completions", "labels"], where)
-    return row["prompt"], list(row["completions"]), [bool(x) for x in row["labels"]]
-
-
-def load_step_data(spec, n=None, skip_bad=False):
-    """Labelled solutions from a file or hub id in one of the three step-label formats."""
-    rows = common.read_rows(spec, "train")
-    rows = rows[:n] if n and "next_response" not in rows[0] else rows   # PRM800K: n rated rows, below
-    if "input" in rows[0] and "label" in rows[0]:
-        data = common.keep_good_rows(rows, spec, parse_math_shepherd, skip_bad)
-    elif "next_response" in rows[0]:
-        data = parse_prm800k(rows, f"--dataset {spec}")[:n]
-    elif {"prompt", "completions", "labels"} <= set(rows[0]):
-        data = common.keep_good_rows(rows, spec, parse_trl, skip_bad)
-    else:
-        raise common.InputError(f"--dataset {spec}: unknown columns {sorted(rows[0])}; expected Math-Shepherd (input, label), "
-                                "PRM800K (instruction, responses, next_response, rating) or prompt/completions/labels")
-    for i, (q, steps, labels) in enumerate(data, 1):
-        check(len(steps) == len(labels) and steps, f"--dataset {spec} example {i}: {len(steps)} steps but {len(labels)} labels")
-    return [dict(prompt=[{"role": "user", "content": q}], steps=s, labels=l, correct=all(l), answer=None) for q, s, l in data]
-
-
 def encode(tok, items, sep, device, max_len):
     """[left pad | prompt | step 1 + sep | ... | last step + end token] (ids, mask), the solution's
-    tokens (cmask), the step-end positions (step_mask) and their labels. Steps are tokenized one by one, so a step end is always a token boundary. Rows longer
-    than max_len lose their beginning (and any step ends there)."""
-    prompts = [common.prompt_ids(tok, it["prompt"]) for it in items]          # the chat template's ids, once
+    tokens (cmask), the step-end positions (step_mask) and their labels. Steps are tokenized one by one,
+    so a step end is always a token boundary. Rows longer than max_len lose their beginning (and any
+    step ends there)."""
+    prompts = [C.prompt_ids(tok, it["prompt"]) for it in items]          # the chat template's ids, once
     pieces = [s if j == len(it["steps"]) - 1 else s + sep for it in items for j, s in enumerate(it["steps"])]
     pieces = iter(tok(pieces, add_special_tokens=False)["input_ids"])   # one batched tokenizer call
     rows, ends, starts = [], [], []
     for it, prompt in zip(items, prompts):
         ids, e = prompt, []
         for j in range(len(it["steps"])):
-            ids = ids + next(pieces) + ([common.end_token_id(tok, it["prompt"])] if j == len(it["steps"]) - 1 else [])
+            ids = ids + next(pieces) + ([C.end_token_id(tok, it["prompt"])] if j == len(it["steps"]) - 1 else [])
             e.append(len(ids) - 1)                          # score the separator / EOS token
         cut = max(0, len(ids) - max_len)
         rows.append(ids[cut:]); ends.append([(j, t - cut) for j, t in enumerate(e) if t >= cut])
         starts.append(max(0, len(prompt) - cut))                # where the solution begins
     T = max(map(len, rows))
     ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
-    mask, cmask, step_mask, labels = torch.zeros_like(ids), torch.zeros_like(ids), torch.zeros_like(ids), torch.zeros(len(rows), T)
+    mask, cmask, step_mask = torch.zeros_like(ids), torch.zeros_like(ids), torch.zeros_like(ids)
+    labels = torch.zeros(len(rows), T)
     for b, (r, e, it, st) in enumerate(zip(rows, ends, items, starts)):
         ids[b, T - len(r):] = torch.tensor(r); mask[b, T - len(r):] = 1; cmask[b, T - len(r) + st:] = 1
         for j, t in e:
             step_mask[b, T - len(r) + t] = 1
             labels[b, T - len(r) + t] = float(it["labels"][j]) if it.get("labels") else 0.0
     outcome = torch.tensor([float(it["correct"]) for it in items])
-    return {k: v.to(device) for k, v in dict(ids=ids, mask=mask, cmask=cmask, step_mask=step_mask, labels=labels, outcome=outcome).items()}
+    out = dict(ids=ids, mask=mask, cmask=cmask, step_mask=step_mask, labels=labels, outcome=outcome)
+    return {k: v.to(device) for k, v in out.items()}
 
 
 def logprobs(model, b):
     """(B, T) log pi(token_t | tokens_<t) (0 at t = 0), via common.token_logprobs (chunked)."""
-    return F.pad(common.token_logprobs(model, b["ids"], b["mask"], b["ids"].shape[1] - 1), (1, 0))
+    return F.pad(C.token_logprobs(model, b["ids"], b["mask"], b["ids"].shape[1] - 1), (1, 0))
 
 
 def verifier_logits(model, b, outcome, beta=None, ref_lp=None):
@@ -229,7 +155,7 @@ def verifier_logits(model, b, outcome, beta=None, ref_lp=None):
     Labels", eq. 2/3): q_t = beta * sum_{i <= t, i in solution} log pi(y_i | y_<i) / pi_ref(y_i | y_<i)
     with pi_ref the frozen initial LM; the ORM reads q at the last token (EOS)."""
     if ref_lp is None:
-        out = model(input_ids=b["ids"], attention_mask=b["mask"], position_ids=common.position_ids(b["mask"]),
+        out = model(input_ids=b["ids"], attention_mask=b["mask"], position_ids=C.position_ids(b["mask"]),
                     output_hidden_states=outcome)
         if outcome and hasattr(getattr(model, "module", model), "score"):  # read the last column, the end token:
             return getattr(model, "module", model).score(out.hidden_states[-1][:, -1])[:, 0]  # pad == EOS can't hide it
@@ -276,7 +202,8 @@ def bon_table(records, ns, subsets, seed):
                 idx = rng.sample(range(len(r["correct"])), n)
                 for m in METHODS[:-1]:
                     key = m.split("_")[0]
-                    pick = best_of_n(idx, [r[key][i] for i in idx] if key in r else None, [r["answers"][i] for i in idx], m, rng)
+                    scores = [r[key][i] for i in idx] if key in r else None
+                    pick = best_of_n(idx, scores, [r["answers"][i] for i in idx], m, rng)
                     hits[m].append(r["correct"][pick])
                 hits["oracle"].append(any(r["correct"][i] for i in idx))
         for m in METHODS:
@@ -320,7 +247,7 @@ def score(prm, orm, ref, tok, items, sep, max_len, args):
     prm.eval(); orm.eval()
     for i in range(0, len(items), args.batch_size * 4):
         chunk = items[i:i + args.batch_size * 4]
-        b = encode(tok, chunk, sep, DIST.device, max_len)
+        b = encode(tok, chunk, sep, C.DIST.device, max_len)
         ref_lp = logprobs(ref, b) if ref is not None else None
         p = torch.sigmoid(verifier_logits(prm, b, False, args.beta, ref_lp).float())
         o = torch.sigmoid(verifier_logits(orm, b, True, args.beta, ref_lp).float())
@@ -336,9 +263,9 @@ def evaluate(prm, orm, ref, tok, cands, heldout, sep, max_len, args, ns):
     flat = [c for group in cands for c in group]
     score(prm, orm, ref, tok, flat + heldout, sep, max_len, args)
     keep = lambda it: {k: it[k] for k in ("labels", "probs", "prm", "orm", "correct")}
-    records = common.all_gather_list([dict(correct=[c["correct"] for c in g], answers=[c["answer"] for c in g],
-                                           prm=[c["prm"] for c in g], orm=[c["orm"] for c in g]) for g in cands])
-    labelled = common.all_gather_list([keep(it) for it in (heldout or [c for c in flat if c.get("labels")])])
+    records = C.all_gather_list([dict(correct=[c["correct"] for c in g], answers=[c["answer"] for c in g],
+                                      prm=[c["prm"] for c in g], orm=[c["orm"] for c in g]) for g in cands])
+    labelled = C.all_gather_list([keep(it) for it in (heldout or [c for c in flat if c.get("labels")])])
     res = dict(best_of_n=dict(N=ns, **bon_table(records, ns, args.subsets, args.seed)) if records else None)
     res.update(step_metrics(labelled) if labelled else {})
     return res
@@ -346,27 +273,31 @@ def evaluate(prm, orm, ref, tok, cands, heldout, sep, max_len, args, ns):
 # ----------------------------------------------------------------------------- main
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny", help="policy that samples the candidate solutions (hub id, folder, tiny)")
     p.add_argument("--rm-model", default=None, help="backbone of both verifiers (default: --model)")
-    p.add_argument("--dataset", default="", help="step-labelled data: Math-Shepherd / PRM800K step-wise / prompt,completions,labels "
-                   "(file or hub id); default: built-in --task solutions sampled from the policy")
-    p.add_argument("--problems", default="", help="held-out problems for best-of-N with --dataset (GSM8K/MATH file or hub id, "
-                   "steps = lines); default: the built-in task's test split (none with --dataset)")
-    p.add_argument("--skip-bad-rows", action="store_true", help=common.SKIP_BAD_ROWS)
+    p.add_argument("--dataset", default="", help="step-labelled data: Math-Shepherd / PRM800K step-wise / "
+                   "prompt,completions,labels (file or hub id); default: built-in --task solutions sampled from "
+                   "the policy")
+    p.add_argument("--problems", default="", help="held-out problems for best-of-N with --dataset (GSM8K/MATH file or "
+                   "hub id, steps = lines); default: the built-in task's test split (none with --dataset)")
+    p.add_argument("--skip-bad-rows", action="store_true", help=C.SKIP_BAD_ROWS)
     p.add_argument("--task", default="arithmetic", help="built-in task with step labels: arithmetic or swaps "
                    "(the logic puzzle; --model tiny then means tiny-swaps)")
-    p.add_argument("--n-train", type=int, default=1024, help="training problems (built-in) or labelled solutions (--dataset)")
+    p.add_argument("--n-train", type=int, default=1024, help="training problems (built-in) or labelled solutions "
+                   "(--dataset)")
     p.add_argument("--samples-per-problem", type=int, default=2, help="policy samples per training problem (built-in)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the policy")
     p.add_argument("--max-new-tokens", type=int, default=48, help="length limit of a sampled solution")
     p.add_argument("--max-len", type=int, default=1024, help="verifier input limit in tokens (left-truncated)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (each trains the PRM and the ORM)")
     p.add_argument("--batch-size", type=int, default=64, help="labelled solutions per step per rank")
-    p.add_argument("--head", default="logratio", choices=["logratio", "classifier"], help="verifier parameterisation: "
-                   "implicit log-ratio of a causal LM to its frozen copy, or a fresh one-logit head (see the docstring)")
+    p.add_argument("--head", default="logratio", choices=["logratio", "classifier"], help="verifier "
+                   "parameterisation: implicit log-ratio of a causal LM to its frozen copy, or a fresh one-logit head "
+                   "(see the docstring)")
     p.add_argument("--beta", type=float, default=0.5, help="log-ratio scale of the logratio head")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of both verifiers (~1e-3 for --head classifier on tiny)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of both verifiers (~1e-3 for --head "
+                   "classifier on tiny)")
     p.add_argument("--n-eval", type=int, default=40, help="held-out problems for best-of-N")
     p.add_argument("--max-n", type=int, default=64, help="samples per held-out problem; N = 1, 2, 4, ..., max-n")
     p.add_argument("--subsets", type=int, default=8, help="random N-subsets averaged per problem and N")
@@ -375,22 +306,16 @@ def parse_args(argv):
     p.add_argument("--log-every", type=int, default=25, help="log every this many steps")
     p.add_argument("--save-every", type=int, default=0, help="write <out>/checkpoint every N steps (0: only on Ctrl-C)")
     p.add_argument("--resume", action="store_true", help="resume training from <out>/checkpoint (same flags; exact)")
-    p.add_argument("--out", default="out/prm", help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
-    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow hub models with custom code")
+    C.add_run_flags(p, "prm")  # --out, --seed, --device, --wandb, --trust-remote-code
     a = p.parse_args(argv)
-    for k in ("n_train", "samples_per_problem", "max_new_tokens", "max_len", "steps", "batch_size", "n_eval", "max_n", "subsets", "log_every"):
-        check(getattr(a, k) >= 1, f"--{k.replace('_', '-')} must be >= 1, got {getattr(a, k)}")
-    check(a.save_every >= 0, f"--save-every must be >= 0, got {a.save_every}")
-    check(a.lr > 0, f"--lr must be > 0, got {a.lr}")
-    check(a.beta > 0, f"--beta must be > 0, got {a.beta}")
-    check(a.temperature > 0, f"--temperature must be > 0 (best-of-N needs sampling), got {a.temperature}")
-    check(a.task in ("arithmetic", "swaps") or a.dataset,
-          f"--task {a.task}: built-in step labels exist for arithmetic and swaps only")
-    check(not a.problems or a.dataset, "--problems needs --dataset (a verifier trained on the built-in task cannot judge them)")
-    a.model = common.task_model(a.model, a.task, a.dataset)  # tiny-<task> for a task tiny never saw
+    C.check_flags(a, {">= 1": "n_train samples_per_problem max_new_tokens max_len steps batch_size n_eval max_n "
+                              "subsets log_every", ">= 0": "save_every", "> 0": "lr beta"})
+    C.check(a.temperature > 0, f"--temperature must be > 0 (best-of-N needs sampling), got {a.temperature}")
+    C.check(a.task in ("arithmetic", "swaps") or a.dataset,
+            f"--task {a.task}: built-in step labels exist for arithmetic and swaps only")
+    C.check(not a.problems or a.dataset,
+            "--problems needs --dataset (a verifier trained on the built-in task cannot judge them)")
+    a.model = C.task_model(a.model, a.task, a.dataset)  # tiny-<task> for a task tiny never saw
     return a
 
 
@@ -401,102 +326,103 @@ def token_classifier(orm, trust_remote_code):
     prm = AutoModelForTokenClassification.from_config(cfg, trust_remote_code=trust_remote_code, dtype=orm.dtype)
     base = lambda m: getattr(m, m.base_model_prefix)
     missing, _ = base(prm).load_state_dict(base(orm).state_dict(), strict=False)
-    check(not missing, f"--rm-model: token-classification backbone does not match ({missing[:2]})")
+    C.check(not missing, f"--rm-model: token-classification backbone does not match ({missing[:2]})")
     return prm.to(orm.device)
 
 
 def main(argv=None):
     args, t0 = parse_args(argv), time.time()
-    d = common.setup(args.seed, args.device, out=args.out)
+    d = C.setup(args.seed, args.device, out=args.out)
     builtin = not args.dataset
     sep = ";" if builtin else "\n"
 
     # ---- models: the policy (frozen) and two verifiers on the same pretrained backbone
     kw = dict(trust_remote_code=args.trust_remote_code)
-    policy, ptok = common.load_model(args.model, **kw) if builtin or args.problems else (None, None)
+    policy, ptok = C.load_model(args.model, **kw) if builtin or args.problems else (None, None)
     backbone = args.rm_model or args.model
     kw["flag"] = "--rm-model" if args.rm_model else "--model"
     if args.head == "logratio":     # two trainable copies of the LM and the frozen original
-        (prm, tok), (orm, _) = [common.load_model(backbone, **kw) for _ in range(2)]
-        ref = policy if policy is not None and backbone == args.model else common.load_model(backbone, **kw)[0]
+        (prm, tok), (orm, _) = [C.load_model(backbone, **kw) for _ in range(2)]
+        ref = policy if policy is not None and backbone == args.model else C.load_model(backbone, **kw)[0]
         ref.eval().requires_grad_(False)
     else:
-        orm, tok = common.load_model(backbone, kind="reward", **kw)
+        orm, tok = C.load_model(backbone, kind="reward", **kw)
         prm, ref = token_classifier(orm, args.trust_remote_code), None
     max_len = min(args.max_len, getattr(orm.config, "max_position_embeddings", None) or args.max_len)
 
     # ---- data: labelled training solutions, held-out candidates (sampled once) -----------
     rng = random.Random(args.seed + 1000 * d.rank)
     if builtin:
-        mine = d.shard(common.make_task(args.task, args.n_train, args.seed, "train"))
+        mine = d.shard(C.make_task(args.task, args.n_train, args.seed, "train"))
         k = args.samples_per_problem
-        out = common.generate(policy, ptok, [p["prompt"] for p in mine], n=k, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+        out = C.generate(policy, ptok, [p["prompt"] for p in mine], n=k, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature)
         train = [task_item(p, t) for i, p in enumerate(mine)
-                 for t in out["texts"][i * k:(i + 1) * k] + [p["solution"], common.corrupt(p, rng), slip(p, rng)]]
+                 for t in out["texts"][i * k:(i + 1) * k] + [p["solution"], C.corrupt(p, rng), slip(p, rng)]]
         heldout = []
     else:
-        data = load_step_data(args.dataset, args.n_train, args.skip_bad_rows)
-        common.warn_unknown_chars(tok, data, args.dataset)
+        data = C.load_step_data(args.dataset, args.n_train, args.skip_bad_rows)
+        C.warn_unknown_chars(tok, data, args.dataset)
         test = lambda it: zlib.crc32(it["prompt"][0]["content"].encode()) % 10 == 0   # 10% of prompts
         train, heldout = d.shard([it for it in data if not test(it)]), d.shard([it for it in data if test(it)])
-    check(train, "no training solutions on this rank (more --n-train than ranks, please)")
-    probs = (common.heldout(args.task, args.n_eval) if builtin else
-             common.load_problems(args.problems, "test", args.n_eval, args.skip_bad_rows, "--problems") if args.problems
+    C.check(train, "no training solutions on this rank (more --n-train than ranks, please)")
+    probs = (C.heldout(args.task, args.n_eval) if builtin else
+             C.load_problems(args.problems, "test", args.n_eval, args.skip_bad_rows, "--problems") if args.problems
              else [])
-    common.warn_unknown_chars(ptok, probs, args.problems, "--problems")
+    C.warn_unknown_chars(ptok, probs, args.problems, "--problems")
     cands, mine = [], d.shard(probs)
     if mine:
-        out = common.generate(policy, ptok, [p["prompt"] for p in mine], n=args.max_n, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-        for i, p in enumerate(mine):
-            texts = out["texts"][i * args.max_n:(i + 1) * args.max_n]
-            cands.append([task_item(p, t) if builtin else dict(prompt=p["prompt"], steps=split_steps(t, sep), labels=None,
-                          answer=common.extract_answer(t), correct=common.verify(p, t)) for t in texts])
+        out = C.generate(policy, ptok, [p["prompt"] for p in mine], n=args.max_n, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature)
+        item = lambda p, t: task_item(p, t) if builtin else dict(prompt=p["prompt"], steps=split_steps(t, sep),
+                                                                 labels=None, answer=C.extract_answer(t),
+                                                                 correct=C.verify(p, t))
+        cands = [[item(p, t) for t in out["texts"][i * args.max_n:(i + 1) * args.max_n]] for i, p in enumerate(mine)]
     ns = sorted({2**i for i in range(int(math.log2(args.max_n)) + 1)} | {args.max_n})
-    frac = lambda xs: common.all_reduce_mean(float(np.mean(xs)) if xs else 0.0)
-    print0(f"[prm] {len(train)} training solutions/rank ({frac([it['correct'] for it in train]):.0%} correct, "
-           f"{frac([l for it in train for l in it['labels']]):.0%} good steps); {len(probs)} held-out problems x {args.max_n} samples")
+    frac = lambda xs: C.all_reduce_mean(float(np.mean(xs)) if xs else 0.0)
+    C.print0(f"[prm] {len(train)} training solutions/rank ({frac([it['correct'] for it in train]):.0%} correct, "
+             f"{frac([l for it in train for l in it['labels']]):.0%} good steps); {len(probs)} held-out problems x "
+             f"{args.max_n} samples")
     before = evaluate(prm, orm, ref, tok, cands, heldout, sep, max_len, args, ns)
 
     # ---- training: one loop, both verifiers, the same batch ----------------------------
-    if d.world_size > 1:
-        ddp = lambda m: torch.nn.parallel.DistributedDataParallel(m, device_ids=[d.device] if d.device.type == "cuda" else None)
-        prm, orm = ddp(prm), ddp(orm)
+    prm, orm = C.ddp(prm), C.ddp(orm)
     opts = [torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.0) for m in (prm, orm)]
-    warm = max(1, args.steps // 20)   # linear warm-up, then cosine decay to 10%
-    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / args.steps))))
-              for o in opts]
+    scheds = [C.lr_schedule(o, max(1, args.steps // 20), args.steps) for o in opts]  # warm-up, cosine to 10%
     # One checkpoint holds both verifiers (the ORM inside state.pt), so they cannot be from different
     # steps, and every rank's batch order and RNG, so --resume continues the same run.
     ckpt, start, order = os.path.join(args.out, "checkpoint"), 0, []
     if args.resume:
-        start, extra = common.load_checkpoint(ckpt, prm, opts[0], scheds[0])
-        check("orm" in extra, f"--resume: {ckpt} was written by an older prm.py (no ORM inside); start afresh")
+        start, extra = C.load_checkpoint(ckpt, prm, opts[0], scheds[0])
+        C.check("orm" in extra, f"--resume: {ckpt} was written by an older prm.py (no ORM inside); start afresh")
         getattr(orm, "module", orm).load_state_dict(extra["orm"])
         opts[1].load_state_dict(extra["orm_opt"]); scheds[1].load_state_dict(extra["orm_sched"])
         order, st = extra["ranks"][d.rank]
         rng.setstate((st[0], tuple(st[1]), st[2]))
-        print0(f"[prm] resumed from {ckpt} at step {start}")
-    logger = common.Logger(args.out, vars(args), args.wandb, resume_step=start - 1 if args.resume else None)
+        C.print0(f"[prm] resumed from {ckpt} at step {start}")
+    logger = C.Logger(args.out, vars(args), args.wandb, resume_step=start - 1 if args.resume else None)
 
     def save(step, ranks, rng=None):
-        common.save_checkpoint(ckpt, prm, tok, step, opts[0], scheds[0], rng=rng, extra=dict(
+        C.save_checkpoint(ckpt, prm, tok, step, opts[0], scheds[0], rng=rng, extra=dict(
             orm=getattr(orm, "module", orm).state_dict(), orm_opt=opts[1].state_dict(),
             orm_sched=scheds[1].state_dict(), ranks=ranks))
 
-    step, at = start, (list(order), rng.getstate(), common.rng_state())
-    try:
+    def interrupted():  # no collective here (a rank may never arrive): exact for one process
+        save(step, [at[:2]] * d.world_size, at[2])
+        return f"[prm] interrupted at step {step}: checkpoint in {ckpt}; --resume continues"
+
+    step, at = start, (list(order), rng.getstate(), C.rng_state())
+    with C.ctrl_c(interrupted):
         for step in tqdm(range(start, args.steps), desc="prm+orm", disable=not d.master or None):
-            at = (list(order), rng.getstate(), common.rng_state())   # this step's start: a Ctrl-C redoes it from here
-            while len(order) < args.batch_size:
-                order += rng.sample(range(len(train)), len(train))
-            batch, order = [train[i] for i in order[:args.batch_size]], order[args.batch_size:]
+            at = (list(order), rng.getstate(), C.rng_state())   # this step's start: a Ctrl-C redoes it from here
+            batch = [train[i] for i in C.take_batch(order, rng, len(train), args.batch_size)]
             b = encode(tok, batch, sep, d.device, max_len)
             with torch.no_grad():
                 ref_lp = logprobs(ref, b) if ref is not None else None
             z_step = verifier_logits(prm, b, False, args.beta, ref_lp)       # (B, T)
             z_out = verifier_logits(orm, b, True, args.beta, ref_lp)         # (B,)
             l_prm, l_orm = prm_loss(z_step, b["labels"], b["step_mask"]), orm_loss(z_out, b["outcome"])
-            common.nan_guard(l_prm + l_orm, step)
+            C.nan_guard(l_prm + l_orm, step)
             for o in opts:
                 o.zero_grad(set_to_none=True)
             (l_prm + l_orm).backward()                                       # two separate graphs
@@ -504,46 +430,47 @@ def main(argv=None):
                 torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0); o.step(); s.step()
             if step % args.log_every == 0 or step == args.steps - 1:
                 sm = b["step_mask"].bool()
-                logger.log(step, prm_loss=common.all_reduce_mean(l_prm.item()), orm_loss=common.all_reduce_mean(l_orm.item()),
-                           prm_step_acc=common.all_reduce_mean(((z_step[sm] > 0) == (b["labels"][sm] > 0.5)).float().mean().item()),
-                           orm_acc=common.all_reduce_mean(((z_out > 0) == (b["outcome"] > 0.5)).float().mean().item()),
-                           good_step_frac=common.all_reduce_mean(b["labels"][sm].mean().item()), lr=scheds[0].get_last_lr()[0])
+                mean = lambda x: C.all_reduce_mean(x.float().mean().item())  # over the batch, then the ranks
+                logger.log(step, prm_loss=mean(l_prm), orm_loss=mean(l_orm),
+                           prm_step_acc=mean((z_step[sm] > 0) == (b["labels"][sm] > 0.5)),
+                           orm_acc=mean((z_out > 0) == (b["outcome"] > 0.5)),
+                           good_step_frac=mean(b["labels"][sm]), lr=scheds[0].get_last_lr()[0])
             if args.save_every and (step + 1) % args.save_every == 0:
-                save(step + 1, common.all_gather_list([(order, rng.getstate())]))
-    except KeyboardInterrupt:  # no collective here (a rank may never arrive): exact for one process
-        save(step, [at[:2]] * d.world_size, at[2])
-        print0(f"[prm] interrupted at step {step}: checkpoint in {ckpt}; --resume continues")
-        raise SystemExit(130)
+                save(step + 1, C.all_gather_list([(order, rng.getstate())]))
 
     # ---- evaluation: best-of-N and step-level metrics, before vs after -----------------
     after = evaluate(prm, orm, ref, tok, cands, heldout, sep, max_len, args, ns)
     if d.master:
-        common.save_pretrained_atomic(os.path.join(args.out, "model"), prm, tok)
-        common.save_pretrained_atomic(os.path.join(args.out, "orm"), orm, tok)
-    summary = dict(dataset=args.dataset or args.task, head=args.head, beta=args.beta, reference_model=backbone, prm_agg=args.prm_agg, train_solutions=len(train) * d.world_size,
-                   eval_problems=len(probs), samples_per_problem=args.max_n, **{k: v for k, v in after.items() if k != "best_of_n"},
+        C.save_pretrained_atomic(os.path.join(args.out, "model"), prm, tok)
+        C.save_pretrained_atomic(os.path.join(args.out, "orm"), orm, tok)
+    summary = dict(dataset=args.dataset or args.task, head=args.head, beta=args.beta, reference_model=backbone,
+                   prm_agg=args.prm_agg, train_solutions=len(train) * d.world_size, eval_problems=len(probs),
+                   samples_per_problem=args.max_n, **{k: v for k, v in after.items() if k != "best_of_n"},
                    before={k: v for k, v in before.items() if k != "best_of_n"})
     bon = after["best_of_n"]
     if bon:
         at = {m: bon[m][-1] for m in METHODS}
         ranked = sorted(("prm", "orm", "majority"), key=lambda m: -at[m])
-        print0(f"best-of-N accuracy on {len(probs)} held-out problems (PRM score = {args.prm_agg} of step probabilities)")
-        print0("N        " + "".join(f"{n:>7}" for n in ns))
+        C.print0(f"best-of-N accuracy on {len(probs)} held-out problems (PRM score = {args.prm_agg} of step "
+                 "probabilities)")
+        C.print0("N        " + "".join(f"{n:>7}" for n in ns))
         for m in METHODS:
-            print0(f"{m:<9}" + "".join(f"{v:7.3f}" for v in bon[m]))
-        common.plot(args.out, {m: ([math.log2(n) for n in ns], bon[m]) for m in METHODS}, "best_of_n.png",
-                    xlabel="log2 N (samples per problem)", ylabel="accuracy", title="best-of-N: PRM vs ORM vs majority")
+            C.print0(f"{m:<9}" + "".join(f"{v:7.3f}" for v in bon[m]))
+        C.plot(args.out, {m: ([math.log2(n) for n in ns], bon[m]) for m in METHODS}, "best_of_n.png",
+               xlabel="log2 N (samples per problem)", ylabel="accuracy", title="best-of-N: PRM vs ORM vs majority")
         summary.update(best_of_n=bon, before_best_of_n={m: before["best_of_n"][m][-1] for m in ("prm", "orm")},
                        policy_sample_accuracy=bon["random"][0], **{f"{m}_at_max_n": at[m] for m in METHODS},
-                       ordering=" > ".join(f"{m} {at[m]:.3f}" for m in ranked), reproduces_paper_ordering=ranked == ["prm", "orm", "majority"],
-                       paper_ordering="prm 0.782 > orm 0.724 > majority 0.696 (Lightman et al. 2023, MATH, best-of-1860)")
-    common.plot_metrics(args.out, ["prm_loss", "orm_loss", "prm_step_acc", "orm_acc"], "curves.png")
+                       ordering=" > ".join(f"{m} {at[m]:.3f}" for m in ranked),
+                       reproduces_paper_ordering=ranked == ["prm", "orm", "majority"],
+                       paper_ordering="prm 0.782 > orm 0.724 > majority 0.696 (Lightman et al. 2023, MATH, "
+                                      "best-of-1860)")
+    C.plot_metrics(args.out, ["prm_loss", "orm_loss", "prm_step_acc", "orm_acc"], "curves.png")
     summary["wall_s"] = round(time.time() - t0, 1)
-    common.write_summary(args.out, summary)
-    common.cleanup()
+    C.write_summary(args.out, summary)
+    C.cleanup()
     return summary
 
 
 if __name__ == "__main__":
-    with common.friendly_errors():
+    with C.friendly_errors():
         main()

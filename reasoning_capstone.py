@@ -56,7 +56,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import common as C
-from common import DIST, check, print0
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1):
@@ -87,28 +86,19 @@ def group_advantages(rewards, group_size):
 def verified_candidates(model, tok, problems, k, max_new_tokens, temperature):
     """Step 2-3: k samples per problem, each labelled by the verifier. Returns
     [(problem, [(completion, correct), ...]), ...] gathered from all ranks."""
-    mine = DIST.shard(problems)
-    out = C.generate(model, tok, [p["prompt"] for p in mine], n=k, temperature=temperature, max_new_tokens=max_new_tokens)
+    mine = C.DIST.shard(problems)
+    out = C.generate(model, tok, [p["prompt"] for p in mine], n=k, temperature=temperature,
+                     max_new_tokens=max_new_tokens)
     cands = [(p, [(t, C.verify(p, t)) for t in out["texts"][i * k:(i + 1) * k]]) for i, p in enumerate(mine)]
     return C.all_gather_list(cands)
 
 
 def evaluate(model, tok, test, args):
     # greedy accuracy, and pass@k of samples at the pipeline's sampling temperature
-    r = C.evaluate(model, tok, test, samples=args.eval_samples, k=args.pass_k, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
+    r = C.evaluate(model, tok, test, samples=args.eval_samples, k=args.pass_k, temperature=args.temperature,
+                   max_new_tokens=args.max_new_tokens)
     return r["accuracy"], r[f"pass@{args.pass_k}"]
 
-
-def pair_logps(model, tok, pairs, device):
-    """Summed log-probs of chosen and rejected completions, one forward pass of 2b rows."""
-    b, prompts = len(pairs), [p["prompt"] for p in pairs]
-    ids, mask, cm = C.collate(tok, prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], device)
-    seq = (C.token_logprobs(model, ids, mask, cm.shape[1]) * cm).sum(1)
-    return seq[:b], seq[b:], cm[:b].sum(1).clamp(min=1)
-
-
-def wrap(model):
-    return torch.nn.parallel.DistributedDataParallel(model) if DIST.world_size > 1 else model
 
 # ----------------------------------------------------------------------------- the three improvers
 
@@ -118,10 +108,10 @@ def run_rft(sft_model, tok, cands, args):
     key = lambda prompt: prompt if isinstance(prompt, str) else json.dumps(prompt)  # chat messages are lists
     uniq = {(key(p["prompt"]), t): (p["prompt"], t) for p, cs in cands for t, ok in cs if ok}
     data = [uniq[k] for k in sorted(uniq)]
-    check(data, "rft: no correct samples to train on (try more --candidates or a better SFT model)")
-    print0(f"[rft] {len(data)} distinct verified-correct samples from {len(cands)} prompts")
+    C.check(data, "rft: no correct samples to train on (try more --candidates or a better SFT model)")
+    C.print0(f"[rft] {len(data)} distinct verified-correct samples from {len(cands)} prompts")
     model = copy.deepcopy(sft_model)
-    C.sft(wrap(model), tok, data, steps=args.rft_steps, batch_size=args.batch_size, lr=args.rft_lr, desc="rft")
+    C.sft(C.ddp(model), tok, data, steps=args.rft_steps, batch_size=args.batch_size, lr=args.rft_lr, desc="rft")
     return model, dict(train_examples=len(data))
 
 
@@ -130,20 +120,23 @@ def run_dpo(sft_model, tok, cands, args):
     whose log-probs are precomputed once (no second model held)."""
     rng = random.Random(args.seed)
     pairs = [dict(prompt=p["prompt"], chosen=rng.choice(good), rejected=rng.choice(bad))
-             for p, cs in cands for good, bad in [([t for t, ok in cs if ok], [t for t, ok in cs if not ok])] if good and bad]
-    check(len(pairs) >= args.batch_size, f"dpo: only {len(pairs)} prompts have both a correct and an incorrect sample")
-    print0(f"[dpo] {len(pairs)} verified pairs (prompts with both outcomes among {args.candidates} samples)")
+             for p, cs in cands for good, bad in [([t for t, ok in cs if ok], [t for t, ok in cs if not ok])]
+             if good and bad]
+    C.check(len(pairs) >= args.batch_size,
+            f"dpo: only {len(pairs)} prompts have both a correct and an incorrect sample")
+    C.print0(f"[dpo] {len(pairs)} verified pairs (prompts with both outcomes among {args.candidates} samples)")
     model = copy.deepcopy(sft_model)
     model.eval()
     with torch.no_grad():
-        ref = [pair_logps(model, tok, pairs[i:i + 64], DIST.device) for i in range(0, len(pairs), 64)]
+        ref = [C.pair_logps(model, tok, pairs[i:i + 64]) for i in range(0, len(pairs), 64)]
     ref_c, ref_r = torch.cat([c for c, _, _ in ref]), torch.cat([r for _, r, _ in ref])
     model.train()
-    ddp, opt = wrap(model), torch.optim.AdamW(model.parameters(), lr=args.dpo_lr, weight_decay=0.0)
-    for step in tqdm(range(args.dpo_steps), desc="dpo", disable=not DIST.master or None, leave=False):
-        idx = DIST.shard(random.Random(args.seed * 1000 + step).sample(range(len(pairs)), args.batch_size))
-        pc, pr, n_c = pair_logps(ddp, tok, [pairs[i] for i in idx], DIST.device)
-        loss = (dpo_loss(pc, pr, ref_c[idx].to(pc.device), ref_r[idx].to(pc.device), args.beta) + args.rpo_alpha * -pc / n_c).mean()
+    ddp, opt = C.ddp(model), torch.optim.AdamW(model.parameters(), lr=args.dpo_lr, weight_decay=0.0)
+    for step in tqdm(range(args.dpo_steps), desc="dpo", disable=not C.DIST.master or None, leave=False):
+        idx = C.DIST.shard(random.Random(args.seed * 1000 + step).sample(range(len(pairs)), args.batch_size))
+        pc, pr, n_c = C.pair_logps(ddp, tok, [pairs[i] for i in idx])
+        losses = dpo_loss(pc, pr, ref_c[idx].to(pc.device), ref_r[idx].to(pc.device), args.beta)
+        loss = (losses + args.rpo_alpha * -pc / n_c).mean()
         C.nan_guard(loss, step)
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
@@ -153,13 +146,15 @@ def run_dpo(sft_model, tok, cands, args):
 def run_grpo(sft_model, tok, train, args):
     """Online: every step samples a fresh group of G completions for prompts_per_step prompts."""
     model = copy.deepcopy(sft_model)
-    ddp, opt = wrap(model), torch.optim.AdamW(model.parameters(), lr=args.rl_lr, weight_decay=0.0)
+    ddp, opt = C.ddp(model), torch.optim.AdamW(model.parameters(), lr=args.rl_lr, weight_decay=0.0)
     rng, rewards_seen = random.Random(args.seed), []
-    for step in tqdm(range(args.grpo_steps), desc="grpo", disable=not DIST.master or None, leave=False):
-        probs = DIST.shard(rng.sample(train, args.prompts_per_step))
-        out = C.generate(model, tok, [p["prompt"] for p in probs], n=args.group_size, temperature=args.temperature, max_new_tokens=args.max_new_tokens)
-        r = torch.tensor([float(C.verify(p, t)) for i, p in enumerate(probs) for t in out["texts"][i * args.group_size:(i + 1) * args.group_size]])
-        adv = group_advantages(r, args.group_size).to(DIST.device)
+    for step in tqdm(range(args.grpo_steps), desc="grpo", disable=not C.DIST.master or None, leave=False):
+        probs = C.DIST.shard(rng.sample(train, args.prompts_per_step))
+        G = args.group_size
+        out = C.generate(model, tok, [p["prompt"] for p in probs], n=G, temperature=args.temperature,
+                         max_new_tokens=args.max_new_tokens)
+        r = torch.tensor([float(C.verify(p, t)) for i, p in enumerate(probs) for t in out["texts"][i * G:(i + 1) * G]])
+        adv = group_advantages(r, args.group_size).to(C.DIST.device)
         ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
         mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
         model.train()
@@ -169,7 +164,8 @@ def run_grpo(sft_model, tok, train, args):
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step()
         rewards_seen.append(C.all_reduce_mean(r.mean().item()))
-    return model, dict(train_reward_first=float(np.mean(rewards_seen[:5])), train_reward_last=float(np.mean(rewards_seen[-5:])))
+    return model, dict(train_reward_first=float(np.mean(rewards_seen[:5])),
+                       train_reward_last=float(np.mean(rewards_seen[-5:])))
 
 # ----------------------------------------------------------------------------- main
 
@@ -183,10 +179,11 @@ def parse_args(argv):
                    "weights, so stage 1 is a real SFT; tiny with a --task means tiny-<task>), local folder or hub id")
     p.add_argument("--task", default="swaps", help="built-in task when no --dataset: swaps (the logic puzzle), "
                    "arithmetic or countdown")
-    p.add_argument("--method", default="all", choices=["rft", "dpo", "grpo", "all"], help="which improvement stage(s) to run after SFT")
+    p.add_argument("--method", default="all", choices=["rft", "dpo", "grpo", "all"], help="which improvement stage(s) "
+                   "to run after SFT")
     p.add_argument("--sft-steps", type=int, default=C.TINY_SFT_STEPS,
-                   help="stage 1: SFT steps on chains of thought (0 = use the model as is); the default, x 64 at lr 1e-3, "
-                        "is the recipe that builds tiny: long enough to converge (fewer steps can stop on a "
+                   help="stage 1: SFT steps on chains of thought (0 = use the model as is); the default, x 64 at "
+                        "lr 1e-3, is the recipe that builds tiny: long enough to converge (fewer steps can stop on a "
                         "learning cliff, README)")
     p.add_argument("--sft-lr", type=float, default=1e-3, help="SFT learning rate")
     p.add_argument("--sft-batch-size", type=int, default=64, help="SFT batch (sequences)")
@@ -209,24 +206,18 @@ def parse_args(argv):
     p.add_argument("--group-size", type=int, default=8, help="GRPO samples per prompt (G)")
     p.add_argument("--batch-size", type=int, default=32, help="RFT batch (sequences) and DPO batch (pairs)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="completion budget")
-    p.add_argument("--eval-n", type=int, default=C.HELDOUT_N, help="held-out puzzles, the same for every stage (built in: common.heldout)")
+    p.add_argument("--eval-n", type=int, default=C.HELDOUT_N, help="held-out puzzles, the same for every stage (built "
+                   "in: common.heldout)")
     p.add_argument("--eval-samples", type=int, default=8, help="samples per held-out puzzle for pass@k")
     p.add_argument("--pass-k", type=int, default=4, help="k of pass@k")
-    p.add_argument("--out", default=os.path.join("out", "reasoning_capstone"), help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", default=None, help="cpu, cuda, mps (default: best available)")
-    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow hub models with custom code")
+    C.add_run_flags(p, "reasoning_capstone")  # --out, --seed, --device, --wandb, --trust-remote-code
     args = p.parse_args(argv)
-    for k in ("train_n", "candidates", "batch_size", "sft_batch_size", "max_new_tokens", "eval_n", "eval_samples", "pass_k", "prompts_per_step"):
-        check(getattr(args, k) > 0, f"--{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
-    for k in ("sft_steps", "rft_steps", "dpo_steps", "grpo_steps"):
-        check(getattr(args, k) >= 0, f"--{k.replace('_', '-')} must be >= 0, got {getattr(args, k)}")
-    check(args.rpo_alpha >= 0, f"--rpo-alpha must be >= 0, got {args.rpo_alpha}")
-    for k in ("sft_lr", "rft_lr", "dpo_lr", "rl_lr", "beta", "temperature"):
-        check(getattr(args, k) > 0, f"--{k.replace('_', '-')} must be > 0, got {getattr(args, k)}")
-    check(args.group_size >= 2, f"--group-size must be >= 2 (advantages compare samples within a group), got {args.group_size}")
-    check(args.pass_k <= args.eval_samples, f"--pass-k {args.pass_k} needs --eval-samples >= k")
+    C.check_flags(args, {"> 0": "train_n candidates batch_size sft_batch_size max_new_tokens eval_n eval_samples "
+                                "pass_k prompts_per_step sft_lr rft_lr dpo_lr rl_lr beta temperature",
+                         ">= 0": "sft_steps rft_steps dpo_steps grpo_steps rpo_alpha"})
+    C.check(args.group_size >= 2,
+            f"--group-size must be >= 2 (advantages compare samples within a group), got {args.group_size}")
+    C.check(args.pass_k <= args.eval_samples, f"--pass-k {args.pass_k} needs --eval-samples >= k")
     args.model = C.task_model(args.model, args.task, args.dataset)  # tiny-<task> for a task tiny never saw
     return args
 
@@ -238,21 +229,21 @@ def main(argv=None):
     model, tok = C.load_model(args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
     if args.dataset is None:
         train, test = C.make_task(args.task, args.train_n, args.seed), C.heldout(args.task, args.eval_n)
-        sft_data = C.tiny_sft_data(args.sft_steps * args.sft_batch_size or 1, args.seed + 7, args.task)  # as tiny is built
+        sft_data = C.tiny_sft_data(args.sft_steps * args.sft_batch_size or 1, args.seed + 7, args.task)  # as tiny
     else:
         rows = C.load_problems(args.dataset, skip_bad=args.skip_bad_rows)
         C.warn_unknown_chars(tok, rows, args.dataset)
-        check(len(rows) > args.eval_n, f"--dataset {args.dataset}: {len(rows)} rows, need more than --eval-n {args.eval_n}")
-        train, test = rows[:-args.eval_n][:args.train_n], rows[-args.eval_n:]
-        sft_data = [(p["prompt"], p["solution"]) for p in rows[:-args.eval_n] if p.get("solution")]
-        check(args.sft_steps == 0 or sft_data, f"--dataset {args.dataset} has no reference solutions: use --sft-steps 0")
+        pool, test = C.hold_out(rows, args.eval_n, args.dataset)
+        train, sft_data = pool[:args.train_n], [(p["prompt"], p["solution"]) for p in pool if p.get("solution")]
+        C.check(args.sft_steps == 0 or sft_data,
+                f"--dataset {args.dataset} has no reference solutions: use --sft-steps 0")
     logger = C.Logger(args.out, vars(args), args.wandb)
     table = []
 
     def record(stage, m, t0, **extra):
         acc, pk = evaluate(m, tok, test, args)
         row = dict(stage=stage, accuracy=acc, **{f"pass@{args.pass_k}": pk}, wall_s=round(time.time() - t0, 1), **extra)
-        table.append(row); logger.log(len(table), **{k: v for k, v in row.items() if k != "stage"}, stage=stage)
+        table.append(row); logger.log(len(table) - 1, **{k: v for k, v in row.items() if k != "stage"}, stage=stage)
         return row
 
     t0 = time.time()
@@ -260,7 +251,8 @@ def main(argv=None):
     # ---- 1. SFT on chain-of-thought data
     t0 = time.time()
     if args.sft_steps:
-        C.sft(wrap(model), tok, sft_data, steps=args.sft_steps, batch_size=args.sft_batch_size, lr=args.sft_lr, desc="sft")
+        C.sft(C.ddp(model), tok, sft_data, steps=args.sft_steps, batch_size=args.sft_batch_size, lr=args.sft_lr,
+              desc="sft")
     record("sft", model, t0)
     # ---- 2-3. sample candidates and verify them (shared by RFT and DPO)
     methods = ["rft", "dpo", "grpo"] if args.method == "all" else [args.method]
@@ -269,7 +261,8 @@ def main(argv=None):
         t0 = time.time()
         cands = verified_candidates(model, tok, train, args.candidates, args.max_new_tokens, args.temperature)
         n_ok = sum(ok for _, cs in cands for _, ok in cs)
-        print0(f"[sample] {len(cands)} puzzles x {args.candidates}: {n_ok} correct ({n_ok / (len(cands) * args.candidates):.1%}) in {time.time() - t0:.0f}s")
+        C.print0(f"[sample] {len(cands)} puzzles x {args.candidates}: {n_ok} correct "
+                 f"({n_ok / (len(cands) * args.candidates):.1%}) in {time.time() - t0:.0f}s")
     # ---- 4. improve with each method, always from the SFT model
     for m in methods:
         t0 = time.time()
@@ -281,14 +274,16 @@ def main(argv=None):
             C.save_pretrained_atomic(os.path.join(args.out, f"model_{m}"), new, tok)
 
     k = f"pass@{args.pass_k}"
-    print0(f"\n{'stage':6} | accuracy | {k:8} | wall s")
+    C.print0(f"\n{'stage':6} | accuracy | {k:8} | wall s")
     for r in table:
-        print0(f"{r['stage']:6} | {r['accuracy']:8.3f} | {r[k]:8.3f} | {r['wall_s']:6.1f}")
+        C.print0(f"{r['stage']:6} | {r['accuracy']:8.3f} | {r[k]:8.3f} | {r['wall_s']:6.1f}")
     C.plot(args.out, {"accuracy": (list(range(len(table))), [r["accuracy"] for r in table]),
                       k: (list(range(len(table))), [r[k] for r in table])},
            "stages.png", xlabel=" -> ".join(r["stage"] for r in table), title="reasoning specialist")
-    summary = dict(task=args.task if args.dataset is None else args.dataset, table=table, start_accuracy=table[0]["accuracy"], sft_accuracy=table[1]["accuracy"],
-                   **{f"{r['stage']}_accuracy": r["accuracy"] for r in table[2:]}, total_wall_s=round(time.time() - t_start, 1))
+    summary = dict(task=args.task if args.dataset is None else args.dataset, table=table,
+                   start_accuracy=table[0]["accuracy"], sft_accuracy=table[1]["accuracy"],
+                   **{f"{r['stage']}_accuracy": r["accuracy"] for r in table[2:]},
+                   total_wall_s=round(time.time() - t_start, 1))
     C.write_summary(args.out, summary)
     C.cleanup()
     return summary

@@ -56,14 +56,14 @@ center_rewards_coefficient) and a per-pair margin in the loss (Llama 2, Touvron 
 the loss takes it, the built-in data has none). Real data is held out as its last
 --eval-size rows.
 """
-import argparse, math, os, random, sys, time
+import argparse, os, random, time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import common
+import common as C
 
 # ----------------------------------------------------------------------------- loss
 
@@ -95,7 +95,7 @@ def score_pairs(model, tok, pairs, max_length):
     """Chosen and rejected of B pairs in ONE forward pass of 2B texts -> (B,), (B,)."""
     prompts = [p["prompt"] for p in pairs]
     completions = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-    r = common.rm_score(model, tok, prompts + prompts, completions, max_length)
+    r = C.rm_score(model, tok, prompts + prompts, completions, max_length)
     return r[:len(pairs)], r[len(pairs):]
 
 
@@ -105,14 +105,14 @@ def evaluate(model, tok, pairs, max_length, batch_size):
     with r_c > r_r (ties count as wrong), margin = mean(r_c - r_r)."""
     model = getattr(model, "module", model)
     was_training = model.training; model.eval()
-    mine, rc, rr = common.DIST.shard(pairs), [], []
+    mine, rc, rr = C.DIST.shard(pairs), [], []
     for i in range(0, len(mine), batch_size):
         c, r = score_pairs(model, tok, mine[i:i + batch_size], max_length)
         rc += c.tolist(); rr += r.tolist()
     model.train(was_training)
-    rc, rr = np.array(common.all_gather_list(rc)), np.array(common.all_gather_list(rr))
-    lens = np.array(common.all_gather_list([len(p["chosen"]) for p in mine]) +         # same order as
-                    common.all_gather_list([len(p["rejected"]) for p in mine]))         # concat(rc, rr)
+    rc, rr = np.array(C.all_gather_list(rc)), np.array(C.all_gather_list(rr))
+    lens = np.array(C.all_gather_list([len(p["chosen"]) for p in mine]) +         # same order as
+                    C.all_gather_list([len(p["rejected"]) for p in mine]))         # concat(rc, rr)
     stats = dict(accuracy=float((rc > rr).mean()), margin=float((rc - rr).mean()),
                  loss=float(np.logaddexp(0, -(rc - rr)).mean()),   # held-out BT loss, -log sigma(r_c - r_r)
                  chosen_mean=float(rc.mean()), rejected_mean=float(rr.mean()))
@@ -120,14 +120,9 @@ def evaluate(model, tok, pairs, max_length, batch_size):
 
 def plot_hist(out, before, after):
     """Held-out chosen vs rejected reward histograms, before and after training (matplotlib optional)."""
-    if not common.DIST.master:
+    plt = C.pyplot()
+    if plt is None:
         return
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return common.print0("[reward_model] matplotlib not installed: no histogram written")
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, (name, (rc, rr, acc)) in zip(axes, [("before", before), ("after", after)]):
         bins = np.linspace(min(rc.min(), rr.min()), max(rc.max(), rr.max()) + 1e-6, 30)
@@ -139,116 +134,110 @@ def plot_hist(out, before, after):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Bradley-Terry reward model on preference pairs")
-    p.add_argument("--model", default="tiny", help="backbone: 'tiny', 'tiny-untrained', a local folder or a hub id (BERT-style or causal LM)")
-    p.add_argument("--dataset", default=None, help="preference data: hub id (Anthropic/hh-rlhf, UltraFeedback binarized) or local .jsonl/.jsonl.gz/.parquet; default: built-in pairs of --task")
+    p.add_argument("--model", default="tiny", help="backbone: 'tiny', 'tiny-untrained', a local folder or a hub id "
+                   "(BERT-style or causal LM)")
+    p.add_argument("--dataset", default=None, help="preference data: hub id (Anthropic/hh-rlhf, UltraFeedback "
+                   "binarized) or local .jsonl/.jsonl.gz/.parquet; default: built-in pairs of --task")
     p.add_argument("--task", default="arithmetic", help="built-in task for the default data: arithmetic, "
                    "countdown or swaps (the logic puzzle; --model tiny then means tiny-swaps)")
-    p.add_argument("--skip-bad-rows", action="store_true", help="drop (and count) rows with a missing field, empty text or chosen == rejected instead of stopping")
-    p.add_argument("--train-size", type=int, default=None, help="training pairs (default: 4096 built-in, every non-held-out row of --dataset); small = a deliberately weak RM")
-    p.add_argument("--eval-size", type=int, default=300, help="held-out pairs (built-in: the task's test split; --dataset: its last N rows)")
+    p.add_argument("--skip-bad-rows", action="store_true", help="drop (and count) rows with a missing field, empty "
+                   "text or chosen == rejected instead of stopping")
+    p.add_argument("--train-size", type=int, default=None, help="training pairs (default: 4096 built-in, every "
+                   "non-held-out row of --dataset); small = a deliberately weak RM")
+    p.add_argument("--eval-size", type=int, default=300, help="held-out pairs (built-in: the task's test split; "
+                   "--dataset: its last N rows)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=32, help="pairs per step, over all ranks (2x texts per forward)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (3e-3 for tiny; ~2e-5..5e-5 for pretrained backbones)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (3e-3 for tiny; ~2e-5..5e-5 for "
+                   "pretrained backbones)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--warmup", type=float, default=0.1, help="share of --steps with linear warm-up, then cosine decay to 10%% of --lr")
-    p.add_argument("--center-coef", type=float, default=0.0, help="reward-centering penalty c * mean((r_c + r_r)^2) (TRL uses 0.01)")
-    p.add_argument("--max-length", type=int, default=512, help="max tokens per text (capped by the model's positions); longer texts lose the start of the prompt")
+    p.add_argument("--warmup", type=float, default=0.1, help="share of --steps with linear warm-up, then cosine decay "
+                   "to 10%% of --lr")
+    p.add_argument("--center-coef", type=float, default=0.0, help="reward-centering penalty c * mean((r_c + r_r)^2) "
+                   "(TRL uses 0.01)")
+    p.add_argument("--max-length", type=int, default=512, help="max tokens per text (capped by the model's positions); "
+                   "longer texts lose the start of the prompt")
     p.add_argument("--eval-batch-size", type=int, default=64, help="pairs per evaluation forward pass")
     p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
     p.add_argument("--log-every", type=int, default=0, help="log every N steps (0 = about 20 lines per run)")
-    p.add_argument("--out", default="out/reward_model", help="output folder")
+    C.add_run_flags(p, "reward_model")  # --out, --seed, --device, --wandb, --trust-remote-code
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint (written on Ctrl-C)")
-    p.add_argument("--seed", type=int, default=0, help="seed for data order, head init and the built-in pairs")
-    p.add_argument("--device", default=None, help="torch device (default: cuda, else mps, else cpu)")
-    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the hub (only for models you trust)")
     args = p.parse_args(argv)
-    for name, ok, rule in [("steps", args.steps >= 1, ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1"),
-                           ("lr", args.lr > 0, "> 0"), ("weight_decay", args.weight_decay >= 0, ">= 0"),
-                           ("warmup", 0 <= args.warmup < 1, "in [0, 1)"), ("center_coef", args.center_coef >= 0, ">= 0"),
-                           ("eval_size", args.eval_size >= 1, ">= 1"), ("max_length", args.max_length >= 8, ">= 8"),
-                           ("eval_batch_size", args.eval_batch_size >= 1, ">= 1"), ("grad_clip", args.grad_clip > 0, "> 0"),
-                           ("log_every", args.log_every >= 0, ">= 0"),
-                           ("train_size", args.train_size is None or args.train_size >= 1, ">= 1")]:
-        common.check(ok, f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
-    args.model = common.task_model(args.model, args.task, args.dataset)  # tiny-<task> for a task tiny never saw
+    C.check_flags(args, {">= 1": "steps batch_size eval_size eval_batch_size train_size", "> 0": "lr grad_clip",
+                         ">= 0": "weight_decay center_coef log_every", "in [0, 1)": "warmup"})
+    C.check(args.max_length >= 8, f"--max-length must be >= 8, got {args.max_length}")
+    args.model = C.task_model(args.model, args.task, args.dataset)  # tiny-<task> for a task tiny never saw
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    d = common.setup(args.seed, args.device, out=args.out)
-    common.check(args.batch_size % d.world_size == 0, f"--batch-size {args.batch_size} must be divisible by the {d.world_size} ranks")
+    d = C.setup(args.seed, args.device, out=args.out)
+    C.check_ranks(args.batch_size)
 
     # -- data: (prompt, chosen, rejected) triples
     if args.dataset is None:
-        train = common.make_pairs(args.task, args.train_size or 4096, args.seed)
-        test = common.make_pairs(args.task, args.eval_size, common.HELDOUT_SEED, split="test")  # the shared held-out problems
+        train = C.make_pairs(args.task, args.train_size or 4096, args.seed)
+        test = C.make_pairs(args.task, args.eval_size, C.HELDOUT_SEED, split="test")  # the shared held-out problems
     else:
-        pairs = common.load_pairs(args.dataset, "train", skip_bad=args.skip_bad_rows)
-        common.check(len(pairs) > args.eval_size, f"--eval-size {args.eval_size}: {args.dataset} has only {len(pairs)} usable pairs")
-        train, test = pairs[:-args.eval_size], pairs[-args.eval_size:]
+        pairs = C.load_pairs(args.dataset, "train", skip_bad=args.skip_bad_rows)
+        train, test = C.hold_out(pairs, args.eval_size, args.dataset, "--eval-size", "usable pairs")
         train = train[:args.train_size] if args.train_size else train
-    common.print0(f"[reward_model] {len(train)} training pairs, {len(test)} held out")
+    C.print0(f"[reward_model] {len(train)} training pairs, {len(test)} held out")
 
     # -- model: one-number head on the backbone (new, randomly initialised: seeded by setup)
-    model, tok = common.load_model(args.model, kind="reward", device=d.device, trust_remote_code=args.trust_remote_code)
-    common.warn_unknown_chars(tok, train + test, args.dataset)
+    model, tok = C.load_model(args.model, kind="reward", device=d.device, trust_remote_code=args.trust_remote_code)
+    C.warn_unknown_chars(tok, train + test, args.dataset)
     max_pos = getattr(model.config, "max_position_embeddings", None) or 10**9
     max_length = min(args.max_length, max_pos)
     # Saved with the model: common.rm_score in other scripts cuts inputs exactly as training did.
     tok.model_max_length = max_length
-    common.print0(f"[reward_model] {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, max {max_length} tokens")
+    C.print0(f"[reward_model] {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+             f"max {max_length} tokens")
 
     before, rc0, rr0, _ = evaluate(model, tok, test, max_length, args.eval_batch_size)
-    common.print0(f"[reward_model] before training: held-out accuracy {before['accuracy']:.3f}, margin {before['margin']:.3f}")
+    C.print0(f"[reward_model] before training: held-out accuracy {before['accuracy']:.3f}, "
+             f"margin {before['margin']:.3f}")
 
-    ddp = model
-    if d.world_size > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.device] if d.device.type == "cuda" else None)
+    ddp, ckpt = C.ddp(model), os.path.join(args.out, "checkpoint")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    warm = max(1, int(args.warmup * args.steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))))
+    sched = C.lr_schedule(opt, max(1, int(args.warmup * args.steps)), args.steps)  # warm-up, cosine to 10%
     mine, per_rank = d.shard(train), args.batch_size // d.world_size   # this rank's pairs, batch
-    common.check(len(mine) >= 1, f"{len(train)} training pairs cannot feed {d.world_size} ranks")
+    C.check(len(mine) >= 1, f"{len(train)} training pairs cannot feed {d.world_size} ranks")
     start, order = 0, []
     if args.resume:
-        start, extra = common.load_checkpoint(os.path.join(args.out, "checkpoint"), model, opt, sched)
+        start, extra = C.load_checkpoint(ckpt, model, opt, sched)
         order = extra.get("order", [])
-        common.print0(f"[reward_model] resumed at step {start}")
-    logger = common.Logger(args.out, config=vars(args), wandb=args.wandb, resume_step=start - 1 if args.resume else None)
+        C.print0(f"[reward_model] resumed at step {start}")
+    logger = C.Logger(args.out, config=vars(args), wandb=args.wandb, resume_step=start - 1 if args.resume else None)
     log_every = args.log_every or max(1, args.steps // 20)
 
     # -- training: one flat loop, every rank runs the same number of forward/backward passes
     model.train()
     t0, step, at = time.time(), start, (list(order), None)
-    try:
+
+    def interrupted():
+        C.save_checkpoint(ckpt, model, tok, step, opt, sched, extra={"order": at[0]}, rng=at[1])
+        return f"\n[reward_model] interrupted at step {step}: checkpoint in {ckpt} (--resume)"
+    with C.ctrl_c(interrupted):
         for step in tqdm(range(start, args.steps), desc="reward model", disable=not d.master or None):
             # (disable=None: no bar when stderr is not a terminal, e.g. in logs and CI)
-            at = (list(order), common.rng_state())  # this step's start: a Ctrl-C checkpoint redoes it from here
-            while len(order) < per_rank:                     # reshuffled epochs over this rank's shard
-                order += random.sample(range(len(mine)), len(mine))
-            batch, order = [mine[i] for i in order[:per_rank]], order[per_rank:]
+            at = (list(order), C.rng_state())  # this step's start: a Ctrl-C checkpoint redoes it from here
+            batch = [mine[i] for i in C.take_batch(order, random, len(mine), per_rank)]  # epochs of this rank's shard
             r_c, r_r = score_pairs(ddp, tok, batch, max_length)          # (b,), (b,)
             loss = bradley_terry_loss(r_c, r_r, center_coef=args.center_coef)
-            common.nan_guard(loss, step)
+            C.nan_guard(loss, step)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            grad_norm = C.clip_grad(model, args.grad_clip)
             opt.step(); sched.step()
             if step % log_every == 0 or step == args.steps - 1:
                 with torch.no_grad():                        # train-batch health, averaged over ranks
-                    logger.log(step, loss=common.all_reduce_mean(loss.item()),
-                               accuracy=common.all_reduce_mean((r_c > r_r).float().mean().item()),
-                               margin=common.all_reduce_mean((r_c - r_r).mean().item()),
-                               reward_mean=common.all_reduce_mean(torch.cat([r_c, r_r]).mean().item()),
-                               grad_norm=common.all_reduce_mean(grad_norm.item()), lr=sched.get_last_lr()[0])
-    except KeyboardInterrupt:
-        common.save_checkpoint(os.path.join(args.out, "checkpoint"), model, tok, step, opt, sched,
-                               extra={"order": at[0]}, rng=at[1])
-        common.print0(f"\n[reward_model] interrupted at step {step}: checkpoint in {args.out}/checkpoint (--resume)")
-        common.cleanup(barrier=False)
-        sys.exit(130)
+                    logger.log(step, loss=C.all_reduce_mean(loss.item()),
+                               accuracy=C.all_reduce_mean((r_c > r_r).float().mean().item()),
+                               margin=C.all_reduce_mean((r_c - r_r).mean().item()),
+                               reward_mean=C.all_reduce_mean(torch.cat([r_c, r_r]).mean().item()),
+                               grad_norm=C.all_reduce_mean(grad_norm), lr=sched.get_last_lr()[0])
     train_time = time.time() - t0
 
     # -- evaluation, model, summary
@@ -257,9 +246,9 @@ def main(argv=None) -> dict:
     rewards = np.concatenate([rc, rr])
     length_corr = float(np.corrcoef(rewards, lens)[0, 1]) if lens.std() > 0 and rewards.std() > 0 else 0.0
     if d.master:
-        common.save_pretrained_atomic(os.path.join(args.out, "model"), model, tok)
+        C.save_pretrained_atomic(os.path.join(args.out, "model"), model, tok)
     plot_hist(args.out, (rc0, rr0, before["accuracy"]), (rc, rr, after["accuracy"]))
-    common.plot_metrics(args.out, ["loss", "accuracy", "margin"], "curves.png", title="reward model (train batches)")
+    C.plot_metrics(args.out, ["loss", "accuracy", "margin"], "curves.png", title="reward model (train batches)")
     summary = dict(model=args.model, dataset=args.dataset or f"built-in {args.task}", train_pairs=len(train),
                    eval_pairs=len(test), steps=args.steps, max_length=max_length,
                    accuracy_before=before["accuracy"], accuracy_after=after["accuracy"],
@@ -268,11 +257,11 @@ def main(argv=None) -> dict:
                    chosen_reward_mean=after["chosen_mean"], rejected_reward_mean=after["rejected_mean"],
                    reward_length_corr=length_corr, train_time_s=round(train_time, 1),
                    model_dir=os.path.join(args.out, "model"))
-    common.write_summary(args.out, summary)
-    common.cleanup()
+    C.write_summary(args.out, summary)
+    C.cleanup()
     return summary
 
 
 if __name__ == "__main__":
-    with common.friendly_errors():
+    with C.friendly_errors():
         main()

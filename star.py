@@ -51,8 +51,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import common
-from common import print0
+import common as C
 
 HINT = "(answer: {})"     # the rationalization hint; "(answer:" must never reach the kept data
 HINT_MARKER = "(answer:"
@@ -70,7 +69,7 @@ def rationalize_prompt(prompt, answer):
         head, sep, cue = prompt.rpartition("\n")
         return f"{head} {hint}{sep}{cue}" if sep else f"{prompt} {hint}"
     users = [i for i, m in enumerate(prompt) if m["role"] == "user"]
-    common.check(users, "rationalize_prompt: a chat prompt needs a user turn")
+    C.check(users, "rationalize_prompt: a chat prompt needs a user turn")
     msgs = [dict(m) for m in prompt]
     msgs[users[-1]]["content"] = f"{msgs[users[-1]]['content']}\n{hint}"
     return msgs
@@ -85,7 +84,7 @@ def filter_kept(problems, completions, hinted=False):
     is never trained to expect or echo a hint."""
     kept, failed = [], []
     for p, samples in zip(problems, completions, strict=True):
-        good = [c for c in samples if common.verify(p, c) and not (hinted and HINT_MARKER in c)]
+        good = [c for c in samples if C.verify(p, c) and not (hinted and HINT_MARKER in c)]
         if good:
             kept.append((p["prompt"], good[0]))
         else:
@@ -105,8 +104,8 @@ def star_loss(logps, mask):
 def sample_and_filter(model, tok, problems, args):
     """Steps 1-3 on this rank's problems: direct samples, then hinted samples for the failures."""
     k = args.samples
-    gen = lambda prompts: common.generate(model, tok, prompts, n=k, max_new_tokens=args.max_new_tokens,
-                                          temperature=args.temperature, top_p=args.top_p)["texts"]
+    gen = lambda prompts: C.generate(model, tok, prompts, n=k, max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, top_p=args.top_p)["texts"]
     group = lambda texts: [texts[i * k:(i + 1) * k] for i in range(len(texts) // k)]  # row i*k+j = sample j of prompt i
     kept_direct, failed = filter_kept(problems, group(gen([p["prompt"] for p in problems]))) if problems else ([], [])
     kept_rat = []
@@ -119,102 +118,102 @@ def sample_and_filter(model, tok, problems, args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny", help="built-in name (tiny, tiny-untrained), local HF folder or hub id")
     p.add_argument("--dataset", default=None, help="GSM8K-style hub id (openai/gsm8k) or local .jsonl/.json/.parquet "
                    "(or .gz); default: the built-in --task")
-    p.add_argument("--eval-dataset", default=None, help="held-out file for a local --dataset (default: the rows after the first --n-train); hub ids use their test split")
-    p.add_argument("--skip-bad-rows", action="store_true", help=common.SKIP_BAD_ROWS)
+    p.add_argument("--eval-dataset", default=None, help="held-out file for a local --dataset (default: the rows after "
+                   "the first --n-train); hub ids use their test split")
+    p.add_argument("--skip-bad-rows", action="store_true", help=C.SKIP_BAD_ROWS)
     p.add_argument("--task", default="arithmetic", help="built-in task when --dataset is not given: arithmetic, "
                    "countdown or swaps (the logic puzzle; --model tiny then means tiny-swaps)")
     p.add_argument("--difficulty", type=int, default=None, help="built-in task difficulty "
                    "(arithmetic digits, countdown numbers, swaps in a puzzle)")
     p.add_argument("--n-train", type=int, default=256, help="training problems sampled each iteration")
-    p.add_argument("--n-test", type=int, default=common.HELDOUT_N, help="held-out problems for the accuracy (built in: common.heldout)")
-    p.add_argument("--iterations", type=int, default=3, help="STaR outer iterations (sample, filter, rationalize, fine-tune)")
-    p.add_argument("--samples", type=int, default=1, help="samples per problem per pass (the first correct one is kept)")
+    p.add_argument("--n-test", type=int, default=C.HELDOUT_N, help="held-out problems for the accuracy (built in: "
+                   "common.heldout)")
+    p.add_argument("--iterations", type=int, default=3, help="STaR outer iterations (sample, filter, rationalize, "
+                   "fine-tune)")
+    p.add_argument("--samples", type=int, default=1, help="samples per problem per pass (the first correct one is "
+                   "kept)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for rationales (0 = greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold for rationales")
     p.add_argument("--max-new-tokens", type=int, default=64, help="rationale length limit (GSM8K: ~300)")
-    p.add_argument("--rationalize", action=argparse.BooleanOptionalAction, default=True, help="rationalization with the answer as a hint (--no-rationalize: the ablation)")
+    p.add_argument("--rationalize", action=argparse.BooleanOptionalAction, default=True, help="rationalization with "
+                   "the answer as a hint (--no-rationalize: the ablation)")
     p.add_argument("--steps", type=int, default=40, help="fine-tuning steps in the first iteration")
-    p.add_argument("--step-growth", type=float, default=1.2, help="steps multiply by this each iteration (paper: +20%%)")
+    p.add_argument("--step-growth", type=float, default=1.2, help="steps multiply by this each iteration (paper: "
+                   "+20%%)")
     p.add_argument("--batch-size", type=int, default=32, help="kept pairs per optimizer step, over all ranks")
-    p.add_argument("--micro-batch-size", type=int, default=0, help="pairs per forward pass on one rank (0 = the whole per-rank batch); gradients accumulate")
-    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (tiny: 1e-4..2e-4, its SFT used 1e-3; 0.5B chat models: ~1e-5)")
-    p.add_argument("--warmup", type=float, default=0.1, help="fraction of each iteration's steps with linear lr warm-up (then cosine to 10%%)")
+    p.add_argument("--micro-batch-size", type=int, default=0, help="pairs per forward pass on one rank (0 = the whole "
+                   "per-rank batch); gradients accumulate")
+    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (tiny: 1e-4..2e-4, its SFT used 1e-3; "
+                   "0.5B chat models: ~1e-5)")
+    p.add_argument("--warmup", type=float, default=0.1, help="fraction of each iteration's steps with linear lr "
+                   "warm-up (then cosine to 10%%)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
     p.add_argument("--log-every", type=int, default=10, help="log the training loss every N steps")
     p.add_argument("--save-every", type=int, default=0, help="write <out>/checkpoint every N fine-tuning steps and "
                    "after each iteration (0: only on Ctrl-C)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint (same flags; --iterations "
                    "may grow)")
-    p.add_argument("--out", default="out/star", help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="random seed (problems, sampling, batches)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
-    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub (off unless given)")
+    C.add_run_flags(p, "star")  # --out, --seed, --device, --wandb, --trust-remote-code
     args = p.parse_args(argv)
-    for name, ok, rule in [("n_train", args.n_train >= 1, ">= 1"), ("n_test", args.n_test >= 1, ">= 1"),
-                           ("iterations", args.iterations >= 1, ">= 1"), ("samples", args.samples >= 1, ">= 1"),
-                           ("temperature", args.temperature >= 0, ">= 0"), ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
-                           ("max_new_tokens", args.max_new_tokens >= 1, ">= 1"), ("steps", args.steps >= 1, ">= 1"),
-                           ("step_growth", args.step_growth >= 1, ">= 1"), ("batch_size", args.batch_size >= 1, ">= 1"),
-                           ("micro_batch_size", args.micro_batch_size >= 0, ">= 0"), ("lr", args.lr > 0, "> 0"),
-                           ("warmup", 0 <= args.warmup < 1, "in [0, 1)"), ("grad_clip", args.grad_clip > 0, "> 0"),
-                           ("log_every", args.log_every >= 1, ">= 1"), ("save_every", args.save_every >= 0, ">= 0")]:
-        common.check(ok, f"--{name.replace('_', '-')} must be {rule}, got {getattr(args, name)}")
-    common.check(args.task in common.TASKS, f"--task {args.task!r}: choose {', '.join(common.TASKS)}")
-    args.model = common.task_model(args.model, args.task, args.dataset)  # tiny-<task> for a task tiny never saw
+    C.check_flags(args, {">= 1": "n_train n_test iterations samples max_new_tokens steps step_growth batch_size "
+                                 "log_every", ">= 0": "temperature micro_batch_size save_every", "> 0": "lr grad_clip",
+                         "in (0, 1]": "top_p", "in [0, 1)": "warmup"})
+    C.check(args.task in C.TASKS, f"--task {args.task!r}: choose {', '.join(C.TASKS)}")
+    args.model = C.task_model(args.model, args.task, args.dataset)  # tiny-<task> for a task tiny never saw
     return args
 
 
 def load_data(args):
     """(train, test) problem dicts: the built-in task, or GSM8K-style rows with chat prompts."""
     if args.dataset is None:
-        return (common.make_task(args.task, args.n_train, args.seed, "train", args.difficulty),
-                common.heldout(args.task, args.n_test, args.difficulty))
+        return (C.make_task(args.task, args.n_train, args.seed, "train", args.difficulty),
+                C.heldout(args.task, args.n_test, args.difficulty))
     if os.path.isfile(args.dataset) and not args.eval_dataset:  # one local file: hold out the rows after n_train
-        rows = common.load_problems(args.dataset, n=args.n_train + args.n_test, skip_bad=args.skip_bad_rows)
-        common.check(len(rows) > args.n_train, f"--dataset {args.dataset}: {len(rows)} rows, need more than --n-train {args.n_train} to hold some out")
+        rows = C.load_problems(args.dataset, n=args.n_train + args.n_test, skip_bad=args.skip_bad_rows)
+        C.check(len(rows) > args.n_train, f"--dataset {args.dataset}: {len(rows)} rows, need more than --n-train "
+                f"{args.n_train} to hold some out")
         return rows[:args.n_train], rows[args.n_train:]
-    return (common.load_problems(args.dataset, "train", args.n_train, args.skip_bad_rows),
-            common.load_problems(args.eval_dataset or args.dataset, "test", args.n_test, args.skip_bad_rows,
-                                 "--eval-dataset" if args.eval_dataset else "--dataset"))
+    return (C.load_problems(args.dataset, "train", args.n_train, args.skip_bad_rows),
+            C.load_problems(args.eval_dataset or args.dataset, "test", args.n_test, args.skip_bad_rows,
+                            "--eval-dataset" if args.eval_dataset else "--dataset"))
 
 # ----------------------------------------------------------------------------- main
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    d = common.setup(args.seed, args.device, out=args.out)
-    common.check(args.batch_size % d.world_size == 0, f"--batch-size {args.batch_size} must be divisible by the {d.world_size} ranks")
-    common.check(args.n_train >= d.world_size, f"--n-train {args.n_train} must be >= the {d.world_size} ranks")
+    d = C.setup(args.seed, args.device, out=args.out)
+    C.check_ranks(args.batch_size)
+    C.check(args.n_train >= d.world_size, f"--n-train {args.n_train} must be >= the {d.world_size} ranks")
     t0, ckpt = time.time(), os.path.join(args.out, "checkpoint")
     train, test = load_data(args)
-    model, tok = common.load_model(args.model, device=d.device, trust_remote_code=args.trust_remote_code)
-    common.warn_unknown_chars(tok, train + test, args.dataset)
+    model, tok = C.load_model(args.model, device=d.device, trust_remote_code=args.trust_remote_code)
+    C.warn_unknown_chars(tok, train + test, args.dataset)
     # STaR fine-tunes the ORIGINAL model every iteration: keep its weights (on the CPU, so a
     # real model does not take twice the accelerator memory) and copy them back in each time.
     original = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if d.world_size > 1 else model
+    ddp = C.ddp(model)
     eval_kw = dict(max_new_tokens=args.max_new_tokens)
     # --resume: a checkpoint is taken mid fine-tuning (phase "train": the kept set, the batch order and
     # the optimizer travel with it) or after an iteration (phase "sample": M_n and the RNG, so the
     # next iteration samples exactly what the uninterrupted run would have).
     free = ("iterations", "save_every", "resume", "log_every", "out", "device", "wandb")  # may differ on --resume
     cfg = {k: v for k, v in vars(args).items() if k not in free}
-    resume, gstep = common.checkpoint_state(ckpt)["extra"] if args.resume else None, 0
+    resume, gstep = C.checkpoint_state(ckpt)["extra"] if args.resume else None, 0
     if resume:
-        common.check(resume["config"] == cfg, f"--resume: flags differ from the checkpoint's {resume['config']}")
+        C.check(resume["config"] == cfg, f"--resume: flags differ from the checkpoint's {resume['config']}")
         acc_before, table = resume["acc_before"], resume["table"]
         if resume["phase"] == "sample":
-            gstep, _ = common.load_checkpoint(ckpt, model)
-        print0(f"resumed from {ckpt}: iteration {resume['iteration']} ({resume['phase']})")
+            gstep, _ = C.load_checkpoint(ckpt, model)
+        C.print0(f"resumed from {ckpt}: iteration {resume['iteration']} ({resume['phase']})")
     else:
-        acc_before, table = common.evaluate(model, tok, test, **eval_kw)["accuracy"], []
-    logger = common.Logger(args.out, config=vars(args), wandb=args.wandb, resume_step=resume and resume["gstep"])
-    print0(f"held-out accuracy before STaR: {acc_before:.3f} ({len(test)} problems); {len(train)} training problems")
+        acc_before, table = C.evaluate(model, tok, test, **eval_kw)["accuracy"], []
+    logger = C.Logger(args.out, config=vars(args), wandb=args.wandb, resume_step=resume and resume["gstep"] - 1)
+    C.print0(f"held-out accuracy before STaR: {acc_before:.3f} ({len(test)} problems); {len(train)} training problems")
     mine = d.shard(train)             # this rank samples rationales for its share of the problems
     per_rank = args.batch_size // d.world_size
     micro = args.micro_batch_size or per_rank
@@ -222,11 +221,18 @@ def main(argv=None) -> dict:
 
     def save(it, phase, opt=None, sched=None, rng=None, at=None, **state):  # at: the global step of `state`
         g = gstep if at is None else at
-        common.save_checkpoint(ckpt, model, tok, g, opt, sched, rng=rng, extra=dict(
+        C.save_checkpoint(ckpt, model, tok, g, opt, sched, rng=rng, extra=dict(
             config=cfg, iteration=it, phase=phase, gstep=g, acc_before=acc_before, table=table, **state))
 
     done = None  # mid fine-tuning: the state after the last finished step (what Ctrl-C saves)
-    try:
+
+    def interrupted():
+        if done is None:
+            return "interrupted while sampling or evaluating: no new checkpoint" + \
+                " (--resume continues from the last one)" * bool(args.save_every)
+        save(it, "train", opt, sched, **done)  # the interrupted step is redone on --resume
+        return f"interrupted: checkpoint saved to {ckpt} (continue with --resume)"
+    with C.ctrl_c(interrupted):
         for it in range(resume["iteration"] if resume else 1, args.iterations + 1):
             # -- 1-3. sample, filter, rationalize with M_{n-1}; every rank then holds the same kept set
             t_it, here = time.time(), resume if resume and resume["phase"] == "train" else None
@@ -235,7 +241,7 @@ def main(argv=None) -> dict:
                 kept_direct, kept_rat, t_sample = here["kept_direct"], here["kept_rat"], here["sample_s"]
             else:
                 kept_direct, kept_rat = sample_and_filter(model, tok, mine, args)
-                kept_direct, kept_rat = common.all_gather_list(kept_direct), common.all_gather_list(kept_rat)
+                kept_direct, kept_rat = C.all_gather_list(kept_direct), C.all_gather_list(kept_rat)
                 t_sample = time.time() - t_it
             kept = kept_direct + kept_rat
 
@@ -249,86 +255,77 @@ def main(argv=None) -> dict:
             rng = random.Random(args.seed * 1000 + it)  # same stream on every rank: identical batches
             order, losses, first = [], [], 0
             if here:  # weights, AdamW, lr schedule and RNG as they were after step here["step"]
-                gstep, _ = common.load_checkpoint(ckpt, model, opt, sched)
+                gstep, _ = C.load_checkpoint(ckpt, model, opt, sched)
                 order, losses, first = here["order"], here["losses"], here["step"]
                 rng.setstate((here["batch_rng"][0], tuple(here["batch_rng"][1]), here["batch_rng"][2]))
             if not kept:
-                print0(f"iteration {it}: nothing kept, the model stays the original one")
+                C.print0(f"iteration {it}: nothing kept, the model stays the original one")
             model.train()
             snap = lambda step: dict(kept_direct=kept_direct, kept_rat=kept_rat, sample_s=t_sample, step=step,
                                      order=list(order), losses=list(losses), batch_rng=rng.getstate(),
-                                     rng=common.rng_state(), at=gstep)
+                                     rng=C.rng_state(), at=gstep)
             done = snap(first)
             for step in tqdm(range(first, steps if kept else 0), desc=f"star iter {it}", disable=not d.master or None,
                              leave=False):
-                while len(order) < args.batch_size:
-                    order += rng.sample(range(len(kept)), len(kept))
-                batch, order = [kept[i] for i in order[:args.batch_size]], order[args.batch_size:]
+                batch = [kept[i] for i in C.take_batch(order, rng, len(kept), args.batch_size)]
                 batch = d.shard(batch)            # this rank's per_rank pairs of the global batch
                 opt.zero_grad(set_to_none=True)
                 loss_sum = 0.0
                 for j in range(n_micro):
-                    mb = batch[j * micro:(j + 1) * micro]
-                    ids, mask, cmask = common.collate(tok, [b[0] for b in mb], [b[1] for b in mb], d.device)
-                    logps = common.token_logprobs(ddp, ids, mask, cmask.shape[1])   # (B, T) completion log-probs
+                    chunk = batch[j * micro:(j + 1) * micro]
+                    ids, mask, cmask = C.collate(tok, [b[0] for b in chunk], [b[1] for b in chunk], d.device)
+                    logps = C.token_logprobs(ddp, ids, mask, cmask.shape[1])   # (B, T) completion log-probs
                     loss = star_loss(logps, cmask.float()) / n_micro
-                    common.nan_guard(loss, gstep)
+                    C.nan_guard(loss, gstep)
                     loss.backward(); loss_sum += loss.item()
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                gnorm = C.clip_grad(model, args.grad_clip)
                 opt.step(); sched.step(); gstep += 1
                 losses.append(loss_sum)
                 done = snap(step + 1)
                 if step % args.log_every == 0 or step == steps - 1:
-                    logger.log(gstep, iteration=it, loss=common.all_reduce_mean(loss_sum),
+                    logger.log(gstep - 1, iteration=it, loss=C.all_reduce_mean(loss_sum),
                                grad_norm=float(gnorm), lr=sched.get_last_lr()[0])
                 if args.save_every and gstep % args.save_every == 0 and step + 1 < steps:  # the last: after the eval
                     save(it, "train", opt, sched, **done)
             done = None
 
             # -- 5. held-out accuracy of M_n (M_n samples the next iteration's rationales)
-            acc = common.evaluate(model, tok, test, **eval_kw)["accuracy"]
+            acc = C.evaluate(model, tok, test, **eval_kw)["accuracy"]
             row = dict(iteration=it, kept_direct=len(kept_direct), kept_rationalized=len(kept_rat),
                        train_problems=len(train), steps=steps if kept else 0,
                        final_loss=float(np.mean(losses[-5:])) if losses else None,
                        heldout_accuracy=float(acc), sample_s=round(t_sample, 1),
                        iteration_s=round(time.time() - t_it, 1))
             table.append(row)
-            logger.log(gstep, **{k: v for k, v in row.items() if v is not None})
+            logger.log(gstep - 1, **{k: v for k, v in row.items() if v is not None})  # after update gstep - 1
             if args.save_every:
                 save(it + 1, "sample")
-    except KeyboardInterrupt:
-        if done is not None:  # the interrupted step is redone on --resume
-            save(it, "train", opt, sched, **done)
-            print0(f"interrupted: checkpoint saved to {ckpt} (continue with --resume)")
-        else:
-            print0("interrupted while sampling or evaluating: no new checkpoint"
-                   + " (--resume continues from the last one)" * bool(args.save_every))
-        common.cleanup(barrier=False)
-        raise SystemExit(130)
 
     # ----------------------------------------------------------------------------- report
-    print0("\n| iteration | kept by sampling | kept by rationalization | steps | held-out accuracy |")
-    print0("|---|---|---|---|---|")
-    print0(f"| 0 (start) | - | - | - | {acc_before:.3f} |")
+    C.print0("\n| iteration | kept by sampling | kept by rationalization | steps | held-out accuracy |")
+    C.print0("|---|---|---|---|---|")
+    C.print0(f"| 0 (start) | - | - | - | {acc_before:.3f} |")
+    col = lambda k: [r[k] for r in table]
     for r in table:
-        print0(f"| {r['iteration']} | {r['kept_direct']}/{len(train)} | {r['kept_rationalized']}/{len(train)} | {r['steps']} | {r['heldout_accuracy']:.3f} |")
+        C.print0(f"| {r['iteration']} | {r['kept_direct']}/{len(train)} | {r['kept_rationalized']}/{len(train)} | "
+                 f"{r['steps']} | {r['heldout_accuracy']:.3f} |")
     its = list(range(len(table) + 1))
-    common.plot(args.out, {"held-out accuracy": (its, [acc_before] + [r["heldout_accuracy"] for r in table]),
-                           "kept by sampling / train": (its[1:], [r["kept_direct"] / len(train) for r in table]),
-                           "kept by rationalization / train": (its[1:], [r["kept_rationalized"] / len(train) for r in table])},
-                "star.png", "STaR iteration", "fraction", f"STaR on {args.dataset or args.task}")
+    C.plot(args.out, {"held-out accuracy": (its, [acc_before] + col("heldout_accuracy")),
+                      "kept by sampling / train": (its[1:], [k / len(train) for k in col("kept_direct")]),
+                      "kept by rationalization / train": (its[1:], [k / len(train) for k in col("kept_rationalized")])},
+           "star.png", "STaR iteration", "fraction", f"STaR on {args.dataset or args.task}")
     if d.master:
-        common.save_pretrained_atomic(os.path.join(args.out, "model"), model, tok)
+        C.save_pretrained_atomic(os.path.join(args.out, "model"), model, tok)
     summary = dict(model=args.model, dataset=args.dataset or args.task, rationalize=args.rationalize, seed=args.seed,
                    n_train=len(train), n_test=len(test), accuracy_before=float(acc_before),
-                   accuracy_per_iteration=[r["heldout_accuracy"] for r in table], accuracy_after=table[-1]["heldout_accuracy"],
-                   kept_direct=[r["kept_direct"] for r in table], kept_rationalized=[r["kept_rationalized"] for r in table],
-                   steps=[r["steps"] for r in table], wall_time_s=round(time.time() - t0, 1))
-    common.write_summary(args.out, summary)
-    common.cleanup()
+                   accuracy_per_iteration=col("heldout_accuracy"), accuracy_after=table[-1]["heldout_accuracy"],
+                   kept_direct=col("kept_direct"), kept_rationalized=col("kept_rationalized"), steps=col("steps"),
+                   wall_time_s=round(time.time() - t0, 1))
+    C.write_summary(args.out, summary)
+    C.cleanup()
     return summary
 
 
 if __name__ == "__main__":
-    with common.friendly_errors():
+    with C.friendly_errors():
         main()

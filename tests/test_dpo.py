@@ -32,21 +32,21 @@ def test_dpo_loss_by_hand():
 
 
 def test_judge_verdicts_and_both_orders():
-    assert dpo.parse_verdict("A is better. [[A]]") == "A"
-    assert dpo.parse_verdict("I first thought [[A]] but final verdict: [[B]]") == "B"
-    assert dpo.parse_verdict("tie [[C]]") == "C" and dpo.parse_verdict("no verdict [A]") is None
+    assert C.parse_verdict("A is better. [[A]]") == "A"
+    assert C.parse_verdict("I first thought [[A]] but final verdict: [[B]]") == "B"
+    assert C.parse_verdict("tie [[C]]") == "C" and C.parse_verdict("no verdict [A]") is None
     # first answer shown as A, then as B: a win needs both orders to agree
-    assert dpo.combine_orders("A", "B") == 1 and dpo.combine_orders("B", "A") == -1
-    assert dpo.combine_orders("A", "A") == 0 and dpo.combine_orders("C", "B") == 0 and dpo.combine_orders(None, "B") == 0
+    assert C.combine_orders("A", "B") == 1 and C.combine_orders("B", "A") == -1
+    assert C.combine_orders("A", "A") == 0 and C.combine_orders("C", "B") == 0 and C.combine_orders(None, "B") == 0
 
 
 def test_data_order_is_a_function_of_seed_and_step():
     n, b = 10, 4
-    a = [dpo.batch_indices(s, b, n, seed=3) for s in range(5)]  # 20 examples = 2 epochs
+    a = [C.batch_indices(s, b, n, seed=3) for s in range(5)]  # 20 examples = 2 epochs
     flat = sum(a, [])
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
-    dpo.batch_indices.__globals__["_perm"].cache_clear()
-    assert dpo.batch_indices(3, b, n, seed=3) == a[3] and dpo.batch_indices(3, b, n, seed=4) != a[3]
+    C._perm.cache_clear()
+    assert C.batch_indices(3, b, n, seed=3) == a[3] and C.batch_indices(3, b, n, seed=4) != a[3]
 
 
 def test_embedded_run_learns(tmp_path):
@@ -96,8 +96,8 @@ def test_resume_is_exact(tmp_path):
     dpo.main(BASE + ["--steps", "6", "--save-every", "3", "--resume", "--out", part])
     a = [r for r in C.read_metrics(full) if "loss" in r]
     b = [r for r in C.read_metrics(part) if "loss" in r]
-    assert [r["step"] for r in b] == list(range(1, 7))
-    strip = lambda rows: [{k: v for k, v in r.items() if k != "step_time"} for r in rows if r["step"] > 3]
+    assert [r["step"] for r in b] == list(range(6))
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "step_time"} for r in rows if r["step"] > 2]
     assert strip(a) == strip(b)  # exact float equality, every key but the wall-clock step time
     with pytest.raises(C.InputError, match="flags differ"):
         dpo.main(SMALL + ["--steps", "9", "--resume", "--seed", "1", "--out", part])

@@ -89,11 +89,11 @@ def test_grpo_loss_k3_kl_and_on_policy():
 
 
 def test_prompt_order_is_a_function_of_seed_and_step():
-    a = [grpo.prompt_indices(10, 4, seed=3, step=s) for s in range(5)]
-    assert a == [grpo.prompt_indices(10, 4, seed=3, step=s) for s in range(5)]
+    a = [C.batch_indices(s, 4, 10, seed=3) for s in range(5)]
+    assert a == [C.batch_indices(s, 4, 10, seed=3) for s in range(5)]
     flat = sum(a, [])
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))  # epochs are permutations
-    assert a != [grpo.prompt_indices(10, 4, seed=4, step=s) for s in range(5)]
+    assert a != [C.batch_indices(s, 4, 10, seed=4) for s in range(5)]
 
 # ----------------------------------------------------------------------------- flags
 

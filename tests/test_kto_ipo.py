@@ -89,11 +89,11 @@ def test_kl_estimate_uses_shifted_completions():
             p.add_(0.02 * torch.randn_like(p))
     rows = C.make_unpaired("arithmetic", 4, seed=3)
     x, y = [r["prompt"] for r in rows], [r["completion"] for r in rows]
-    kl = K.kl_estimate(pol, ref, tok, x, y, mb=2, max_len=256)
+    kl = K.kl_estimate(pol, ref, tok, x, y, micro=2, max_len=256)
 
     def mean_ratio(ys):
         with torch.no_grad():
-            return (K.seq_logps(pol, tok, x, ys, 256)[0] - K.seq_logps(ref, tok, x, ys, 256)[0]).mean().item()
+            return (C.seq_logps(pol, tok, x, ys, 256)[0] - C.seq_logps(ref, tok, x, ys, 256)[0]).mean().item()
     # prompt i is scored with completion i-1: (x0, y3), (x1, y0), (x2, y1), (x3, y2)
     assert math.isclose(kl, mean_ratio([y[3], y[0], y[1], y[2]]), abs_tol=1e-5)
     assert not math.isclose(kl, mean_ratio(y), abs_tol=1e-3)  # not the matched pairs
@@ -106,12 +106,12 @@ def test_load_unpaired_kto_mix_style_and_row_errors(tmp_path):
             {"prompt": "The sky is", "completion": " green.", "label": False},
             {"prompt": msgs("user", "Hi"), "completion": msgs("assistant", "Hello!"), "label": 1}]
     good.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = K.load_unpaired(str(good))
+    out = C.load_unpaired(str(good))
     assert [r["label"] for r in out] == [True, False, True] and out[0]["completion"] == "4"
     assert out[0]["prompt"] == msgs("user", "What is 2+2?") and out[1]["prompt"] == "The sky is"
     pairs = tmp_path / "pairs.jsonl"  # paired rows -> two unpaired rows each (chosen True, rejected False)
     pairs.write_text(json.dumps({"prompt": "Q: 1+1\nA: ", "chosen": "2", "rejected": "3"}) + "\n")
-    assert K.load_unpaired(str(pairs)) == [dict(prompt="Q: 1+1\nA: ", completion="2", label=True),
+    assert C.load_unpaired(str(pairs)) == [dict(prompt="Q: 1+1\nA: ", completion="2", label=True),
                                            dict(prompt="Q: 1+1\nA: ", completion="3", label=False)]
     for bad, msg in (({"prompt": "p", "completion": "c", "label": "yes"}, "row 2: field 'label' must be true/false"),
                      ({"prompt": "p", "label": True}, "row 2: missing field 'completion'"),
@@ -120,7 +120,7 @@ def test_load_unpaired_kto_mix_style_and_row_errors(tmp_path):
         f = tmp_path / "bad.jsonl"
         f.write_text(json.dumps(rows[1]) + "\n" + json.dumps(bad) + "\n")
         with pytest.raises(C.InputError, match=msg):
-            K.load_unpaired(str(f))
+            C.load_unpaired(str(f))
 
 
 def test_make_dataset_then_kto_learns(tmp_path):
@@ -142,7 +142,7 @@ def test_make_dataset_then_kto_learns(tmp_path):
     # lam_U = 1, lam_D = n_U / n_D: lam_D n_D / (lam_U n_U) = 1, the low end of the paper's [1, 4/3]
     assert s["undesirable_weight"] == 1.0 and math.isclose(s["desirable_weight"], made["undesirable"] / made["desirable"])
     # the files round-trip through the loaders
-    assert len(K.load_unpaired(str(tmp_path / "kto.jsonl"))) == len(kto) and len(C.load_pairs(str(tmp_path / "pairs.jsonl"))) == len(pairs)
+    assert len(C.load_unpaired(str(tmp_path / "kto.jsonl"))) == len(kto) and len(C.load_pairs(str(tmp_path / "pairs.jsonl"))) == len(pairs)
     # learned: on held-out answers to the test prompts the implicit reward separates desirable from
     # undesirable and greedy accuracy rises (measured, seed 0: AUC 0.5 -> 0.87, accuracy 0.50 -> 1.00
     # on 100 problems).
@@ -187,7 +187,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, monkeypatch):
     monkeypatch.setattr(K, "kto_loss", real)
     s = K.main(flags + ["--resume"])
     resumed = [r for r in C.read_metrics(str(tmp_path)) if "loss" in r]
-    assert [r["step"] for r in resumed] == [1, 2, 3, 4] and s["steps"] == 4
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3] and s["steps"] == 4
     K.main(flags[:-1] + [str(tmp_path / "straight")])  # the same 4 steps without the interruption
     straight = [r for r in C.read_metrics(str(tmp_path / "straight")) if "loss" in r]
     for k in ("loss", "kl", "grad_norm"):
@@ -251,7 +251,7 @@ def test_hh_rlhf_pairs_as_kto_rows(tmp_path):
     """Real hh-rlhf pairs -> unpaired rows (chosen True / rejected False) for KTO on a random qwen2."""
     folder = save_random_causal(str(tmp_path / "qwen2"), "qwen2")
     spec = os.path.join(REALDATA, "hh-rlhf", "harmless-base", "test.jsonl.gz")
-    rows = K.load_unpaired(spec, n=10)
+    rows = C.load_unpaired(spec, n=10)
     assert len(rows) == 20 and [r["label"] for r in rows[:2]] == [True, False]
     s = K.main(CPU + ["--model", folder, "--dataset", spec, "--n-train", "24", "--steps", "2", "--batch-size", "4",
                       "--eval-n", "4", "--max-len", "384", "--out", str(tmp_path / "run")])

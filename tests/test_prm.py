@@ -93,27 +93,27 @@ MS_Q = "Tom has 3 apples and buys 2 more. How many apples does he have?"
 def test_math_shepherd_parser_on_constructed_rows(tmp_path):
     row = {"input": MS_Q + " Step 1: He has 3 + 2 = 5 apples. ки\nStep 2: The answer is: 6 ки",
            "label": MS_Q + " Step 1: He has 3 + 2 = 5 apples. +\nStep 2: The answer is: 6 -", "task": "GSM8K"}
-    q, steps, labels = prm.parse_math_shepherd(row)
+    q, steps, labels = C.parse_math_shepherd(row)
     assert q == MS_Q and steps == ["Step 1: He has 3 + 2 = 5 apples.", "Step 2: The answer is: 6"] and labels == [True, False]
     stray = {"input": "Half of 10 ки is? Step 1: 10 / 2 = 5 ки", "label": "Half of 10 + is? Step 1: 10 / 2 = 5 +"}
-    assert prm.parse_math_shepherd(stray) == ("Half of 10 is?", ["Step 1: 10 / 2 = 5"], [True])
+    assert C.parse_math_shepherd(stray) == ("Half of 10 is?", ["Step 1: 10 / 2 = 5"], [True])
     no_step = {"input": "What is 2+2? It is 4. ки", "label": "What is 2+2? It is 4. -"}
-    assert prm.parse_math_shepherd(no_step) == ("What is 2+2?", ["It is 4."], [False])
+    assert C.parse_math_shepherd(no_step) == ("What is 2+2?", ["It is 4."], [False])
     with pytest.raises(C.InputError, match="row 7: 'label' has no"):
-        prm.parse_math_shepherd({"input": row["input"], "label": row["input"]}, "row 7")
+        C.parse_math_shepherd({"input": row["input"], "label": row["input"]}, "row 7")
     path = tmp_path / "ms.jsonl"
     path.write_text(json.dumps(row) + "\n" + json.dumps(stray) + "\n")
-    items = prm.load_step_data(str(path))
+    items = C.load_step_data(str(path))
     assert items[0]["prompt"] == [{"role": "user", "content": MS_Q}] and items[0]["correct"] is False and items[1]["correct"]
     path.write_text(json.dumps({"question": "x", "answer": "y"}) + "\n")
     with pytest.raises(C.InputError, match="unknown columns"):
-        prm.load_step_data(str(path))
+        C.load_step_data(str(path))
 
 
 @pytest.mark.skipif(not os.path.isfile(PRM800K), reason="../shared/realdata absent")
 def test_prm800k_parser_on_real_rows():
     rows = C.read_rows(PRM800K)
-    data = prm.parse_prm800k(rows)
+    data = C.parse_prm800k(rows)
     rated = [r for r in rows if r["rating"] == r["rating"]]          # NaN = human-written step
     assert len(data) == len(rated) == 5082
     q, steps, labels = data[0]
@@ -123,7 +123,7 @@ def test_prm800k_parser_on_real_rows():
     assert sum(not l[-1] for _, _, l in data) == sum(r["rating"] == -1 for r in rated)
     # ratings stored as strings ('-1', '0', '1') parse the same
     as_str = [dict(r, rating=None if r["rating"] != r["rating"] else str(int(r["rating"]))) for r in rows[:40]]
-    assert prm.parse_prm800k(as_str) == prm.parse_prm800k(rows[:40])
+    assert C.parse_prm800k(as_str) == C.parse_prm800k(rows[:40])
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,7 @@ def test_rationalization_never_leaks_the_hint(monkeypatch):
                     texts.append("#### 0")
         return dict(texts=texts)
 
-    monkeypatch.setattr(star.common, "generate", fake_generate)
+    monkeypatch.setattr(star.C, "generate", fake_generate)
     args = SimpleNamespace(samples=2, max_new_tokens=8, temperature=1.0, top_p=1.0, rationalize=True)
     direct, rat = star.sample_and_filter(None, None, probs, args)
     originals = {p["prompt"]: p for p in probs}
@@ -161,7 +161,7 @@ def test_resume_after_sigkill_continues_the_same_run(tmp_path, one_thread):
     b = star.main(flags + ["--out", cut, "--resume"])
     strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
     rows = strip(C.read_metrics(full))
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 4, 5, 6, 7, 8, 9, 9] and strip(C.read_metrics(cut)) == rows
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 3, 4, 5, 6, 7, 8, 8] and strip(C.read_metrics(cut)) == rows
     assert {k: v for k, v in b.items() if k != "wall_time_s"} == {k: v for k, v in a.items() if k != "wall_time_s"}
     assert star.main(flags + ["--out", full, "--resume"])["accuracy_per_iteration"] == a["accuracy_per_iteration"]
     assert strip(C.read_metrics(full)) == rows
