@@ -779,6 +779,17 @@ def load_problems(spec, split="train", n=None, skip_bad=False, flag="--dataset")
     return keep_good_rows(rows[:n] if n else rows, spec, problem_row, skip_bad, flag)
 
 
+def train_test_problems(dataset, eval_dataset, train_n, eval_n, skip_bad):
+    """(train, test) problems from --dataset: the test set is --eval-dataset's rows if given, else a local
+    file's last eval_n rows (hold_out; train_n then counts the rows before them), else the hub test split."""
+    local = os.path.isfile(dataset)
+    n = train_n + eval_n if train_n and local and not eval_dataset else train_n
+    train = load_problems(dataset, "train", n, skip_bad)
+    if eval_dataset:
+        return train, load_problems(eval_dataset, "test", eval_n, skip_bad, "--eval-dataset")
+    return hold_out(train, eval_n, dataset) if local else (train, load_problems(dataset, "test", eval_n, skip_bad))
+
+
 def split_hh(chosen, rejected):
     """hh-rlhf rows are whole transcripts; the prompt is everything up to the last
     '\\n\\nAssistant:' of the common prefix, the responses are what follows it."""
@@ -1326,7 +1337,8 @@ def generate(model, tok, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p
              batch_size=256):
     """Sample n completions per prompt (temperature 0 = greedy). Output rows are grouped by
     prompt: row i*n + j is sample j of prompt i. Returns a dict with prompt_ids/prompt_mask
-    (left padded), completion_ids/completion_mask (right padded, up to the first EOS),
+    (left padded), completion_ids/completion_mask (right padded, up to the first EOS), ids/mask
+    (the two side by side: (B, P+T), what a forward pass over prompt and completion reads),
     has_eos and decoded texts (without EOS)."""
     model = getattr(model, "module", model)
     was_training = model.training; model.eval()
@@ -1362,7 +1374,7 @@ def generate(model, tok, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p
     texts = [tok.decode(row[m.bool()], skip_special_tokens=True) for row, m in zip(c_ids, c_mask)]
     model.train(was_training)
     return dict(prompt_ids=p_ids, prompt_mask=p_mask, completion_ids=c_ids, completion_mask=c_mask, has_eos=has_eos,
-                texts=texts)
+                texts=texts, ids=torch.cat([p_ids, c_ids], 1), mask=torch.cat([p_mask, c_mask], 1))
 
 
 def pass_at_k(n, c, k):
@@ -1670,14 +1682,14 @@ def take_batch(order, rng, n, size):
     return batch
 
 
-def micro_batches(model, rows, size):
-    """Gradient accumulation: yield `rows` `size` at a time, each under autocast. A DDP model skips the
+def micro_batches(model, rows, size, amp=True):
+    """Gradient accumulation: yield `rows` `size` at a time, each under autocast (amp). A DDP model skips the
     gradient all-reduce (no_sync) on all but the last chunk, so the ranks average once per update (every
     rank must see the same number of chunks); FSDP and a single process reduce as they go."""
     chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
     for k, chunk in enumerate(chunks):
         wait = k < len(chunks) - 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel)
-        with (model.no_sync() if wait else contextlib.nullcontext()), autocast():
+        with (model.no_sync() if wait else contextlib.nullcontext()), autocast(enabled=amp):
             yield chunk
 
 

@@ -133,8 +133,7 @@ def kl_to_initial(policy, init, tok, problems, max_new_tokens):
     out = C.generate(policy, tok, [p["prompt"] for p in problems], temperature=1.0, max_new_tokens=max_new_tokens)
     gold = all(p.get("answer") for p in problems)
     sampled_acc = float(np.mean([C.verify(p, t) for p, t in zip(problems, out["texts"])])) if gold else 0.0
-    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
-    mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    ids, mask = out["ids"], out["mask"]  # (B, P+T): prompt and completion
     n, cm = out["completion_ids"].shape[1], out["completion_mask"]
     diff = (C.token_logprobs(policy, ids, mask, n) - C.token_logprobs(init, ids, mask, n)) * cm
     return diff.sum(1).mean().item(), sampled_acc

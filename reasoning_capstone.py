@@ -155,8 +155,7 @@ def run_grpo(sft_model, tok, train, args):
                          max_new_tokens=args.max_new_tokens)
         r = torch.tensor([float(C.verify(p, t)) for i, p in enumerate(probs) for t in out["texts"][i * G:(i + 1) * G]])
         adv = group_advantages(r, args.group_size).to(C.DIST.device)
-        ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
-        mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+        ids, mask = out["ids"], out["mask"]  # (B, P+T): prompt and completion
         model.train()
         lp = C.token_logprobs(ddp, ids, mask, out["completion_ids"].shape[1])
         loss = grpo_loss(lp, adv, out["completion_mask"].float())

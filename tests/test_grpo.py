@@ -88,6 +88,48 @@ def test_grpo_loss_k3_kl_and_on_policy():
     assert logps.grad[0, 1].item() == pytest.approx(-0.5 / 2, abs=1e-6)
 
 
+def test_rloo_and_reinforce_pp_advantages_by_hand():
+    r = torch.tensor([1., 0., 0., 0., 1., 1., 1., 1.])
+    # RLOO: r_i - mean of the other three; group 1: 1 - 0 = 1, 0 - 1/3; group 2: 1 - 1 = 0 (no std division)
+    a = grpo.group_advantages(r, 4, "none", "rloo")
+    assert torch.allclose(a, torch.tensor([1., -1 / 3, -1 / 3, -1 / 3, 0, 0, 0, 0]))
+    # REINFORCE++: r - batch mean 5/8, over the batch's unbiased std sqrt(1.875 / 7); group 2 is NOT zeroed
+    a = grpo.group_advantages(r, 4, "batch", "reinforce++")
+    want = (r - 5 / 8) / (math.sqrt(1.875 / 7) + 1e-4)
+    assert torch.allclose(a, want) and a[4] > 0
+    # the defaults parse_args gives each estimator
+    assert [grpo.parse_args(["--advantage", e]).scale_rewards for e in ("grpo", "rloo", "reinforce++")] == \
+        ["group", "none", "batch"]
+    with pytest.raises(C.InputError):
+        grpo.group_advantages(r, 4, "none", "ppo")
+
+
+def test_gspo_sequence_ratio_by_hand():
+    # GSPO: s_i = exp(mean_t log r_it) over real tokens. Row 0: (log 1.5 + 0 + log 0.5) / 3 = log(0.75) / 3;
+    # row 1: (log 1.5 + log 0.5) / 2 = log(0.75) / 2 (the padding's 80 ignored). eps 0.2: both s in [0.8, 1.2].
+    loss, stats, grad = _loss("grpo", importance_sampling="sequence")
+    s0, s1 = 0.75 ** (1 / 3), 0.75 ** (1 / 2)
+    assert loss == pytest.approx((-s0 + s1) / 2, abs=1e-6) and stats["clip_frac"].item() == 0
+    # d(-s A)/dlogp_t = -A s / |o_i| / B: the same for every token of a row
+    assert torch.allclose(grad, torch.tensor([[-s0 / 6] * 3, [s1 / 4, s1 / 4, 0]]), atol=1e-6)
+    # eps 0.05: row 1 (A < 0, s = 0.866 < 0.95) is clipped as a whole, its gradient 0
+    loss, stats, grad = _loss("grpo", importance_sampling="sequence", eps_low=0.05, eps_high=0.05)
+    assert loss == pytest.approx((-s0 + 0.95) / 2, abs=1e-6) and (grad[1] == 0).all()
+    assert stats["clip_frac"].item() == pytest.approx(2 / 5)
+
+
+def test_cispo_keeps_every_tokens_gradient():
+    # CISPO: -sg(min(r, 1 + eps_high)) A log pi, summed over the 5 tokens / 5. Ratios row 0 [1.5, 1, 0.5],
+    # row 1 [1.5, 0.5]; eps_high 0.2 caps 1.5 at 1.2. The gradient is -w A / 5 on every token, none dropped.
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -0.7, -3.0]])
+    logps = old + LOG_R
+    loss, stats, grad = _loss("cispo")
+    w = torch.tensor([[1.2, 1.0, 0.5], [1.2, 0.5, 0.0]])
+    assert loss == pytest.approx(float(-(w * ADV[:, None] * logps * MASK).sum() / 5), abs=1e-5)
+    assert torch.allclose(grad, -w * ADV[:, None] * MASK / 5, atol=1e-6)
+    assert stats["clip_frac"].item() == pytest.approx(2 / 5)   # the two capped weights
+
+
 def test_prompt_order_is_a_function_of_seed_and_step():
     a = [C.batch_indices(s, 4, 10, seed=3) for s in range(5)]
     assert a == [C.batch_indices(s, 4, 10, seed=3) for s in range(5)]
@@ -217,6 +259,18 @@ def test_real_architectures_run_every_option(tmp_path, arch):
     rows = C.read_metrics(str(tmp_path / "out"))
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) and r["kl"] >= 0 for r in rows)
     assert os.path.isfile(tmp_path / "out" / "model" / "config.json")
+
+
+@pytest.mark.parametrize("variant", [["--advantage", "rloo", "--loss-type", "cispo"],
+                                     ["--advantage", "reinforce++", "--importance-sampling", "sequence"]])
+def test_variants_run_off_policy(tmp_path, variant):
+    # --num-iterations 2: the second update is off-policy, where GSPO's and CISPO's ratios differ from 1
+    folder = save_random_causal(str(tmp_path / "qwen2"), "qwen2")
+    grpo.main(["--model", folder, "--steps", "2", "--prompts-per-step", "2", "--group-size", "3", "--max-new-tokens",
+               "8", "--eval-n", "4", "--num-iterations", "2", "--eval-samples", "0", "--out", str(tmp_path / "out")]
+              + variant)
+    rows = C.read_metrics(str(tmp_path / "out"))
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) and 0 <= r["clip_frac"] <= 1 for r in rows)
 
 
 @pytest.mark.skipif(not os.path.isdir(REALDATA), reason="../shared/realdata absent")
