@@ -1,32 +1,30 @@
 """ppo_gridworld.py: Proximal Policy Optimization on a tiny grid world (and CartPole), from scratch.
 
-PPO (Schulman et al. 2017, "Proximal Policy Optimization Algorithms", arXiv:1707.06347) is a
-policy-gradient method: collect a batch of experience with the current policy pi_old, then
-take several epochs of minibatch gradient steps on a *clipped surrogate objective*
+PPO (Schulman et al. 2017, "Proximal Policy Optimization Algorithms", arXiv:1707.06347) is a policy-gradient
+method: collect a batch of experience with the current policy pi_old, then take several epochs of minibatch
+gradient steps on a *clipped surrogate objective*
 
     L^CLIP(theta) = E_t[ min( r_t(theta) A_t, clip(r_t(theta), 1 - eps, 1 + eps) A_t ) ],
     r_t(theta) = pi_theta(a_t | s_t) / pi_old(a_t | s_t)                        (paper eq. 7)
 
-which removes the incentive to move the ratio r_t outside [1 - eps, 1 + eps], so reusing the
-same batch many times cannot push the policy too far. A value head V(s) is trained next to
-the policy and the advantages A_t come from Generalized Advantage Estimation (GAE, Schulman
-et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage Estimation").
-This is the same loss that RLHF-style PPO applies to language models (one token = one action);
-here it is small enough to watch every number.
+which removes the incentive to move the ratio r_t outside [1 - eps, 1 + eps], so reusing the same batch many
+times cannot push the policy too far. A value head V(s) is trained next to the policy and the advantages A_t
+come from Generalized Advantage Estimation (GAE, Schulman et al. 2016, "High-Dimensional Continuous Control
+Using Generalized Advantage Estimation"). This is the same loss that RLHF-style PPO applies to language models
+(one token = one action; ppo_lm.py); here it is small enough to watch every number.
 
 Run:
     python ppo_gridworld.py                       # 5x5 grid world, 30k steps, ~10 s on a CPU
     python ppo_gridworld.py --env CartPole-v1     # 60k steps, ~12 s on a CPU core; greedy eval 500 on seeds 0-4
     python ppo_gridworld.py --env Acrobot-v1      # any discrete-action gymnasium id (CleanRL defaults)
-Outputs in --out (default out/ppo_gridworld): metrics.jsonl, learning_curve.png, health.png,
-summary.json (greedy evaluation return over --eval-episodes episodes, env steps, wall time).
+Outputs in --out (default out/ppo_gridworld): metrics.jsonl, learning_curve.png, health.png, summary.json
+(greedy evaluation return over --eval-episodes episodes, env steps, wall time).
 
-Follows CleanRL's ppo.py (orthogonal init, separate actor/critic MLPs, Adam eps 1e-5, linear
-lr annealing, per-minibatch advantage normalisation, clipped value loss, grad-norm clipping), except
-that episode ends are exact: `terminated` stops bootstrapping, `truncated` (time limit) bootstraps
-from V(true final observation); CleanRL treats both as terminal. Simplified: no target-KL early
-stopping, no observation/reward normalisation, no recurrent policies, discrete actions only, no
-Atari/MuJoCo settings. Per-env hyperparameters: PRESETS (CartPole's from rl-baselines3-zoo).
+Follows CleanRL's ppo.py (orthogonal init, separate actor/critic MLPs, Adam eps 1e-5, linear lr annealing,
+per-minibatch advantage normalisation, clipped value loss, grad-norm clipping), except that episode ends are
+exact: `terminated` stops bootstrapping, `truncated` (time limit) bootstraps from V(true final observation);
+CleanRL treats both as terminal. Simplified: no target-KL early stopping, observation/reward normalisation,
+recurrent policies, continuous actions or Atari/MuJoCo settings; per-env settings: PRESETS.
 """
 import argparse, time
 
@@ -41,11 +39,10 @@ import common as C
 # ----------------------------------------------------------------------------- environments
 
 class GridWorld(gym.Env):
-    """5x5 grid: start S, goal G (+1, terminates), pits X (-1, terminates), walls #, -0.01 per
-    other step, truncated after max_steps (so time-limit truncations really occur).
-    Observation: the cell index (Discrete(25)), which the agent one-hot encodes.
-    Actions: 0 up, 1 right, 2 down, 3 left; bumping a wall or the edge = stay.
-    The best path takes 8 moves: return 7 * (-0.01) + 1 = 0.93; wandering until the time limit
+    """5x5 grid: start S, goal G (+1, terminates), pits X (-1, terminates), walls #, -0.01 per other step,
+    truncated after max_steps (so time-limit truncations really occur). Observation: the cell index
+    (Discrete(25)), which the agent one-hot encodes. Actions: 0 up, 1 right, 2 down, 3 left; bumping a wall or
+    the edge = stay. The best path takes 8 moves: return 7 * (-0.01) + 1 = 0.93; wandering until the time limit
     scores -0.4, a pit -1."""
     MAP = ["S..#.",
            ".#...",
@@ -98,9 +95,6 @@ def encode(obs, space, device):
     return torch.as_tensor(np.asarray(obs, dtype=np.float32), device=device).reshape(len(obs), -1)
 
 
-def obs_dim(space):
-    return space.n if isinstance(space, gym.spaces.Discrete) else int(np.prod(space.shape))
-
 # ----------------------------------------------------------------------------- model
 
 def layer(n_in, n_out, std=np.sqrt(2)):
@@ -128,14 +122,13 @@ class Agent(nn.Module):
 
 def gae(rewards, values, next_values, terminated, truncated, gamma, lam):
     """Generalized Advantage Estimation (Schulman et al. 2016, eq. 16), with exact episode ends.
-
-    All inputs are (T, N): T steps of N parallel envs, time-major. next_values[t] = V(s_{t+1}),
-    the value of the state the step actually led to; for a truncated step that is the true final
-    observation (not the reset one). Returns advantages (T, N); value targets are adv + values.
+    All inputs are (T, N): T steps of N parallel envs, time-major. next_values[t] = V(s_{t+1}), the value of
+    the state the step actually led to; for a truncated step that is the true final observation (not the reset
+    one). Returns advantages (T, N); value targets are adv + values.
         delta_t = r_t + gamma * (1 - terminated_t) * V(s_{t+1}) - V(s_t)
         A_t     = delta_t + gamma * lam * (1 - done_t) * A_{t+1},   done = terminated | truncated
-    A terminal state is worth 0, so no bootstrap; a time limit is not a property of the state, so
-    we bootstrap from V(s_{t+1}) but still stop the recursion (the next step is a new episode)."""
+    A terminal state is worth 0, so no bootstrap; a time limit is not a property of the state, so we bootstrap
+    from V(s_{t+1}) but still stop the recursion (the next step is a new episode)."""
     not_term = 1.0 - terminated.float()
     not_done = 1.0 - (terminated.bool() | truncated.bool()).float()
     delta = rewards + gamma * not_term * next_values - values
@@ -149,10 +142,9 @@ def gae(rewards, values, next_values, terminated, truncated, gamma, lam):
 def ppo_loss(new_logp, old_logp, adv, new_values, old_values, returns, entropy,
              clip_coef=0.2, vf_clip=0.2, vf_coef=0.5, ent_coef=0.01, norm_adv=True):
     """PPO loss to *minimise* (paper eq. 9 negated): -L^CLIP + vf_coef * L^VF - ent_coef * H.
-
-    All inputs (B,) for a minibatch of B transitions: log pi_theta(a|s), log pi_old(a|s), GAE
-    advantages, V_theta(s), V_old(s) (from the rollout), value targets R = A + V_old, policy
-    entropy. vf_clip=None turns value clipping off. Returns (loss scalar, dict of floats)."""
+    All inputs (B,) for a minibatch of B transitions: log pi_theta(a|s), log pi_old(a|s), GAE advantages,
+    V_theta(s), V_old(s) (from the rollout), value targets R = A + V_old, policy entropy. vf_clip=None turns
+    value clipping off. Returns (loss scalar, dict of floats)."""
     if norm_adv:  # per-minibatch normalisation: the step size no longer depends on reward scale
         adv = (adv - adv.mean()) / (adv.std() + 1e-8)
     log_ratio = new_logp - old_logp
@@ -174,12 +166,12 @@ def ppo_loss(new_logp, old_logp, adv, new_values, old_values, returns, entropy,
 
 # ----------------------------------------------------------------------------- config
 
-# Per-env defaults; any flag given on the command line wins. "default" = CleanRL ppo.py.
-# gridworld: ent_coef 0.05 (with 0.01 one seed in 8 settled for dodging pits until the time limit).
-# CartPole-v1: rl-baselines3-zoo's settings (8 envs x 32 steps, one 256-row minibatch, 20 epochs, lr 1e-3
-# and clip 0.2 both annealed to 0, gamma 0.98, lambda 0.8, no entropy bonus, no value clipping as in SB3)
-# on 60k env steps instead of the zoo's 100k. Value clipping at 0.2 held the critic back (returns reach
-# ~500) and without clip annealing a policy at 500 could collapse; seeds and times: README "Results".
+# Per-env defaults; any flag given on the command line wins. "default" = CleanRL ppo.py. gridworld: ent_coef 0.05
+# (with 0.01 one seed in 8 settled for dodging pits until the time limit). CartPole-v1: rl-baselines3-zoo's
+# settings (8 envs x 32 steps, one 256-row minibatch, 20 epochs, lr 1e-3 and clip 0.2 both annealed to 0, gamma
+# 0.98, lambda 0.8, no entropy bonus, no value clipping as in SB3) on 60k env steps instead of the zoo's 100k.
+# Value clipping at 0.2 held the critic back (returns reach ~500) and without clip annealing a policy at 500
+# could collapse; seeds and times: README "Results".
 PRESETS = {
     "default":     dict(total_steps=500_000, num_envs=4, num_steps=128, lr=2.5e-4, gamma=0.99, gae_lambda=0.95,
                         num_minibatches=4, update_epochs=4, ent_coef=0.01, vf_clip=0.2, anneal_clip=False),
@@ -210,14 +202,13 @@ def parse_args(argv=None):
     p.add_argument("--num-minibatches", type=int, help="minibatches per epoch")
     p.add_argument("--update-epochs", type=int, help="passes over each batch")
     p.add_argument("--clip-coef", type=float, default=0.2, help="PPO ratio clip epsilon")
-    p.add_argument("--anneal-clip", action=argparse.BooleanOptionalAction,
-                   help="linear decay of the clip epsilon to 0, like the lr (rl-baselines3-zoo); default from PRESETS")
+    p.add_argument("--anneal-clip", action=argparse.BooleanOptionalAction, help="linear decay of the clip epsilon "
+                   "to 0, like the lr (rl-baselines3-zoo); default from PRESETS")
     p.add_argument("--vf-clip", type=float, help="value clipping range around V_old; 0 turns value clipping off")
     p.add_argument("--ent-coef", type=float, help="entropy bonus coefficient")
     p.add_argument("--vf-coef", type=float, default=0.5, help="value loss coefficient")
     p.add_argument("--max-grad-norm", type=float, default=0.5, help="global gradient-norm clip")
-    p.add_argument("--norm-adv", action=argparse.BooleanOptionalAction, default=True,
-                   help="normalise the advantages of each minibatch")
+    p.add_argument("--norm-adv", action=argparse.BooleanOptionalAction, default=True, help="normalise advantages")
     p.add_argument("--hidden", type=int, default=64, help="MLP hidden width")
     p.add_argument("--eval-episodes", type=int, default=20, help="greedy evaluation episodes at the end")
     p.add_argument("--log-every", type=int, default=0, help="log every N iterations (0 = about 25 lines per run)")
@@ -225,9 +216,9 @@ def parse_args(argv=None):
     for k, v in PRESETS.get(args.env, PRESETS["default"]).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    C.check_flags(args, {"> 0": "lr clip_coef max_grad_norm", ">= 1": "num_envs num_steps update_epochs hidden threads "
-                                                                "eval_episodes",
-                         ">= 0": "vf_clip ent_coef vf_coef log_every", "in (0, 1]": "gamma", "in [0, 1]": "gae_lambda"})
+    C.check_flags(args, {"> 0": "lr clip_coef max_grad_norm", ">= 1": "num_envs num_steps update_epochs hidden "
+                         "threads eval_episodes", ">= 0": "vf_clip ent_coef vf_coef log_every", "in (0, 1]": "gamma",
+                         "in [0, 1]": "gae_lambda"})
     batch = args.num_envs * args.num_steps
     C.check(1 <= args.num_minibatches <= batch,
             f"--num-minibatches must be in [1, num_envs * num_steps], got {args.num_minibatches}")
@@ -243,65 +234,57 @@ def main(argv=None) -> dict:
     threads = torch.get_num_threads()  # restored at the end: main() may be called from a test
     torch.set_num_threads(args.threads)  # batch <= 1k rows: thread start-up costs more than it saves
     make_env(args.env).close()  # fail fast (one line) on a bad id before building N copies
-    # Autoreset SAME_STEP (gymnasium 1.x defaults to NEXT_STEP, whose step after a done is a fake
-    # transition): a done step already returns the next episode's first obs, the true last one is in
-    # infos["final_obs"][i], and every transition is real (checked against gymnasium 1.4).
+    # Autoreset SAME_STEP (gymnasium 1.x defaults to NEXT_STEP, whose step after a done is a fake transition): a
+    # done step already returns the next episode's first obs, the true last one is in infos["final_obs"][i], and
+    # every transition is real (checked against gymnasium 1.4).
     envs = gym.vector.SyncVectorEnv([lambda: make_env(args.env) for _ in range(args.num_envs)],
                                     autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
     space = envs.single_observation_space
-    agent = Agent(obs_dim(space), int(envs.single_action_space.n), args.hidden).to(device)
+    n_obs = space.n if isinstance(space, gym.spaces.Discrete) else int(np.prod(space.shape))  # encode()'s width
+    agent = Agent(n_obs, int(envs.single_action_space.n), args.hidden).to(device)
     opt = torch.optim.Adam(agent.parameters(), lr=args.lr, eps=1e-5, foreach=True)  # foreach: fewer kernel calls
     logger = C.Logger(args.out, config=vars(args), wandb=args.wandb)
 
     N, T = args.num_envs, args.num_steps
-    batch = N * T
-    minibatch = batch // args.num_minibatches
-    iters = args.total_steps // batch
-    log_every = args.log_every or max(1, iters // 25)
-    # rollout buffers, time-major (T, N, ...)
-    obs_buf = torch.zeros((T, N, obs_dim(space)), device=device)
+    batch, iters = N * T, args.total_steps // (N * T)
+    minibatch, log_every = batch // args.num_minibatches, args.log_every or max(1, iters // 25)
+    obs_buf = torch.zeros((T, N, n_obs), device=device)  # rollout buffers, time-major (T, N, ...)
     act_buf, logp_buf, val_buf, rew_buf = (torch.zeros((T, N), device=device) for _ in range(4))
     term_buf, trunc_buf = (torch.zeros((T, N), dtype=torch.bool, device=device) for _ in range(2))
     final_val = torch.zeros((T, N), device=device)  # V(true final obs) where truncated, else 0
 
-    obs, _ = envs.reset(seed=[args.seed + i for i in range(N)])
-    next_obs = encode(obs, space, device)
-    ep_ret = np.zeros(N)  # running return of each env's current episode
+    next_obs = encode(envs.reset(seed=[args.seed + i for i in range(N)])[0], space, device)
+    ep_ret, step, t0 = np.zeros(N), 0, time.time()  # ep_ret: the return so far of each env's episode
     episodes, curve, n_logged = [], ([], []), 0  # finished (step, return); logged (step, mean return)
-    step, t0 = 0, time.time()
     for it in tqdm(range(iters), desc=f"ppo {args.env}"):  # 0-based iterations
         if args.anneal_lr:  # linear decay towards 0 over the iterations (CleanRL)
             opt.param_groups[0]["lr"] = args.lr * (1 - it / iters)
         clip = args.clip_coef * (1 - it / iters) if args.anneal_clip else args.clip_coef  # zoo: "lin_0.2"
-        # -- rollout: T steps of N envs with the current (old) policy
-        for t in range(T):
-            obs_buf[t] = next_obs
-            with torch.no_grad():
+        # -- rollout: T steps of N envs with the current (old) policy, then the advantages (no graph for either)
+        with torch.no_grad():
+            for t in range(T):
+                obs_buf[t] = next_obs
                 dist, value = agent(next_obs)
                 action = dist.sample()
-            act_buf[t], logp_buf[t], val_buf[t] = action, dist.log_prob(action), value
-            obs, reward, term, trunc, info = envs.step(action.cpu().numpy())
-            step += N
-            next_obs = encode(obs, space, device)
-            rew_buf[t] = torch.as_tensor(reward, dtype=torch.float32, device=device)
-            term_buf[t], trunc_buf[t] = torch.as_tensor(term, device=device), torch.as_tensor(trunc, device=device)
-            final_val[t] = 0
-            if trunc.any():  # time limit hit: bootstrap from V(true last obs), not V(reset obs)
-                idx = np.nonzero(trunc)[0]
-                with torch.no_grad():
+                act_buf[t], logp_buf[t], val_buf[t] = action, dist.log_prob(action), value
+                obs, reward, term, trunc, info = envs.step(action.cpu().numpy())
+                step += N
+                next_obs = encode(obs, space, device)
+                rew_buf[t] = torch.as_tensor(reward, dtype=torch.float32, device=device)
+                term_buf[t], trunc_buf[t] = torch.as_tensor(term, device=device), torch.as_tensor(trunc, device=device)
+                final_val[t] = 0
+                if trunc.any():  # time limit hit: bootstrap from V(true last obs), not V(reset obs)
+                    idx = np.nonzero(trunc)[0]
                     final_obs = encode(np.stack(info["final_obs"][idx]), space, device)
                     final_val[t, idx] = agent.critic(final_obs).squeeze(-1)
-            ep_ret += reward
-            for i in np.nonzero(term | trunc)[0]:
-                episodes.append((step, ep_ret[i])); ep_ret[i] = 0
-
-        # -- advantages: next_values[t] = V(s_{t+1}) = values[t+1], or V(final obs) at an episode end
-        with torch.no_grad():
-            last_val = agent.critic(next_obs).squeeze(-1)
-        next_values = torch.cat([val_buf[1:], last_val[None]])
-        next_values = torch.where(term_buf | trunc_buf, final_val, next_values)
-        adv = gae(rew_buf, val_buf, next_values, term_buf, trunc_buf, args.gamma, args.gae_lambda)
-        ret = adv + val_buf  # value targets R_t = A_t + V_old(s_t) (the GAE(lambda) return)
+                ep_ret += reward
+                for i in np.nonzero(term | trunc)[0]:
+                    episodes.append((step, ep_ret[i])); ep_ret[i] = 0
+            # -- advantages: next_values[t] = V(s_{t+1}) = values[t+1], or V(final obs) at an episode end
+            next_values = torch.cat([val_buf[1:], agent.critic(next_obs).squeeze(-1)[None]])
+            next_values = torch.where(term_buf | trunc_buf, final_val, next_values)
+            adv = gae(rew_buf, val_buf, next_values, term_buf, trunc_buf, args.gamma, args.gae_lambda)
+            ret = adv + val_buf  # value targets R_t = A_t + V_old(s_t) (the GAE(lambda) return)
 
         # -- update: several epochs of shuffled minibatches on the flattened (T*N) batch
         b_obs, b_act, b_logp = obs_buf.reshape(batch, -1), act_buf.reshape(-1), logp_buf.reshape(-1)
@@ -325,11 +308,10 @@ def main(argv=None) -> dict:
             # mean return of the episodes finished since the last log line (else the last 20)
             recent = [r for _, r in episodes[n_logged:]] or [r for _, r in episodes[-20:]] or [float("nan")]
             n_logged = len(episodes)
-            # explained variance 1 - Var(R - V)/Var(R): 1 = critic predicts returns, <= 0 = useless
-            explained_var = 1 - (b_ret - b_val).var().item() / max(b_ret.var().item(), 1e-8)
             curve[0].append(step); curve[1].append(float(np.mean(recent)))
             logger.log(step, episodic_return=float(np.mean(recent)), episodes=len(episodes),
-                       explained_var=explained_var,
+                       # explained variance 1 - Var(R - V)/Var(R): 1 = critic predicts returns, <= 0 = useless
+                       explained_var=1 - (b_ret - b_val).var().item() / max(b_ret.var().item(), 1e-8),
                        sps=int(step / (time.time() - t0)), lr=opt.param_groups[0]["lr"],
                        **{k: float(np.mean([s[k] for s in stats])) for k in stats[0]})
     envs.close()
