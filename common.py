@@ -1471,12 +1471,12 @@ def seq_logps(model, tok, prompts, completions, max_len=None):
 
 def pair_logps(model, tok, pairs, max_len=None):
     """Summed log-probs of chosen and rejected in ONE forward pass: rows [prompt | chosen] for the b
-    pairs, then [prompt | rejected] (2b rows). Returns three (b,) tensors: log pi(y_w|x), log pi(y_l|x)
-    and the chosen token counts |y_w| (for a per-token NLL term)."""
+    pairs, then [prompt | rejected] (2b rows). Returns four (b,) tensors: log pi(y_w|x), log pi(y_l|x)
+    and the token counts |y_w|, |y_l| (for a per-token NLL term, length-normalised losses)."""
     prompts = [p["prompt"] for p in pairs]
     seq, n = seq_logps(model, tok, prompts + prompts, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
                        max_len)
-    return seq[:len(pairs)], seq[len(pairs):], n[:len(pairs)]
+    return seq[:len(pairs)], seq[len(pairs):], n[:len(pairs)], n[len(pairs):]
 
 
 @torch.no_grad()

@@ -36,11 +36,14 @@ rejected answers are the model's own mistakes (common.own_mistakes). Measured re
 ablations (the RPO NLL term, plain DPO, hand-made errors): README 'Results',
 `python tests/bench/cross_algorithm.py --seeds 0,1,2 --only dpo`.
 
-Simplified vs the paper / TRL's DPOTrainer (beta 0.1, sigmoid loss): AdamW (paper: RMSprop,
-lr 1e-6) with linear warmup then a constant lr; pairs with over-long prompts are dropped and
-completions truncated to --max-len; only the sigmoid loss (+ cDPO label smoothing, Mitchell
-2023); IPO and ORPO are in kto_ipo.py; no padding-free packing, no PEFT. The win rate
-(common.win_rate) uses greedy answers and judges only the first MT-Bench turn.
+Variants (dpo_loss): --loss-type sigmoid_norm (length-normalised DPO) and simpo (SimPO, no reference, margin
+--simpo-gamma); both want a larger --beta (per-token margins are small); README 'Preference-loss variants'.
+IPO, KTO and ORPO are in kto_ipo.py.
+
+Simplified vs the paper / TRL's DPOTrainer (beta 0.1, sigmoid loss): AdamW (paper: RMSprop, lr 1e-6) with
+linear warmup then a constant lr; pairs with over-long prompts are dropped and completions truncated to
+--max-len; cDPO label smoothing (Mitchell 2023) but not TRL's other loss types; no padding-free packing, no
+PEFT. The win rate (common.win_rate) uses greedy answers and judges only the first MT-Bench turn.
 """
 import argparse, json, os, time
 
@@ -52,59 +55,66 @@ import common as C
 
 
 def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=0.1,
-             label_smoothing=0.0):
-    """Per-pair DPO loss (Rafailov et al. 2023, eq. 7), with cDPO label smoothing.
+             label_smoothing=0.0, loss_type="sigmoid", chosen_lengths=None, rejected_lengths=None, gamma=0.0):
+    """Per-pair DPO loss (Rafailov et al. 2023, eq. 7), with cDPO label smoothing, and two variants.
 
     Inputs: (B,) log pi(y|x) summed over each completion's tokens, for the policy and the
     reference on the chosen (y_w) and rejected (y_l) completions.
         h      = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)]
         loss   = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
     eps = label_smoothing is the assumed probability that a label is flipped (conservative DPO);
-    eps = 0 is plain DPO. Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)); the
-    rewards are the implicit rewards beta * log(pi / pi_ref) (eq. 5 without beta log Z(x),
-    which cancels in the difference), detached: they are for logging only."""
-    pi_logratios = policy_chosen_logps - policy_rejected_logps       # log pi(y_w)/pi(y_l)
-    ref_logratios = ref_chosen_logps - ref_rejected_logps            # same under the reference
-    h = pi_logratios - ref_logratios                                  # (B,)
+    eps = 0 is plain DPO. loss_type (TRL's names), with chosen/rejected_lengths (B,) the token counts:
+      'sigmoid_norm'  every log-prob divided by its completion's length (length-normalised DPO, TRL
+                      sigmoid_norm; Tulu 3, Lambert et al. 2024): h = [log pi(y_w) - log pi_ref(y_w)] / |y_w| - ...
+      'simpo'         no reference, a target margin gamma (SimPO, Meng, Xia, Chen 2024):
+                      h = log pi(y_w) / |y_w| - log pi(y_l) / |y_l| - gamma / beta  (the ref inputs are unused)
+    Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)); the rewards are the implicit
+    rewards beta * log(pi / pi_ref) (eq. 5 without beta log Z(x), which cancels in the difference; per
+    token for the variants, SimPO's beta * mean log pi), detached: they are for logging only."""
+    pc, pr, rc, rr = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    if loss_type in ("sigmoid_norm", "simpo"):
+        C.check(chosen_lengths is not None and rejected_lengths is not None, f"{loss_type} needs the lengths")
+        pc, pr = pc / chosen_lengths, pr / rejected_lengths
+        rc, rr = (rc / chosen_lengths, rr / rejected_lengths) if loss_type == "sigmoid_norm" else (0.0, 0.0)
+    elif loss_type != "sigmoid":
+        raise C.InputError(f"loss_type={loss_type!r}: choose sigmoid, sigmoid_norm or simpo")
+    pi_logratios = pc - pr                                            # log pi(y_w)/pi(y_l)
+    ref_logratios = rc - rr                                           # same under the reference
+    h = pi_logratios - ref_logratios - (gamma / beta if loss_type == "simpo" else 0.0)   # (B,)
     # log sigma via logsigmoid: stable for large |beta h| (no log(0))
     losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
+    chosen_rewards = beta * (pc - rc).detach()
+    rejected_rewards = beta * (pr - rr).detach()
     return losses, chosen_rewards, rejected_rewards
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Direct Preference Optimization (Rafailov et al. 2023) + win rate")
-    p.add_argument("--model", default="tiny", help="start (SFT) model: built-in name, local folder or hub id; "
-                   "also the reference")
+    p.add_argument("--model", default="tiny", help="start (SFT) model and reference: built-in, folder or hub id")
     p.add_argument("--dataset", default=None, help="preference pairs: hub id (UltraFeedback binarized, hh-rlhf) or "
                    "local .jsonl/.json/.parquet (or .gz); default: built-in task pairs")
-    p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic, "
-                   "countdown or swaps (the logic puzzle; --model tiny then means tiny-swaps)")
+    p.add_argument("--task", default="arithmetic", help="built-in task: arithmetic, countdown or swaps (tiny-swaps)")
     p.add_argument("--skip-bad-rows", action="store_true", help="--dataset: drop (and count) rows with a missing "
                    "field, empty text or chosen == rejected instead of stopping")
     p.add_argument("--builtin", default="model", choices=["model", "corrupt"], help="built-in pairs' rejected "
                    "answers: the start model's own wrong samples, or hand-made errors (dropped carry, off-by-one)")
-    p.add_argument("--sample-tries", type=int, default=2, help="--builtin model: answers sampled per prompt to find "
-                   "a wrong one")
+    p.add_argument("--sample-tries", type=int, default=2, help="--builtin model: samples per prompt to find a mistake")
     p.add_argument("--sample-temperature", type=float, default=0.7, help="--builtin model: sampling temperature")
     p.add_argument("--n-pairs", type=int, default=4096, help="training pairs at most (rows of --dataset; --builtin "
                    "model: prompts sampled, pairs = those with a wrong answer)")
     p.add_argument("--steps", type=int, default=120, help="optimizer updates")
-    p.add_argument("--batch-size", type=int, default=32, help="GLOBAL batch in pairs (split evenly over "
-                   "torchrun ranks)")
+    p.add_argument("--batch-size", type=int, default=32, help="GLOBAL batch in pairs (split over torchrun ranks)")
     p.add_argument("--micro-batch-size", type=int, default=0, help="pairs per forward pass per rank (gradient "
                    "accumulation); 0 = whole local batch")
-    p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (tiny: 2e-5; 1e-4 lowered the "
-                   "earlier start model's accuracy; real models: ~5e-7)")
+    p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (real models: ~5e-7)")
     p.add_argument("--warmup-steps", type=int, default=5, help="linear lr warmup, then constant")
-    p.add_argument("--beta", type=float, default=0.1, help="KL strength beta of eq. 3 / inverse temperature of the "
-                   "implicit reward (TRL's default)")
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO: assumed label-flip probability in "
-                   "[0, 0.5)")
-    p.add_argument("--rpo-alpha", type=float, default=8.0, help="weight of the chosen answer's per-token NLL added "
-                   "to the loss (RPO, Pang et al. 2024, use 1; TRL rpo_alpha); tiny: 8; 0 = plain DPO, which "
-                   "collapsed the earlier start model's task accuracy")
+    p.add_argument("--beta", type=float, default=0.1, help="KL strength beta of eq. 3 (TRL's default)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO: assumed label-flip probability in [0, .5)")
+    p.add_argument("--loss-type", default="sigmoid", choices=["sigmoid", "sigmoid_norm", "simpo"], help="DPO, "
+                   "length-normalised DPO or SimPO (dpo_loss; the normalised ones want a larger --beta, e.g. 2)")
+    p.add_argument("--simpo-gamma", type=float, default=0.5, help="SimPO's target reward margin gamma")
+    p.add_argument("--rpo-alpha", type=float, default=8.0, help="weight of the chosen answer's per-token NLL (RPO, "
+                   "Pang et al. 2024, use 1; TRL rpo_alpha); 0 = plain DPO (README: it collapses the tiny task)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
     p.add_argument("--max-len", type=int, default=1024, help="max tokens of prompt + completion (completions are cut)")
     p.add_argument("--max-prompt-len", type=int, default=512, help="pairs whose prompt is longer (tokens) are dropped")
@@ -113,18 +123,15 @@ def parse_args(argv):
     p.add_argument("--ref-on-the-fly", action="store_true", help="keep the reference model and compute its log-probs "
                    "every step (default: precompute once, no second model)")
     p.add_argument("--log-every", type=int, default=1, help="log training metrics every N steps")
-    p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (0 = only before "
-                   "and after)")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (0: before and after)")
     p.add_argument("--eval-n", type=int, default=C.HELDOUT_N, help="held-out pairs / test problems (built in: "
                    "common.heldout) / win-rate prompts")
-    p.add_argument("--eval-winrate", action="store_true", help="judge greedy answers of the DPO model vs the start "
-                   "model: win/tie/loss")
+    p.add_argument("--eval-winrate", action="store_true", help="win/tie/loss of greedy answers vs the start model")
     p.add_argument("--eval-prompts", default=None, help="win-rate prompts: 'task' (built-in test prompts), 'heldout' "
                    "(held-out pair prompts) or a jsonl (MT-Bench questions: first turn)")
     p.add_argument("--judge", default=None, help="'verifier' (built-in task; the default there) or a reward-model "
                    "folder/hub id (higher score wins)")
-    p.add_argument("--judge-lm", default=None, help="judge LM (hub id/folder): MT-Bench pairwise prompt, both answer "
-                   "orders")
+    p.add_argument("--judge-lm", default=None, help="judge LM (hub id/folder): MT-Bench pairwise prompt, both orders")
     p.add_argument("--judge-max-new-tokens", type=int, default=512, help="judge LM's budget for explanation + verdict")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length for accuracy and win-rate")
     p.add_argument("--save-every", type=int, default=0, help="write <out>/checkpoint every N steps (0 = never)")
@@ -133,7 +140,7 @@ def parse_args(argv):
     args = p.parse_args(argv)
     C.check_flags(args, {"> 0": "n_pairs sample_tries steps batch_size max_len max_prompt_len log_every eval_n "
                                 "max_new_tokens judge_max_new_tokens lr beta sample_temperature",
-                         ">= 0": "micro_batch_size warmup_steps eval_every save_every rpo_alpha"})
+                         ">= 0": "micro_batch_size warmup_steps eval_every save_every rpo_alpha simpo_gamma"})
     C.check(0 <= args.label_smoothing < 0.5, f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
     C.check(not (args.judge and args.judge_lm), "give --judge or --judge-lm, not both")
     C.check(not (args.fsdp and (args.save_every or args.resume)),
@@ -222,12 +229,14 @@ def main(argv=None):
     if args.ref_on_the_fly:  # a frozen copy of the start model (memory: a second model)
         ref, _ = C.load_model(args.model, trust_remote_code=args.trust_remote_code)
         ref.eval().requires_grad_(False)
-    all_logps = lambda m, pairs: C.sharded(lambda chunk: C.pair_logps(m, tok, chunk, max_len)[:2], pairs, micro)
+    all_logps = lambda m, pairs: C.sharded(lambda chunk: C.pair_logps(m, tok, chunk, max_len), pairs, micro)
+    loss_fn = lambda pc, pr, rc, rr, n_c, n_r: dpo_loss(pc, pr, rc, rr, args.beta, args.label_smoothing,
+                                                        args.loss_type, n_c, n_r, args.simpo_gamma)
 
-    def heldout_eval(ref_c, ref_r):
+    def heldout_eval(ref_c, ref_r, n_c, n_r):
         """Held-out preference metrics (+ verifier accuracy on the built-in task)."""
-        pc, pr = all_logps(model, heldout)
-        _, cr, rr = dpo_loss(pc, pr, ref_c, ref_r, args.beta)
+        pc, pr = all_logps(model, heldout)[:2]
+        _, cr, rr = loss_fn(pc, pr, ref_c, ref_r, n_c, n_r)
         res = dict(heldout_reward_acc=(cr > rr).float().mean().item(), heldout_reward_margin=(cr - rr).mean().item(),
                    heldout_likelihood_acc=(pc > pr).float().mean().item(),  # pi(y_w) > pi(y_l): needs no reference
                    heldout_logp_chosen=pc.mean().item(), heldout_logp_rejected=pr.mean().item())
@@ -250,7 +259,7 @@ def main(argv=None):
         # before its first update; no second model is ever held in memory (unless --ref-on-the-fly).
         start, extra = 0, dict(config=cfg)
         extra["heldout_ref"] = all_logps(ref or model, heldout)
-        extra["train_ref"] = None if ref else all_logps(model, train)
+        extra["train_ref"] = None if ref or args.loss_type == "simpo" else all_logps(model, train)
         extra["before"] = heldout_eval(*extra["heldout_ref"])
         extra["start_answers"] = C.greedy_answers(model, tok, win_prompts, args.max_new_tokens)
     logger = C.Logger(args.out, vars(args), args.wandb, resume_step=start - 1 if args.resume else None)
@@ -270,14 +279,15 @@ def main(argv=None):
             stats = torch.zeros(7, dtype=torch.float64)
             for chunk in C.micro_batches(ddp, idx, micro):  # the same count on every rank
                 pairs = [train[i] for i in chunk]
-                pc, pr, n_c = C.pair_logps(ddp, tok, pairs, max_len)
-                if ref is not None:
+                pc, pr, n_c, n_r = C.pair_logps(ddp, tok, pairs, max_len)
+                if args.loss_type == "simpo":  # reference-free
+                    rc = rr = torch.zeros_like(pc)
+                elif ref is not None:
                     with torch.no_grad():
-                        rc, rr, _ = C.pair_logps(ref, tok, pairs, max_len)
+                        rc, rr = C.pair_logps(ref, tok, pairs, max_len)[:2]
                 else:
-                    rc, rr = (t[chunk].to(pc.device) for t in extra["train_ref"])
-                losses, c_rew, r_rew = dpo_loss(pc.float(), pr.float(), rc.float(), rr.float(), args.beta,
-                                                args.label_smoothing)
+                    rc, rr = (t[chunk].to(pc.device) for t in extra["train_ref"][:2])
+                losses, c_rew, r_rew = loss_fn(pc.float(), pr.float(), rc.float(), rr.float(), n_c, n_r)
                 # RPO (Pang et al. 2024): + alpha * per-token NLL of the chosen answer keeps
                 # log pi(y_w) from falling along with log pi(y_l) (see --rpo-alpha)
                 losses = losses + args.rpo_alpha * (-pc.float() / n_c)

@@ -230,13 +230,13 @@ def main(argv=None):
             ref = {}
             for b in range(nb):
                 idx = C.DIST.shard(order[b * args.batch_size:(b + 1) * args.batch_size])
-                rc, rr, _ = C.pair_logps(policy, tok, [pairs[i] for i in idx])
+                rc, rr = C.pair_logps(policy, tok, [pairs[i] for i in idx])[:2]
                 ref.update({i: (c, r) for i, c, r in zip(idx, rc.tolist(), rr.tolist())})
         policy.train()
         for epoch in range(args.epochs):
             for b in tqdm(range(nb), desc=f"round {rnd} dpo", disable=not d.master or None, leave=False):
                 idx = C.DIST.shard(order[b * args.batch_size:(b + 1) * args.batch_size])
-                pc, pr, n_c = C.pair_logps(ddp, tok, [pairs[i] for i in idx])
+                pc, pr, n_c, _ = C.pair_logps(ddp, tok, [pairs[i] for i in idx])
                 rc = torch.tensor([ref[i][0] for i in idx], device=d.device)
                 rr = torch.tensor([ref[i][1] for i in idx], device=d.device)
                 losses, cr, rjr = dpo_loss(pc, pr, rc, rr, args.beta)

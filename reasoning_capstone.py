@@ -129,12 +129,12 @@ def run_dpo(sft_model, tok, cands, args):
     model.eval()
     with torch.no_grad():
         ref = [C.pair_logps(model, tok, pairs[i:i + 64]) for i in range(0, len(pairs), 64)]
-    ref_c, ref_r = torch.cat([c for c, _, _ in ref]), torch.cat([r for _, r, _ in ref])
+    ref_c, ref_r = torch.cat([r[0] for r in ref]), torch.cat([r[1] for r in ref])
     model.train()
     ddp, opt = C.ddp(model), torch.optim.AdamW(model.parameters(), lr=args.dpo_lr, weight_decay=0.0)
     for step in tqdm(range(args.dpo_steps), desc="dpo", disable=not C.DIST.master or None, leave=False):
         idx = C.DIST.shard(random.Random(args.seed * 1000 + step).sample(range(len(pairs)), args.batch_size))
-        pc, pr, n_c = C.pair_logps(ddp, tok, [pairs[i] for i in idx])
+        pc, pr, n_c, _ = C.pair_logps(ddp, tok, [pairs[i] for i in idx])
         losses = dpo_loss(pc, pr, ref_c[idx].to(pc.device), ref_r[idx].to(pc.device), args.beta)
         loss = (losses + args.rpo_alpha * -pc / n_c).mean()
         C.nan_guard(loss, step)

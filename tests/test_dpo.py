@@ -31,6 +31,30 @@ def test_dpo_loss_by_hand():
     assert math.isclose(pc.grad[0].item(), -0.1344707, abs_tol=1e-6) and pc.grad[1].item() == 0.0
 
 
+def test_length_normalised_dpo_and_simpo_by_hand():
+    # The pairs above with lengths |y_w| = (2, 4), |y_l| = (4, 1), beta 2.
+    pc, pr = torch.tensor([-5.0, -3.0], requires_grad=True), torch.tensor([-7.0, -2.0])
+    rc, rr = torch.tensor([-6.0, -3.0]), torch.tensor([-6.0, -3.0])
+    nc, nr = torch.tensor([2.0, 4.0]), torch.tensor([4.0, 1.0])
+    # sigmoid_norm: h = (pc - rc) / nc - (pr - rr) / nr: pair 1 (1/2) - (-1/4) = 0.75, pair 2 0 - 1 = -1
+    losses, cr, rj = dpo.dpo_loss(pc, pr, rc, rr, beta=2.0, loss_type="sigmoid_norm", chosen_lengths=nc,
+                                  rejected_lengths=nr)
+    want = torch.nn.functional.softplus(-2.0 * torch.tensor([0.75, -1.0]))   # -log sigma(beta h)
+    assert torch.allclose(losses, want, atol=1e-6)
+    assert torch.allclose(cr, torch.tensor([1.0, 0.0])) and torch.allclose(rj, torch.tensor([-0.5, 2.0]))
+    # SimPO, gamma 0.5: beta h = beta (pc / nc - pr / nr) - gamma, no reference: pair 1 2 (-2.5 + 1.75) - 0.5 = -2,
+    # pair 2 2 (-0.75 + 2) - 0.5 = 2; the reference inputs do not matter
+    losses, cr, rj = dpo.dpo_loss(pc, pr, rc * 0 + 9, rr, beta=2.0, loss_type="simpo", chosen_lengths=nc,
+                                  rejected_lengths=nr, gamma=0.5)
+    assert torch.allclose(losses, torch.nn.functional.softplus(-torch.tensor([-2.0, 2.0])), atol=1e-6)
+    assert torch.allclose(cr, torch.tensor([-5.0, -1.5])) and torch.allclose(rj, torch.tensor([-3.5, -4.0]))
+    # d loss1 / d pc1 = -sigma(-beta h) beta / nc = -sigma(2) * 2 / 2
+    losses[0].backward()
+    assert math.isclose(pc.grad[0].item(), -torch.sigmoid(torch.tensor(2.0)).item(), abs_tol=1e-6)
+    with pytest.raises(C.InputError):
+        dpo.dpo_loss(pc, pr, rc, rr, loss_type="simpo")   # no lengths
+
+
 def test_judge_verdicts_and_both_orders():
     assert C.parse_verdict("A is better. [[A]]") == "A"
     assert C.parse_verdict("I first thought [[A]] but final verdict: [[B]]") == "B"
