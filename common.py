@@ -42,7 +42,8 @@ def check(cond, msg):
 
 
 RULES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, ">= 2": lambda v: v >= 2,
-         "in [0, 1)": lambda v: 0 <= v < 1, "in (0, 1]": lambda v: 0 < v <= 1, "in [0, 1]": lambda v: 0 <= v <= 1}
+         "in [0, 1)": lambda v: 0 <= v < 1, "in (0, 1]": lambda v: 0 < v <= 1, "in [0, 1]": lambda v: 0 <= v <= 1,
+         "in (0, 1)": lambda v: 0 < v < 1}
 
 
 def check_flags(args, rules):
@@ -1461,6 +1462,16 @@ def logits_logprobs(logits, labels, entropy=False, chunk=8):
     return (lp, torch.cat(ents)) if entropy else lp
 
 
+@torch.no_grad()
+def forward_chunks(fn, ids, attn, n, size):
+    """fn(ids, attn, n) without grad, `size` rows at a time (old-policy / reference passes over a rollout),
+    each output concatenated over the rows: one tensor, or a list of them (an output that is None stays None)."""
+    outs = [fn(ids[i:i + size], attn[i:i + size], n) for i in range(0, len(ids), size)]
+    if torch.is_tensor(outs[0]):
+        return torch.cat(outs)
+    return [None if o[0] is None else torch.cat(o) for o in zip(*outs)]
+
+
 def seq_logps(model, tok, prompts, completions, max_len=None):
     """log pi(y|x) summed over each completion's tokens (end token included), and the token counts:
     two (B,) tensors, one forward pass. The per-token mean is the first divided by the second."""
@@ -1683,9 +1694,9 @@ def take_batch(order, rng, n, size):
 
 
 def micro_batches(model, rows, size, amp=True):
-    """Gradient accumulation: yield `rows` `size` at a time, each under autocast (amp). A DDP model skips the
-    gradient all-reduce (no_sync) on all but the last chunk, so the ranks average once per update (every
-    rank must see the same number of chunks); FSDP and a single process reduce as they go."""
+    """Gradient accumulation: yield `rows` `size` at a time, each under autocast (amp=False: none). A DDP
+    model skips the gradient all-reduce (no_sync) on all but the last chunk, so the ranks average once per
+    update (every rank must see the same number of chunks); FSDP and a single process reduce as they go."""
     chunks = [rows[i:i + size] for i in range(0, len(rows), size)]
     for k, chunk in enumerate(chunks):
         wait = k < len(chunks) - 1 and isinstance(model, torch.nn.parallel.DistributedDataParallel)
@@ -1852,18 +1863,22 @@ def read_metrics(out):
     return [json.loads(l) for l in open(path)] if os.path.exists(path) else []
 
 
+def distinct_n(seqs, n=2):
+    """Distinct-n (Li et al. 2016): unique n-grams / all n-grams over a set of samples (lists of tokens)."""
+    grams = [tuple(s[i:i + n]) for s in seqs for i in range(len(s) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
 def diversity(texts):
-    """Diversity of a set of samples over whitespace words: distinct-1 and distinct-2 (Li et al. 2016:
-    unique n-grams / all n-grams) and self-similarity (mean Jaccard overlap of the word sets of all pairs
-    of samples, over at most 300 of them: 1 = every sample the same words, 0 = no word shared)."""
+    """Diversity of a set of samples over whitespace words: distinct-1 and distinct-2 (distinct_n) and
+    self-similarity (mean Jaccard overlap of the word sets of all pairs of samples, over at most 300 of
+    them: 1 = every sample the same words, 0 = no word shared)."""
     words = [t.lower().split() for t in texts]
-    grams = lambda n: [tuple(w[i:i + n]) for w in words for i in range(len(w) - n + 1)]
-    d1, d2 = grams(1), grams(2)
     sets = [set(w) for w in words]
     sets = sets if len(sets) <= 300 else random.Random(0).sample(sets, 300)  # a fixed sample of pairs: O(300^2)
     pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1:]]
     jac = [len(a & b) / max(len(a | b), 1) for a, b in pairs]
-    return dict(distinct_1=len(set(d1)) / max(len(d1), 1), distinct_2=len(set(d2)) / max(len(d2), 1),
+    return dict(distinct_1=distinct_n(words, 1), distinct_2=distinct_n(words, 2),
                 self_similarity=float(np.mean(jac)) if jac else 0.0)
 
 

@@ -133,9 +133,7 @@ def rank_advantages(rewards, group_size, scale, estimator="grpo"):
 
 def batch_logprobs(model, ids, attn, n_completion, micro_batch):
     """log π (B, n_completion) without grad, micro_batch rows at a time (old / reference policy)."""
-    with torch.no_grad():
-        return torch.cat([C.token_logprobs(model, ids[i:i + micro_batch], attn[i:i + micro_batch], n_completion)
-                          for i in range(0, ids.shape[0], micro_batch)])
+    return C.forward_chunks(lambda *a: C.token_logprobs(model, *a), ids, attn, n_completion, micro_batch)
 
 
 def accumulate_policy_grads(model, ids, attn, loss_mask, adv, old_logps, ref_logps, micro_batch, step=0, amp=True,

@@ -1,82 +1,57 @@
 """ppo_lm.py: PPO for language models with a value head and a KL penalty (RLHF step 3), from scratch.
 
-RLHF fine-tunes a policy π_θ (initialised from the SFT model) to maximise a reward r(x, y)
-while staying close to the frozen SFT model π_ref (Ziegler et al. 2019, "Fine-Tuning Language
-Models from Human Preferences", arXiv:1909.08593; Stiennon et al. 2020; InstructGPT, Ouyang et
-al. 2022, eq. 2):   maximise  E[ r(x, y) ] - β KL(π_θ(·|x) || π_ref(·|x)).
-Each generated token is one action of an episode that ends at EOS. Per token t of a completion
+RLHF fine-tunes a policy π_θ (initialised from the SFT model) to maximise a reward while staying close to the
+frozen SFT model π_ref (Ziegler, Stiennon, Wu, Brown, Radford, Amodei, Christiano, Irving 2019, "Fine-Tuning
+Language Models from Human Preferences", arXiv:1909.08593; Stiennon et al. 2020; InstructGPT, Ouyang et al.
+2022, eq. 2):   maximise  E[ r(x, y) ] - β KL(π_θ(·|x) || π_ref(·|x)).
+Each generated token is one action of an episode that ends at EOS; per token t of a completion
     r_t = -β (log π_old(y_t) - log π_ref(y_t))          (k1 KL penalty; --kl-estimator k3 optional)
     r_T += score(x, y)                                   (the reward model's score, last token only)
-A value head V(s_t) on the policy's last hidden state turns these into per-token advantages with
-GAE (Schulman et al. 2016), whitened over the batch, and PPO (Schulman et al. 2017) takes
---ppo-epochs passes of clipped policy + clipped value updates over minibatches of each rollout.
-β is fixed, or adaptive (Ziegler et al. 2019 sec. 2.2: nudged towards a target KL, --kl-target).
-
-Value head vs separate critic: V is a Linear on the policy's last-layer hidden states (as in
-TRL's AutoModelForCausalLMWithValueHead and the gpt2-sentiment notebook), not InstructGPT's
-separate critic initialised from the reward model: the RM may use another tokenizer (the
-sentiment demo scores GPT-2 text with DistilBERT), so it cannot give per-token values for the
-policy's tokens; and a shared trunk keeps one policy-sized model in memory instead of two.
-The price: the value loss (weighted by --vf-coef) also moves the policy's trunk (detaching the
-hidden states instead changed nothing measurable on the earlier start model; not re-measured).
+A value head V(s_t) turns these into per-token advantages with GAE (Schulman et al. 2016), whitened over the
+batch, and PPO (Schulman, Wolski, Dhariwal, Radford, Klimov 2017, "Proximal Policy Optimization Algorithms",
+arXiv:1707.06347) takes --ppo-epochs passes of clipped policy + clipped value updates over minibatches of each
+rollout. β is fixed, or adaptive (Ziegler et al. 2019 sec. 2.2: nudged towards --kl-target).
+V is a Linear on the policy's last hidden states (TRL's AutoModelForCausalLMWithValueHead), not InstructGPT's
+critic initialised from the RM: the RM may use another tokenizer (DistilBERT scoring GPT-2 text), and a shared
+trunk keeps one policy-sized model in memory; the price: the value loss (--vf-coef) also moves the trunk.
 
 Run:
     python ppo_lm.py                         # tiny model, verifier reward (1/0) on 3-digit addition, CPU
-    python reward_model.py && python ppo_lm.py --reward-model out/reward_model/model    # the full loop SFT -> RM -> PPO
-    python ppo_lm.py --task reviews          # week 3: positive movie reviews (built-in policy, sentiment RM, gold rule)
+    python reward_model.py && python ppo_lm.py --reward-model out/reward_model/model    # SFT -> RM -> PPO
+    python ppo_lm.py --task reviews          # week 3: positive movie reviews (README 'The reviews world')
     python ppo_lm.py --task reviews --kl-sweep 0.01,0.05,0.2,adaptive --kl-target 6   # week 4: the alignment tax
-    python ppo_lm.py --reward-model out/reward_model/model --kl-sweep 0.01,0.05,0.2 --steps 40   # the same on arithmetic
-    python reward_model.py --train-size 64 --out out/rm_weak && \
-        python ppo_lm.py --reward-model out/rm_weak/model --overopt --steps 40   # week 4: overoptimization (Gao et al. 2022)
-    python ppo_lm.py --model lvwerra/gpt2-imdb --reward-model lvwerra/distilbert-imdb --dataset stanfordnlp/imdb \
-        --max-new-tokens 16 --batch-size 256 --mini-batch 64 --micro-batch 64 --lr 1.41e-5 --init-kl-coef 0.2 \
-        --kl-target 6 --ppo-epochs 4 --steps 100 --eval-n 256   # positive reviews; TRL's old notebook (its β,
-        # target, lr and 4 epochs): 0.24 -> 2.48
+    python reward_model.py --train-size 64 --out out/rm_weak && \\
+        python ppo_lm.py --reward-model out/rm_weak/model --overopt --steps 40   # overoptimization (Gao et al. 2022)
+    python ppo_lm.py --model lvwerra/gpt2-imdb --reward-model lvwerra/distilbert-imdb --dataset stanfordnlp/imdb \\
+        --max-new-tokens 16 --batch-size 256 --mini-batch 64 --micro-batch 64 --lr 1.41e-5 --init-kl-coef 0.2 \\
+        --kl-target 6 --ppo-epochs 4 --steps 100 --eval-n 256   # TRL's old notebook (it reported 0.24 -> 2.48)
     torchrun --nproc_per_node 4 ppo_lm.py --model ... --batch-size 256    # rollouts sharded over ranks
-Measured (mean ± sd over seeds 0-2, the shared held-out set; README 'PPO ablation', command
-`python tests/bench/cross_algorithm.py --seeds 0,1,2 --only ppo_lm --extra="--ppo-epochs 4"`): the number of
-passes over each rollout batch is what mattered most. With TRL's 4 (8 AdamW updates per 64 completions) greedy
-accuracy went 0.482 -> 0.885 ± 0.090; with 1 (2 updates), the default, 0.991 ± 0.006, as high as grpo.py at
-the same 3,840 completions (0.990 ± 0.007). GAE λ = 1 alone (0.943 ± 0.027) or rollouts at T = 0.7 alone
-(0.948 ± 0.019) were not separable from the old default, nor better together with 2 epochs (0.910 ± 0.081).
-The reviews world (--task reviews, common.make_reviews): prompts "Review: <opener><aspect>", a policy
-pretrained on a mix of positive, negative and neutral reviews (`tiny-reviews`, a third each, built and
-cached like tiny), the reward the built-in sentiment RM (`tiny-reviews-rm`: reward_model.py --task reviews,
-positive preferred over the rest), and the verdict the gold rule (common.review_polarity: sentiment words
-counted, "not" flipping the next one) that no model trained on: gold_sampled = the positive share of the
-held-out samples. Diversity: word distinct-1/2 and self-similarity (common.diversity); in a --kl-sweep
-the alignment tax is the word distinct-2 lost per unit of gold positive share gained (tax_frontier.png).
-Sentiment on real data: prompts are 2-8 token prefixes of the dataset's `text` field; the reward is the
-classifier's logit for --reward-label (default: 1 = positive for 2-class models; the logit of 1-label
-RMs). The RM reads the decoded prompt + completion with its own tokenizer. Outputs in --out:
-metrics.jsonl, curves.png, summary.json (held-out proxy score, KL to the reference, gold accuracy and
-diversity before/after), model/ (HF folder + value_head.pt), checkpoint/ (--save-every, Ctrl-C).
+A `text` dataset's prompts are its rows' first 2-8 tokens (TRL's gpt2-sentiment); the reward is the logit
+--reward-label of the decoded prompt + completion, read by the classifier with its own tokenizer. Measured
+results: README 'PPO ablation'; the reviews world's gold rule and alignment tax: README 'The reviews world'.
+Outputs in --out: metrics.jsonl, curves.png, summary.json (held-out proxy score, KL to the reference, gold
+accuracy and diversity before/after), model/ (HF folder + value_head.pt), checkpoint/ (--save-every, Ctrl-C).
 
-Simplified vs the papers: one sample per prompt, a fixed completion budget (TRL's notebook drew
-4-16 tokens), no reward normalisation, no pretraining-loss mix (InstructGPT's PPO-ptx), no value
-head warm-up; a completion cut off by the budget is treated as finished (scored, no bootstrap);
-a constant learning rate.
+Simplified vs the papers: one sample per prompt, a fixed completion budget (TRL's notebook drew 4-16 tokens),
+no reward normalisation, no pretraining-loss mix (InstructGPT's PPO-ptx), no value head warm-up; a completion
+cut off by the budget is treated as finished (scored, no bootstrap); a constant learning rate.
 """
-import argparse, contextlib, copy, json, os, random, time
+import argparse, copy, os, random, time
 
 import numpy as np
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from common import (DIST, HELDOUT_N, HELDOUT_SEED, REVIEWS_RM, SKIP_BAD_ROWS, Logger, all_gather_list, all_reduce_mean,
-                    check, cleanup, diversity, evaluate, friendly_errors, generate, heldout, load_checkpoint, load_model,
-                    load_problems, logits_logprobs, make_task, nan_guard, plot_metrics, position_ids, print0, read_rows,
-                    require, rm_score, rng_state, save_checkpoint, save_pretrained_atomic, setup, task_model, verify,
-                    warn_unknown_chars, write_summary)
+import common as C
 
 # ----------------------------------------------------------------------------- the pieces of PPO-RLHF
 
 
 def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     """Generalized Advantage Estimation over the tokens of each completion (Schulman et al. 2016, eq. 16).
-    rewards, values, mask: (B, T); mask 1 = a real token (an action). Masked positions are skipped as
-    if absent (their rewards and values are never read); after a row's last real token V = 0.
+    rewards, values, mask: (B, T); mask 1 = a real token (an action). Masked positions are skipped as if absent
+    (their rewards and values are never read); after a row's last real token V = 0.
         delta_t = r_t + gamma V(s_t+1) - V(s_t),   A_t = delta_t + gamma lam A_t+1,   R_t = A_t + V(s_t)
     Returns advantages, returns: (B, T), 0 at masked positions."""
     m = mask.bool()
@@ -90,14 +65,14 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     return adv, torch.where(m, adv + values, torch.zeros_like(adv))
 
 
-def ppo_loss(logprobs, old_logprobs, values, old_values, advantages, returns, mask, clip_eps=0.2, vf_clip=0.2, vf_coef=0.1):
+def ppo_loss(logprobs, old_logprobs, values, old_values, advantages, returns, mask, clip_eps=0.2, vf_clip=0.2,
+             vf_coef=0.1):
     """Clipped PPO loss to minimise (Schulman et al. 2017, eq. 7 and 9), a token mean over `mask`.
     All (B, T): log π_θ(y_t) (with grad), log π_old(y_t) (rollout), V_θ(s_t) (with grad), V_old(s_t),
     advantages A_t (whitened), returns R_t = A_t + V_old(s_t), mask (1 = real token).
-        ρ_t   = exp(log π_θ - log π_old)
-        L_pg  = mean_t max(-A_t ρ_t, -A_t clip(ρ_t, 1 - ε, 1 + ε))
-        L_vf  = mean_t 1/2 max((V - R)^2, (V_old + clip(V - V_old, -ε_v, ε_v) - R)^2)   (vf_clip=None: no clip)
-        loss  = L_pg + vf_coef * L_vf
+        ρ_t = exp(log π_θ - log π_old),   L_pg = mean_t max(-A_t ρ_t, -A_t clip(ρ_t, 1 - ε, 1 + ε))
+        L_vf = mean_t 1/2 max((V - R)^2, (V_old + clip(V - V_old, -ε_v, ε_v) - R)^2)   (vf_clip=None: no clip)
+        loss = L_pg + vf_coef * L_vf
     Returns (loss, stats: pg_loss, vf_loss, clip_frac, vf_clip_frac, approx_kl), stats detached."""
     m = mask.bool()
     n = m.sum().clamp(min=1)
@@ -108,9 +83,9 @@ def ppo_loss(logprobs, old_logprobs, values, old_values, advantages, returns, ma
     vf1 = (values - returns) ** 2
     vf2 = vf1 if vf_clip is None else (old_values + (values - old_values).clamp(-vf_clip, vf_clip) - returns) ** 2
     pg_loss, vf_loss = mean(torch.max(pg1, pg2)), 0.5 * mean(torch.max(vf1, vf2))
-    with torch.no_grad():
+    with torch.no_grad():  # approx_kl: k3 of KL(π_old || π_θ)
         stats = dict(pg_loss=pg_loss.detach(), vf_loss=vf_loss.detach(), clip_frac=mean((pg2 > pg1).float()),
-                     vf_clip_frac=mean((vf2 > vf1).float()), approx_kl=mean(ratio - 1 - log_ratio))  # k3 of π_old||π_θ
+                     vf_clip_frac=mean((vf2 > vf1).float()), approx_kl=mean(ratio - 1 - log_ratio))
     return pg_loss + vf_coef * vf_loss, stats
 
 
@@ -131,7 +106,7 @@ def token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, estimator="k1")
 def masked_whiten(x, mask, eps=1e-8):
     """(x - mean) / std over the real tokens of all ranks (TRL's masked_whiten); 0 at masked positions."""
     m = mask.float()
-    n, s, ss = all_reduce_mean(torch.stack([m.sum(), (x * m).sum(), (x * x * m).sum()]).double()).tolist()
+    n, s, ss = C.all_reduce_mean(torch.stack([m.sum(), (x * m).sum(), (x * x * m).sum()]).double()).tolist()
     mean = s / n
     var = (ss / n - mean ** 2) * n / max(n - 1, 1)               # unbiased, like TRL
     return (x - mean) / (max(var, 0.0) + eps) ** 0.5 * m
@@ -150,14 +125,14 @@ class AdaptiveKLController:
 
 
 def lm_forward(lm, v_head, ids, attn, n, temperature=1.0):
-    """log π(y_t) (B, n) of the last n tokens, the value V(s_t) (B, n) (None without a head) and the
-    per-token entropy (B, n, detached). ids/attn: [left-padded prompt | completion]. Position j's hidden
-    state has read tokens <= j: it predicts token j+1 and is the state s_t in which that token is chosen.
-    π is the sampling distribution softmax(logits / temperature), as in TRL: the rollouts came from it."""
-    out = lm(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), logits_to_keep=n + 1,
+    """log π(y_t) (B, n) of the last n tokens, the value V(s_t) (B, n) (None without a head) and the per-token
+    entropy (B, n, detached). ids/attn: [left-padded prompt | completion]. Position j's hidden state has read
+    tokens <= j: it predicts token j+1 and is the state s_t in which that token is chosen. π is the sampling
+    distribution softmax(logits / temperature), as in TRL: the rollouts came from it."""
+    out = lm(input_ids=ids, attention_mask=attn, position_ids=C.position_ids(attn), logits_to_keep=n + 1,
              output_hidden_states=v_head is not None)
     logits = out.logits[:, :-1] if temperature == 1.0 else out.logits[:, :-1] / temperature
-    lp, ent = logits_logprobs(logits, ids[:, -n:], entropy=True)   # (B, n) each, chunked softmax
+    lp, ent = C.logits_logprobs(logits, ids[:, -n:], entropy=True)   # (B, n) each, chunked softmax
     if v_head is None:
         return lp, None, ent
     h = out.hidden_states[-1][:, -(n + 1):-1]                         # (B, n, H)
@@ -177,321 +152,303 @@ class PolicyWithValue(nn.Module):
         return lm_forward(self.lm, self.v_head, ids, attn, n, self.temperature)
 
 
-@torch.no_grad()
-def batched(fn, ids, attn, n, micro):
-    """fn over micro-batches of rows without grad, outputs concatenated (old / reference pass)."""
-    outs = [fn(ids[i:i + micro], attn[i:i + micro], n) for i in range(0, len(ids), micro)]
-    return [None if o[0] is None else torch.cat(o) for o in zip(*outs)]
+distinct_n = C.distinct_n  # token distinct-n of the held-out samples (common.diversity: of their words)
 
-# ----------------------------------------------------------------------------- rewards and data
+# ----------------------------------------------------------------------------- flags
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="PPO-RLHF: a policy with a value head, a KL penalty and a reward model")
+    p.add_argument("--model", default="tiny", help="the SFT policy: 'tiny' (built in), a local HF folder or a hub id")
+    p.add_argument("--dataset", default=None, help="prompts: hub id or .jsonl/.json/.parquet (or .gz) of `text` rows "
+                   "(review prefixes) or GSM8K/Countdown/MATH rows; default: the built-in --task")
+    p.add_argument("--skip-bad-rows", action="store_true", help=C.SKIP_BAD_ROWS)
+    p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic, countdown, "
+                   "swaps or reviews (week 3; --model tiny then means tiny-<task>; reviews' RM: tiny-reviews-rm)")
+    p.add_argument("--reward", default=None, choices=["verifier", "model"],
+                   help="reward source (default: 'model' with --reward-model, else 'verifier' = 1 if correct)")
+    p.add_argument("--reward-model", default=None, help="sequence classifier: reward_model.py's <out>/model, or a "
+                   "hub classifier (lvwerra/distilbert-imdb)")
+    p.add_argument("--reward-label", type=int, default=None, help="which logit is the reward (default: 0 for 1-label "
+                   "RMs, 1 = positive for 2-class classifiers)")
+    p.add_argument("--missing-eos-penalty", type=float, default=0.0, help="subtract this from the score of "
+                   "completions that hit --max-new-tokens without EOS")
+    p.add_argument("--train-n", type=int, default=None, help="training prompts (default: 2000 built in, 5000 review "
+                   "prefixes, all GSM8K-style rows)")
+    p.add_argument("--eval-n", type=int, default=C.HELDOUT_N, help="held-out prompts (built in: common.heldout)")
+    p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out prompt (score, KL, diversity)")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps too (0: only "
+                   "before/after; --overopt sets it)")
+    C.add_run_flags(p, "ppo_lm")  # --out, --seed, --device, --wandb, --trust-remote-code
+    p.add_argument("--steps", type=int, default=60, help="PPO iterations (rollouts, rewards, GAE, updates)")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts (= completions) per rollout, all ranks")
+    p.add_argument("--mini-batch", type=int, default=32, help="completions per optimizer step, all ranks")
+    p.add_argument("--micro-batch", type=int, default=32, help="completions per forward/backward on one rank")
+    p.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch (1: measured best on "
+                   "the built-in task, README 'PPO ablation'; TRL's default is 4)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="completion budget (default 40; reviews 64)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature T of the rollouts; log π, "
+                   "its KL to π_ref and the entropy are those of softmax(logits / T), as in TRL")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for rollouts (1.0: off)")
+    p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate of the policy (policy gradients: "
+                   "~30x below SFT's)")
+    p.add_argument("--vf-lr", type=float, default=1e-3, help="AdamW learning rate of the (new) value head")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
+    p.add_argument("--init-kl-coef", type=float, default=0.05, help="β of the KL penalty (--kl-target: its start)")
+    p.add_argument("--kl-target", type=float, default=None, help="adaptive β: target KL (nats) per completion; TRL: 6")
+    p.add_argument("--kl-horizon", type=float, default=10000, help="adaptive β: controller horizon (completions)")
+    p.add_argument("--kl-estimator", default="k1", choices=["k1", "k3"], help="per-token KL in the reward: "
+                   "k1 = log π/π_ref, k3 = e^-k1 + k1 - 1")
+    p.add_argument("--gamma", type=float, default=1.0, help="discount over tokens")
+    p.add_argument("--lam", type=float, default=0.95, help="GAE λ (1 = Monte Carlo returns minus V)")
+    p.add_argument("--clip-eps", type=float, default=0.2, help="policy ratio clip ε")
+    p.add_argument("--vf-clip", type=float, default=0.2, help="value clip around the rollout's values (0 = none)")
+    p.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss")
+    p.add_argument("--kl-sweep", default=None, help="week 4: comma-separated fixed β values and 'adaptive' (the "
+                   "--kl-target controller): one run each + the alignment-tax table")
+    p.add_argument("--overopt", action="store_true", help="week 4: held-out proxy score and gold accuracy against KL "
+                   "during training (use a weak --reward-model)")
+    p.add_argument("--no-autocast", action="store_true", help="fp32 forward passes on GPUs too (default: bf16)")
+    p.add_argument("--save-every", type=int, default=0, help="write <out>/checkpoint every N steps (0: on Ctrl-C)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
+    args = p.parse_args(argv)
+    reviews = args.task == "reviews" and not args.dataset  # week 3's world: its sentiment RM is built in
+    args.max_new_tokens = args.max_new_tokens or (64 if reviews else 40)
+    if reviews:
+        args.reward_model = args.reward_model or (C.REVIEWS_RM if args.reward != "verifier" else None)
+    C.check_flags(args, {">= 1": "steps batch_size mini_batch micro_batch ppo_epochs max_new_tokens eval_n "
+                                 "eval_samples", "> 0": "lr vf_lr grad_clip temperature kl_horizon kl_target",
+                         ">= 0": "init_kl_coef missing_eos_penalty vf_clip vf_coef eval_every save_every",
+                         "in (0, 1]": "top_p", "in (0, 1)": "clip_eps", "in [0, 1]": "gamma lam"})
+    C.check(args.batch_size % args.mini_batch == 0,
+            f"--batch-size {args.batch_size} must be divisible by --mini-batch {args.mini_batch}")
+    args.reward = args.reward or ("model" if args.reward_model else "verifier")
+    C.check(args.reward == "verifier" or args.reward_model, "--reward model needs --reward-model <folder or hub id>")
+    C.check(not args.overopt or args.reward == "model", "--overopt needs a (weak) --reward-model, e.g. "
+            "`python reward_model.py --train-size 64 --out out/rm_weak` then --reward-model out/rm_weak/model")
+    if args.kl_sweep:
+        try:
+            args.kl_sweep = [b if b == "adaptive" else float(b) for b in args.kl_sweep.split(",")]
+        except ValueError:
+            C.check(False, f"--kl-sweep must be comma-separated numbers or 'adaptive', got {args.kl_sweep!r}")
+        C.check(all(b == "adaptive" or b >= 0 for b in args.kl_sweep), f"--kl-sweep values must be >= 0, got "
+                f"{args.kl_sweep}")
+        C.check("adaptive" not in args.kl_sweep or args.kl_target, "--kl-sweep ...,adaptive needs --kl-target <nats>")
+        C.check(not args.resume and not args.overopt, "--kl-sweep runs several fresh runs: not with --resume or "
+                "--overopt")
+    if args.overopt and not args.eval_every:
+        args.eval_every = max(1, args.steps // 10)
+    args.model = C.task_model(args.model, args.task, args.dataset)  # tiny-<task> for a task tiny never saw
+    return args
+
+# ----------------------------------------------------------------------------- rewards, data, rollouts
 
 
 def make_scorer(args, device):
-    """score(problems, texts) -> (B,) float: the verifier (1 = correct), or a classifier's logit
-    --reward-label of prompt + completion (common.rm_score: the classifier's own tokenizer/template)."""
+    """score(problems, texts) -> (B,): the verifier (1 = correct), or a classifier's logit --reward-label of
+    prompt + completion (C.rm_score: the classifier's own tokenizer and template)."""
     if args.reward == "verifier":
-        return lambda problems, texts: torch.tensor([float(verify(p, t)) for p, t in zip(problems, texts)], device=device)
-    rm, rm_tok = load_model(args.reward_model, kind="reward", device=device, trust_remote_code=args.trust_remote_code,
-                            flag="--reward-model")
+        return lambda problems, texts: torch.tensor([float(C.verify(p, t)) for p, t in zip(problems, texts)],
+                                                    device=device)
+    rm, rm_tok = C.load_model(args.reward_model, kind="reward", device=device,
+                              trust_remote_code=args.trust_remote_code, flag="--reward-model")
     rm.eval().requires_grad_(False)
     n_labels = rm.config.num_labels
     label = args.reward_label if args.reward_label is not None else (0 if n_labels == 1 else 1)
-    check(0 <= label < n_labels and (n_labels <= 2 or args.reward_label is not None),
-          f"--reward-label must be one of the classifier's {n_labels} labels (pass it for > 2 labels), got {args.reward_label}")
-    return lambda problems, texts: rm_score(rm, rm_tok, [p["prompt"] for p in problems], texts, label=label,
-                                            batch_size=args.micro_batch).to(device)
+    C.check(0 <= label < n_labels and (n_labels <= 2 or args.reward_label is not None), f"--reward-label must be one "
+            f"of the classifier's {n_labels} labels (pass it for > 2 labels), got {args.reward_label}")
+    return lambda problems, texts: C.rm_score(rm, rm_tok, [p["prompt"] for p in problems], texts, label=label,
+                                              batch_size=args.micro_batch).to(device)
 
 
 def review_prompts(rows, tok, n, seed, where):
     """TRL gpt2-sentiment prompts: the first 2-8 policy tokens of `n` random rows' `text`."""
     rng, out = random.Random(seed), []
     for i in rng.sample(range(len(rows)), min(n, len(rows))):
-        require(rows[i], ["text"], f"{where} row {i + 1}")
+        C.require(rows[i], ["text"], f"{where} row {i + 1}")
         ids = tok(rows[i]["text"][:1000], add_special_tokens=False)["input_ids"][:rng.randint(2, 8)]
         out.append(dict(task="text", prompt=tok.decode(ids), answer=None))
     return out
 
 
 def load_data(args, tok):
-    """(train, test) problems. Built-in task, GSM8K/Countdown/MATH rows (verifiable), or rows with a
-    `text` field (reviews: prompts without a verifier). A local file holds out its last --eval-n rows."""
+    """(train, test) problems. Built-in task, GSM8K/Countdown/MATH rows (verifiable), or rows with a `text`
+    field (review prefixes: prompts without a verifier). A local file holds out its last --eval-n rows."""
     if not args.dataset:
-        return (make_task(args.task, args.train_n or 2000, args.seed, "train"), heldout(args.task, args.eval_n))
-    local, rows = os.path.isfile(args.dataset), read_rows(args.dataset, "train")
-    check(rows, f"--dataset {args.dataset}: no rows")
-    warn_unknown_chars(tok, rows, args.dataset)
-    if local:
-        check(len(rows) > args.eval_n, f"--dataset {args.dataset}: {len(rows)} rows, need more than --eval-n {args.eval_n}")
+        return C.make_task(args.task, args.train_n or 2000, args.seed, "train"), C.heldout(args.task, args.eval_n)
+    local, rows, where = os.path.isfile(args.dataset), C.read_rows(args.dataset, "train"), f"--dataset {args.dataset}"
+    C.check(rows, f"{where}: no rows")
+    C.warn_unknown_chars(tok, rows, args.dataset)
     if "text" in rows[0]:
-        test_rows = rows[-args.eval_n:] if local else read_rows(args.dataset, "test")
-        where = f"--dataset {args.dataset}"
-        return (review_prompts(rows[:-args.eval_n] if local else rows, tok, args.train_n or 5000, args.seed, where),
-                review_prompts(test_rows, tok, args.eval_n, HELDOUT_SEED, where))
+        train, test = C.hold_out(rows, args.eval_n, args.dataset) if local else \
+            (rows, C.read_rows(args.dataset, "test"))
+        return (review_prompts(train, tok, args.train_n or 5000, args.seed, where),
+                review_prompts(test, tok, args.eval_n, C.HELDOUT_SEED, where))
     n = args.train_n + args.eval_n if local and args.train_n else args.train_n
-    probs = load_problems(args.dataset, "train", n, args.skip_bad_rows)
-    return (probs[:-args.eval_n], probs[-args.eval_n:]) if local else \
-        (probs, load_problems(args.dataset, "test", args.eval_n, args.skip_bad_rows))
-
-
-def distinct_n(seqs, n=2):
-    """Distinct-n (Li et al. 2016): unique token n-grams / all n-grams over a set of samples."""
-    grams = [tuple(s[i:i + n]) for s in seqs for i in range(len(s) - n + 1)]
-    return len(set(grams)) / max(len(grams), 1)
+    problems = C.load_problems(args.dataset, "train", n, args.skip_bad_rows)
+    return C.hold_out(problems, args.eval_n, args.dataset) if local else \
+        (problems, C.load_problems(args.dataset, "test", args.eval_n, args.skip_bad_rows))
 
 
 @torch.no_grad()
-def evaluate_policy(ac, ref, tok, test, score_fn, args, has_gold, autocast):
-    """Held-out: --eval-samples samples per prompt -> mean proxy score, KL(π||π_ref) per completion (sum of
-    k1 over tokens), gold accuracy of the samples (verifier; reviews: the positive share), diversity
-    (per-token entropy, distinct-2 over tokens, share of distinct samples per prompt, word distinct-1/2 and
-    self-similarity: common.diversity); plus greedy gold accuracy. Sharded over ranks."""
-    mine, k = DIST.shard(test), args.eval_samples
-    with autocast():
-        roll = generate(ac.lm, tok, [p["prompt"] for p in mine], n=k, max_new_tokens=args.max_new_tokens,
-                        temperature=args.temperature, top_p=args.top_p)
-        ids, attn = torch.cat([roll["prompt_ids"], roll["completion_ids"]], 1), torch.cat([roll["prompt_mask"], roll["completion_mask"]], 1)
-        T, m = roll["completion_ids"].shape[1], roll["completion_mask"].float()
-        lp, _, ent = batched(lambda *a: lm_forward(ac.lm, None, *a, args.temperature), ids, attn, T, args.micro_batch)
-        ref_lp = batched(lambda *a: lm_forward(ref, None, *a, args.temperature), ids, attn, T, args.micro_batch)[0]
-        scores = score_fn([p for p in mine for _ in range(k)], roll["texts"])
-    toks = all_gather_list([row[r.bool()].tolist() for row, r in zip(roll["completion_ids"], roll["completion_mask"])])
-    texts = all_gather_list(roll["texts"])
-    res = dict(score=all_reduce_mean(scores.mean().item()), kl=all_reduce_mean(((lp - ref_lp) * m).sum(1).mean().item()),
-               entropy=all_reduce_mean(((ent * m).sum() / m.sum()).item()), distinct_2=distinct_n(toks, 2),
+def rollout(ac, ref, tok, problems, score_fn, args, n=1):
+    """n samples per problem at the rollout temperature, scored, with their log-probs under π and π_ref:
+    (generate()'s dict, ids and attn (B, P+T) = [left-padded prompt | completion], completion mask (B, T)
+    (incl. EOS), scores (B,), log π (B, T), V (B, T), entropy (B, T), log π_ref (B, T)), B = n x problems."""
+    with C.autocast(enabled=not args.no_autocast):
+        roll = C.generate(ac.lm, tok, [p["prompt"] for p in problems], n=n, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p)
+        ids = torch.cat([roll["prompt_ids"], roll["completion_ids"]], 1)
+        attn = torch.cat([roll["prompt_mask"], roll["completion_mask"]], 1)
+        T, mask = roll["completion_ids"].shape[1], roll["completion_mask"].float()
+        scores = score_fn([p for p in problems for _ in range(n)], roll["texts"])
+        lp, v, ent = C.forward_chunks(ac, ids, attn, T, args.micro_batch)
+        ref_lp = C.forward_chunks(lambda *a: lm_forward(ref, None, *a, args.temperature), ids, attn, T,
+                                  args.micro_batch)[0]
+    return roll, ids, attn, mask, scores, lp, v, ent, ref_lp
+
+
+def evaluate_policy(ac, ref, tok, test, score_fn, args, has_gold):
+    """Held-out, sharded over ranks: --eval-samples samples per prompt -> mean proxy score, KL(π||π_ref) per
+    completion (k1 summed over tokens), gold accuracy of the samples (verifier; reviews: the positive share),
+    diversity (per-token entropy, token distinct-2, the share of distinct samples per prompt, C.diversity's word
+    distinct-1/2 and self-similarity); plus greedy gold accuracy."""
+    mine, k, mean = C.DIST.shard(test), args.eval_samples, C.all_reduce_mean
+    roll, _, _, mask, scores, lp, _, ent, ref_lp = rollout(ac, ref, tok, mine, score_fn, args, n=k)
+    toks = C.all_gather_list([c[r.bool()].tolist() for c, r in zip(roll["completion_ids"], roll["completion_mask"])])
+    texts = C.all_gather_list(roll["texts"])
+    res = dict(score=mean(scores.mean().item()), kl=mean(((lp - ref_lp) * mask).sum(1).mean().item()),
+               entropy=mean(((ent * mask).sum() / mask.sum()).item()), distinct_2=distinct_n(toks, 2),
                unique=float(np.mean([len(set(texts[i:i + k])) / k for i in range(0, len(texts), k)])),
-               length=all_reduce_mean(m.sum(1).mean().item()),
-               **{f"words_{k}": v for k, v in diversity(texts).items()})   # distinct-1/2 and self-similarity of words
+               length=mean(mask.sum(1).mean().item()), **{f"words_{name}": v for name, v in C.diversity(texts).items()})
     if has_gold:
-        res["gold_sampled"] = all_reduce_mean(float(np.mean([verify(mine[i // k], t) for i, t in enumerate(roll["texts"])])))
-        with autocast():
-            res["gold_accuracy"] = evaluate(ac.lm, tok, test, max_new_tokens=args.max_new_tokens)["accuracy"]
+        res["gold_sampled"] = mean(float(np.mean([C.verify(mine[i // k], t) for i, t in enumerate(roll["texts"])])))
+        with C.autocast(enabled=not args.no_autocast):
+            res["gold_accuracy"] = C.evaluate(ac.lm, tok, test, max_new_tokens=args.max_new_tokens)["accuracy"]
     return res
-
-# ----------------------------------------------------------------------------- flags
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="PPO-RLHF: a policy with a value head, a KL penalty to the reference and a reward model")
-    p.add_argument("--model", default="tiny", help="the SFT policy: 'tiny' (built in), a local HF folder or a hub id")
-    p.add_argument("--dataset", default=None, help="prompts: hub id or local .jsonl/.json/.parquet (or .gz) with a "
-                   "`text` field (review prefixes) or GSM8K/Countdown/MATH rows; default: the built-in --task")
-    p.add_argument("--skip-bad-rows", action="store_true", help=SKIP_BAD_ROWS)
-    p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic, countdown, "
-                   "swaps (the logic puzzle; --model tiny then means tiny-swaps) or reviews (week 3: the tiny-reviews "
-                   "policy, rewarded by the built-in sentiment RM tiny-reviews-rm, judged by the gold rule)")
-    p.add_argument("--reward", default=None, choices=["verifier", "model"], help="reward source (default: 'model' when --reward-model is given, else 'verifier' = 1 if correct)")
-    p.add_argument("--reward-model", default=None, help="sequence classifier: reward_model.py's <out>/model, or a hub classifier (lvwerra/distilbert-imdb)")
-    p.add_argument("--reward-label", type=int, default=None, help="which logit is the reward (default: 0 for 1-label RMs, 1 = positive for 2-class classifiers)")
-    p.add_argument("--missing-eos-penalty", type=float, default=0.0, help="subtract this from the score of completions that hit --max-new-tokens without EOS")
-    p.add_argument("--train-n", type=int, default=None, help="training prompts (default: 2000 built-in, 5000 review prefixes, all GSM8K-style rows)")
-    p.add_argument("--eval-n", type=int, default=HELDOUT_N, help="held-out prompts for the before/after evaluation (built in: common.heldout)")
-    p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out prompt (proxy score, KL, diversity)")
-    p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps too (0 = only before/after; --overopt sets it)")
-    p.add_argument("--out", default="out/ppo_lm", help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="seed for the value head, prompt order and sampling")
-    p.add_argument("--device", default=None, help="torch device (default: cuda, then mps, then cpu)")
-    p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
-    p.add_argument("--steps", type=int, default=60, help="PPO iterations (each: rollouts, rewards, GAE, --ppo-epochs of minibatch updates)")
-    p.add_argument("--batch-size", type=int, default=64, help="prompts (= completions) per rollout batch over all ranks")
-    p.add_argument("--mini-batch", type=int, default=32, help="completions per optimizer step (over all ranks)")
-    p.add_argument("--micro-batch", type=int, default=32, help="completions per forward/backward on one rank (gradient accumulation)")
-    p.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch (1: measured best "
-                   "on the built-in task, README 'PPO ablation'; TRL's default is 4)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="completion budget in tokens (default 40; reviews 64)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts; "
-                   "log π, its KL to π_ref and the entropy are those of softmax(logits / T), as in TRL")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for rollouts (1.0 = the policy's own distribution)")
-    p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate of the policy (policy gradients need ~30x less than SFT)")
-    p.add_argument("--vf-lr", type=float, default=1e-3, help="AdamW learning rate of the value head (new weights: larger)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
-    p.add_argument("--init-kl-coef", type=float, default=0.05, help="β of the KL penalty (the start value when --kl-target is set)")
-    p.add_argument("--kl-target", type=float, default=None, help="adaptive β: target KL per completion in nats (TRL's notebook: 6); default: fixed β")
-    p.add_argument("--kl-horizon", type=float, default=10000, help="adaptive β: horizon (completions) of the controller")
-    p.add_argument("--kl-estimator", default="k1", choices=["k1", "k3"], help="per-token KL in the reward: k1 = log π/π_ref, k3 = e^-k1 + k1 - 1")
-    p.add_argument("--gamma", type=float, default=1.0, help="discount over tokens")
-    p.add_argument("--lam", type=float, default=0.95, help="GAE λ (1 = Monte Carlo returns minus V)")
-    p.add_argument("--clip-eps", type=float, default=0.2, help="policy ratio clip ε")
-    p.add_argument("--vf-clip", type=float, default=0.2, help="value clip around the rollout's values (0 = none)")
-    p.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss")
-    p.add_argument("--kl-sweep", default=None, help="week 4: comma-separated fixed β values, and 'adaptive' for the "
-                   "--kl-target controller (e.g. 0.01,0.05,0.2,adaptive): one run each + alignment-tax table")
-    p.add_argument("--overopt", action="store_true", help="week 4: held-out proxy score and gold accuracy against KL during training (use a weak --reward-model)")
-    p.add_argument("--no-autocast", action="store_true", help="fp32 forward passes on GPUs too (default: bf16 autocast where supported)")
-    p.add_argument("--save-every", type=int, default=0, help="write <out>/checkpoint every N steps (0 = only on Ctrl-C)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
-    args = p.parse_args(argv)
-    args.max_new_tokens = args.max_new_tokens or (64 if args.task == "reviews" and not args.dataset else 40)
-    if args.task == "reviews" and not args.dataset:  # week 3's world: its sentiment RM is built in (and its policy)
-        args.reward_model = args.reward_model or (REVIEWS_RM if args.reward != "verifier" else None)
-    for name in ("steps", "batch_size", "mini_batch", "micro_batch", "ppo_epochs", "max_new_tokens", "eval_n", "eval_samples"):
-        check(getattr(args, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("lr", "vf_lr", "grad_clip", "temperature", "kl_horizon"):
-        check(getattr(args, name) > 0, f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    for name in ("init_kl_coef", "missing_eos_penalty", "vf_clip", "vf_coef", "eval_every", "save_every"):
-        check(getattr(args, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    check(args.kl_target is None or args.kl_target > 0, f"--kl-target must be > 0, got {args.kl_target}")
-    check(0 < args.top_p <= 1, f"--top-p must be in (0, 1], got {args.top_p}")
-    check(0 < args.clip_eps < 1, f"--clip-eps must be in (0, 1), got {args.clip_eps}")
-    check(0 <= args.gamma <= 1 and 0 <= args.lam <= 1, f"--gamma and --lam must be in [0, 1], got {args.gamma}, {args.lam}")
-    check(args.batch_size % args.mini_batch == 0, f"--batch-size {args.batch_size} must be divisible by --mini-batch {args.mini_batch}")
-    args.reward = args.reward or ("model" if args.reward_model else "verifier")
-    check(args.reward == "verifier" or args.reward_model, "--reward model needs --reward-model <folder or hub id>")
-    check(not args.overopt or args.reward == "model", "--overopt needs a (weak) --reward-model, e.g. "
-          "`python reward_model.py --train-size 64 --out out/rm_weak` then --reward-model out/rm_weak/model")
-    if args.kl_sweep:
-        try:
-            args.kl_sweep = [b if b == "adaptive" else float(b) for b in args.kl_sweep.split(",")]
-        except ValueError:
-            check(False, f"--kl-sweep must be comma-separated numbers or 'adaptive', got {args.kl_sweep!r}")
-        check(all(b == "adaptive" or b >= 0 for b in args.kl_sweep), f"--kl-sweep values must be >= 0, got {args.kl_sweep}")
-        check("adaptive" not in args.kl_sweep or args.kl_target, "--kl-sweep ...,adaptive needs --kl-target <nats>")
-        check(not args.resume and not args.overopt, "--kl-sweep runs several fresh runs: not with --resume or --overopt")
-    if args.overopt and not args.eval_every:
-        args.eval_every = max(1, args.steps // 10)
-    args.model = task_model(args.model, args.task, args.dataset)  # tiny-<task> for a task tiny never saw
-    return args
 
 # ----------------------------------------------------------------------------- one PPO run
 
 
 def run(args, out):
     """One PPO-RLHF run into `out`; returns its summary."""
-    d, W, t_start = DIST, DIST.world_size, time.time()
-    check(args.batch_size % W == 0 and args.mini_batch % W == 0,
-          f"--batch-size {args.batch_size} and --mini-batch {args.mini_batch} must be divisible by the {W} ranks")
+    d, W, t_start = C.DIST, C.DIST.world_size, time.time()
+    C.check_ranks(args.batch_size); C.check_ranks(args.mini_batch, "--mini-batch")
     # -- models: policy + value head (fp32 master weights), frozen reference, reward
-    model, tok = load_model(args.model, device=d.device, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
-    for mod in model.modules():  # dropout off: ρ must be exactly 1 on the first update
-        if isinstance(mod, nn.Dropout):
-            mod.p = 0.0
+    model, tok = C.load_model(args.model, device=d.device, dtype=torch.float32,
+                              trust_remote_code=args.trust_remote_code)
+    C.dropout_off(model)  # ρ must be exactly 1 on the first update
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     ac = PolicyWithValue(model, args.temperature).to(d.device)
     train, test = load_data(args, tok)
     has_gold = test[0]["answer"] is not None
-    check(args.reward == "model" or has_gold, f"--dataset {args.dataset}: no answers to verify; pass --reward-model")
-    check(has_gold or not args.overopt, f"--overopt needs a gold verifier: --dataset {args.dataset} has no answers")
-    check(len(train) >= args.batch_size, f"{len(train)} training prompts, fewer than --batch-size {args.batch_size}")
-    print0(f"[ppo_lm] {len(train)} training prompts, {len(test)} held out; reward: {args.reward_model or 'verifier'}; {W} rank(s) on {d.device}")
+    C.check(args.reward == "model" or has_gold, f"--dataset {args.dataset}: no answers to verify; pass --reward-model")
+    C.check(has_gold or not args.overopt, f"--overopt needs a gold verifier: --dataset {args.dataset} has no answers")
+    C.check(len(train) >= args.batch_size, f"{len(train)} training prompts, fewer than --batch-size {args.batch_size}")
+    C.print0(f"[ppo_lm] {len(train)} training prompts, {len(test)} held out; reward: "
+             f"{args.reward_model or 'verifier'}; {W} rank(s) on {d.device}")
     score_fn = make_scorer(args, d.device)
-    amp = d.device.type == "cuda" and torch.cuda.is_bf16_supported() and not args.no_autocast
-    autocast = lambda: torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=amp)
-
+    evaluate = lambda: evaluate_policy(ac, ref, tok, test, score_fn, args, has_gold)
     opt = torch.optim.AdamW([{"params": model.parameters(), "lr": args.lr},
                              {"params": ac.v_head.parameters(), "lr": args.vf_lr}], weight_decay=0.0)
     kl_ctl = AdaptiveKLController(args.init_kl_coef, args.kl_target, args.kl_horizon)
     ckpt, start = os.path.join(out, "checkpoint"), 0
     if args.resume:  # weights, AdamW, RNG; the value head and β travel in `extra`
-        start, extra = load_checkpoint(ckpt, model, opt)
+        start, extra = C.load_checkpoint(ckpt, model, opt)
         ac.v_head.load_state_dict(extra["v_head"]); kl_ctl.value, before = extra["kl_coef"], extra["before"]
-        print0(f"[ppo_lm] resumed from {ckpt} at step {start}")
+        C.print0(f"[ppo_lm] resumed from {ckpt} at step {start}")
     else:
-        before = evaluate_policy(ac, ref, tok, test, score_fn, args, has_gold, autocast)
-    print0(f"[ppo_lm] held-out before: {before}")
-    policy = torch.nn.parallel.DistributedDataParallel(ac) if W > 1 else ac
-    logger = Logger(out, config=vars(args), wandb=args.wandb, resume_step=start - 1 if args.resume else None)
-    B, mb, micro = args.batch_size // W, args.mini_batch // W, args.micro_batch
-    save = lambda s, rng=None: save_checkpoint(ckpt, model, tok, s, opt, rng=rng, extra={
-        "v_head": ac.v_head.state_dict(), "kl_coef": kl_ctl.value, "before": before})
+        before = evaluate()
+    C.print0(f"[ppo_lm] held-out before: {before}")
+    policy, B, mb = C.ddp(ac), args.batch_size // W, args.mini_batch // W
+    logger = C.Logger(out, config=vars(args), wandb=args.wandb, resume_step=start - 1 if args.resume else None)
+
+    def save(done, rng=None):  # rng: from the start of an interrupted step (C.rng_state)
+        extra = {"v_head": ac.v_head.state_dict(), "kl_coef": kl_ctl.value, "before": before}
+        C.save_checkpoint(ckpt, model, tok, done, opt, rng=rng, extra=extra)
+
+    def interrupted():  # the interrupted step is redone on --resume, with the same samples
+        save(step, rng0)
+        return f"[ppo_lm] interrupted: checkpoint at step {step} in {ckpt}; continue with --resume"
 
     step, rng0 = start, None
-    try:
-        for step in tqdm(range(start, args.steps), desc="ppo", disable=not d.master or None, initial=start, total=args.steps):
-            t0, rng0 = time.time(), rng_state()  # rng0: an interrupted step is redone with the same samples
-            # -- 1. rollouts: one completion per prompt (the step's prompts are a function of seed and step)
-            problems = d.shard([train[i] for i in random.Random(args.seed * 1_000_003 + step).sample(range(len(train)), args.batch_size)])
-            with autocast():
-                roll = generate(ac.lm, tok, [p["prompt"] for p in problems], max_new_tokens=args.max_new_tokens,
-                                temperature=args.temperature, top_p=args.top_p)
-            ids = torch.cat([roll["prompt_ids"], roll["completion_ids"]], 1)             # (B, P+T)
-            attn = torch.cat([roll["prompt_mask"], roll["completion_mask"]], 1)
-            T, mask = roll["completion_ids"].shape[1], roll["completion_mask"].float()  # (B, T), incl. EOS
-            # -- 2. score each completion; old log-probs / values and reference log-probs, once per batch
-            with autocast():
-                raw = score_fn(problems, roll["texts"])                                  # (B,)
-                old_lp, old_v, ent = batched(ac, ids, attn, T, micro)
-                ref_lp = batched(lambda *a: lm_forward(ref, None, *a, args.temperature), ids, attn, T, micro)[0]
+    with C.ctrl_c(interrupted):
+        for step in tqdm(range(start, args.steps), desc="ppo", disable=not d.master or None, initial=start,
+                         total=args.steps):
+            t0, rng0 = time.time(), C.rng_state()
+            # -- 1. rollouts, one completion per prompt (the prompts: a function of seed and step), scored;
+            # old log-probs / values and reference log-probs, once per batch
+            pick = random.Random(args.seed * 1_000_003 + step).sample(range(len(train)), args.batch_size)
+            problems = d.shard([train[i] for i in pick])
+            roll, ids, attn, mask, raw, old_lp, old_v, ent, ref_lp = rollout(ac, ref, tok, problems, score_fn, args)
             scores = raw - args.missing_eos_penalty * (~roll["has_eos"]).float()
-            # -- 3. per-token rewards (KL penalty + score at the last token) -> GAE -> whitened advantages
+            # -- 2. per-token rewards (KL penalty + score at the last token) -> GAE -> whitened advantages
             rewards, kl = token_rewards(scores, old_lp, ref_lp, mask, kl_ctl.value, args.kl_estimator)
             adv, returns = gae(rewards, old_v, mask, args.gamma, args.lam)
             adv = masked_whiten(adv, mask)
-            # -- 4. PPO: --ppo-epochs passes over shuffled minibatches; every rank runs the same number of passes
+            # -- 3. PPO: --ppo-epochs passes over shuffled minibatches; every rank runs the same number of updates
             sums, n_upd = {}, 0
             for _ in range(args.ppo_epochs):
                 perm = torch.randperm(B, device=d.device)
                 for i in range(0, B, mb):
-                    rows = perm[i:i + mb]
-                    n_glob = all_reduce_mean(float(mask[rows].sum())) * W        # token mean over the global minibatch
+                    idx = perm[i:i + mb]                                        # this rank's minibatch rows
+                    n_glob = C.all_reduce_mean(float(mask[idx].sum())) * W  # token mean over the global minibatch
                     opt.zero_grad(set_to_none=True)
-                    for j in range(0, len(rows), micro):
-                        r = rows[j:j + micro]
-                        sync = policy.no_sync() if W > 1 and j + micro < len(rows) else contextlib.nullcontext()
-                        with sync, autocast():
-                            lp, v, _ = policy(ids[r], attn[r], T)
-                            loss, st = ppo_loss(lp, old_lp[r], v, old_v[r], adv[r], returns[r], mask[r], args.clip_eps,
-                                                args.vf_clip or None, args.vf_coef)
-                            nan_guard(loss, step)
-                            (loss * float(mask[r].sum()) / n_glob * W).backward()  # DDP averages over ranks
+                    for j in C.micro_batches(policy, idx, args.micro_batch, amp=not args.no_autocast):
+                        lp, v, _ = policy(ids[j], attn[j], mask.shape[1])
+                        loss, st = ppo_loss(lp, old_lp[j], v, old_v[j], adv[j], returns[j], mask[j], args.clip_eps,
+                                            args.vf_clip or None, args.vf_coef)
+                        C.nan_guard(loss, step)
+                        (loss * float(mask[j].sum()) / n_glob * W).backward()  # DDP averages over ranks
                         for k, val in st.items():
-                            sums[k] = sums.get(k, 0.0) + val.item() * float(mask[r].sum()) / float(mask[rows].sum())
-                    grad_norm = torch.nn.utils.clip_grad_norm_(ac.parameters(), args.grad_clip)
+                            sums[k] = sums.get(k, 0.0) + val.item() * float(mask[j].sum()) / float(mask[idx].sum())
+                    grad_norm = C.clip_grad(ac, args.grad_clip)
                     opt.step(); n_upd += 1
-            # -- 5. adapt β to the batch's KL (per completion, global), log
-            kl_seq = all_reduce_mean(kl.sum(1).mean().item())
+            # -- 4. adapt β to the batch's KL (per completion, global), log
+            kl_seq = C.all_reduce_mean(kl.sum(1).mean().item())
             kl_ctl.update(kl_seq, args.batch_size)
-            g = lambda x: all_reduce_mean(float(x))
+            g, real = lambda x: C.all_reduce_mean(float(x)), mask.bool()
             m = dict(score=g(raw.mean()), reward=g((rewards * mask).sum(1).mean()), kl=kl_seq, kl_coef=kl_ctl.value,
                      **{k: g(v / n_upd) for k, v in sums.items()}, entropy=g((ent * mask).sum() / mask.sum()),
-                     value=g((old_v * mask).sum() / mask.sum()), grad_norm=float(grad_norm),
-                     explained_var=g(1 - (returns - old_v)[mask.bool()].var() / returns[mask.bool()].var().clamp(min=1e-8)),
-                     completion_len=g(mask.sum(1).mean()), truncated=g((~roll["has_eos"]).float().mean()), step_time=time.time() - t0)
+                     value=g((old_v * mask).sum() / mask.sum()), grad_norm=grad_norm,
+                     explained_var=g(1 - (returns - old_v)[real].var() / returns[real].var().clamp(min=1e-8)),
+                     completion_len=g(mask.sum(1).mean()), truncated=g((~roll["has_eos"]).float().mean()),
+                     step_time=time.time() - t0)
             if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-                m.update({f"eval_{k}": v for k, v in evaluate_policy(ac, ref, tok, test, score_fn, args, has_gold, autocast).items()})
+                m.update({f"eval_{k}": v for k, v in evaluate().items()})
             logger.log(step, **m)
             if args.save_every and (step + 1) % args.save_every == 0:
                 save(step + 1)
-    except KeyboardInterrupt:  # the interrupted step is redone on --resume, with the same samples
-        save(step, rng0)
-        print0(f"[ppo_lm] interrupted: checkpoint at step {step} in {ckpt}; continue with --resume")
-        cleanup(barrier=False)
-        raise SystemExit(130)
 
     # -- evaluation, summary, final model (a plain causal-LM folder + value_head.pt)
-    after = evaluate_policy(ac, ref, tok, test, score_fn, args, has_gold, autocast)
-    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))] if d.master else []
-    summary = dict(model=args.model, reward=args.reward_model or "verifier", dataset=args.dataset or args.task, steps=args.steps,
-                   kl_coef=args.init_kl_coef, kl_coef_final=kl_ctl.value, world_size=W,
+    after, rows = evaluate(), C.read_metrics(out) if d.master else []
+    avg = lambda rs: float(np.mean([r["score"] for r in rs])) if rows else None
+    curve = [dict(step=r["step"], **{k[5:]: v for k, v in r.items() if k.startswith("eval_")})
+             for r in rows if "eval_score" in r]
+    summary = dict(model=args.model, reward=args.reward_model or "verifier", dataset=args.dataset or args.task,
+                   steps=args.steps, kl_coef=args.init_kl_coef, kl_coef_final=kl_ctl.value, world_size=W,
                    **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()},
-                   train_score_first10=float(np.mean([r["score"] for r in rows[:10]])) if rows else None,
-                   train_score_last10=float(np.mean([r["score"] for r in rows[-10:]])) if rows else None,
-                   curve=[dict(step=-1, **before)] + [dict(step=r["step"], **{k[5:]: v for k, v in r.items() if k.startswith("eval_")})
-                                                       for r in rows if "eval_score" in r] + [dict(step=args.steps - 1, **after)],
+                   train_score_first10=avg(rows[:10]), train_score_last10=avg(rows[-10:]),
+                   curve=[dict(step=-1, **before)] + curve + [dict(step=args.steps - 1, **after)],
                    wall_time_s=time.time() - t_start)
-    plot_metrics(out, ["score", "kl", "entropy", "clip_frac", "explained_var"], "curves.png", title=f"PPO on {args.dataset or args.task}")
+    C.plot_metrics(out, ["score", "kl", "entropy", "clip_frac", "explained_var"], "curves.png",
+                   title=f"PPO on {args.dataset or args.task}")
     if d.master:
-        save_pretrained_atomic(os.path.join(out, "model"), model, tok)
+        C.save_pretrained_atomic(os.path.join(out, "model"), model, tok)
         torch.save(ac.v_head.state_dict(), os.path.join(out, "model", "value_head.pt"))
-    write_summary(out, summary)
+    C.write_summary(out, summary)
     return summary
 
-# ----------------------------------------------------------------------------- week 4 experiments and main
+# ----------------------------------------------------------------------------- week 4: the KL sweep, overoptimization
 
 
 def plot_two(out, xs, left, right, filename, title, notes=None, xlabel="KL(π || π_ref) per completion (nats)"):
-    """Two curves over one x axis with their own y axes ({label: ys} each), points optionally
-    annotated with `notes`; matplotlib optional."""
-    if not DIST.master:
+    """Two curves over one x axis with their own y axes ({label: ys} each), points annotated with `notes`."""
+    plt = C.pyplot()
+    if plt is None:
         return
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return print0("[ppo_lm] matplotlib not installed: no plot written")
     fig, ax = plt.subplots(figsize=(6, 4))
-    axes = [ax, ax.twinx()]
-    for a, (label, ys), c in zip(axes, [*left.items(), *right.items()], ["tab:blue", "tab:red"]):
+    for a, (label, ys), c in zip([ax, ax.twinx()], [*left.items(), *right.items()], ["tab:blue", "tab:red"]):
         a.plot(xs, ys, "o-", color=c, label=label); a.set_ylabel(label, color=c)
     for x, y, note in zip(xs, next(iter(left.values())), notes or []):
         ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, -12))
@@ -499,55 +456,60 @@ def plot_two(out, xs, left, right, filename, title, notes=None, xlabel="KL(π ||
     fig.tight_layout(); fig.savefig(os.path.join(out, filename), dpi=100); plt.close(fig)
 
 
+def kl_sweep(args):
+    """The alignment tax: the same run (same seed, same prompts) at each fixed β and with the adaptive
+    controller, one folder each; the table of held-out metrics, kl_frontier.png and tax_frontier.png."""
+    runs = []
+    for beta in args.kl_sweep:
+        C.setup(args.seed, args.device)
+        fixed = dict(init_kl_coef=beta, kl_target=None) if beta != "adaptive" else {}
+        folder = os.path.join(args.out, f"beta_{beta:g}" if beta != "adaptive" else "adaptive")
+        runs.append(run(argparse.Namespace(**{**vars(args), **fixed}), folder))
+    keys = ["score", "kl", "gold_accuracy", "gold_sampled", "entropy", "distinct_2", "unique",
+            "words_distinct_1", "words_distinct_2", "words_self_similarity"]
+    table = [dict(beta="start", **{k: runs[0].get(f"{k}_before") for k in keys})] + \
+            [dict(beta=b if b != "adaptive" else f"adaptive (target {args.kl_target:g})",
+                  **{k: r.get(f"{k}_after") for k in keys}) for b, r in zip(args.kl_sweep, runs)]
+    reward = "gold_sampled" if table[0]["gold_sampled"] is not None else "score"
+    for row in table[1:]:  # the alignment tax: word distinct-2 lost per unit of reward gained
+        gain = row[reward] - table[0][reward]
+        row["alignment_tax"] = (table[0]["words_distinct_2"] - row["words_distinct_2"]) / gain if gain > 0 else None
+    cols = keys + ["alignment_tax"]
+    C.print0("\n| β | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 1))
+    for row in table:
+        C.print0(f"| {row['beta']} | " + " | ".join("-" if row.get(k) is None else f"{row[k]:.3f}" for k in cols)
+                 + " |")
+    pts = sorted(table, key=lambda r: r["kl"])
+    notes = [f"β={r['beta']}" if r["beta"] != "start" else "SFT" for r in pts]
+    gold = "gold_accuracy" if runs[0].get("gold_accuracy_after") is not None else "entropy"
+    plot_two(args.out, [r["kl"] for r in pts], {"proxy score": [r["score"] for r in pts]},
+             {gold: [r[gold] for r in pts]}, "kl_frontier.png", "KL sweep: reward vs KL (the alignment tax)", notes)
+    plot_two(args.out, [r[reward] for r in pts], {"word distinct-2": [r["words_distinct_2"] for r in pts]},
+             {"self-similarity": [r["words_self_similarity"] for r in pts]}, "tax_frontier.png",
+             "Diversity vs reward: the alignment tax", notes, xlabel=f"{reward} (held-out samples)")
+    summary = dict(model=args.model, reward=args.reward_model or "verifier", steps=args.steps, kl_sweep=table)
+    C.write_summary(args.out, summary)
+    return summary
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    setup(args.seed, args.device, out=args.out)
-    if not args.kl_sweep:
-        summary = run(args, args.out)
-    else:  # alignment tax: the same run (same seed, same prompts) at several fixed β and the adaptive controller
-        runs = []
-        for beta in args.kl_sweep:
-            setup(args.seed, args.device)
-            fixed = dict(init_kl_coef=beta, kl_target=None) if beta != "adaptive" else {}
-            folder = os.path.join(args.out, f"beta_{beta:g}" if beta != "adaptive" else "adaptive")
-            runs.append(run(argparse.Namespace(**{**vars(args), **fixed}), folder))
-        keys = ["score", "kl", "gold_accuracy", "gold_sampled", "entropy", "distinct_2", "unique",
-                "words_distinct_1", "words_distinct_2", "words_self_similarity"]
-        table = [dict(beta="start", **{k: runs[0].get(f"{k}_before") for k in keys})] + \
-                [dict(beta=b if b != "adaptive" else f"adaptive (target {args.kl_target:g})",
-                      **{k: r.get(f"{k}_after") for k in keys}) for b, r in zip(args.kl_sweep, runs)]
-        reward = "gold_sampled" if table[0]["gold_sampled"] is not None else "score"
-        for row in table[1:]:  # the alignment tax: word distinct-2 lost per unit of reward gained
-            gain = row[reward] - table[0][reward]
-            row["alignment_tax"] = (table[0]["words_distinct_2"] - row["words_distinct_2"]) / gain if gain > 0 else None
-        cols = keys + ["alignment_tax"]
-        print0("\n| β | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 1))
-        for row in table:
-            print0(f"| {row['beta']} | " + " | ".join("-" if row.get(k) is None else f"{row[k]:.3f}" for k in cols) + " |")
-        pts = sorted(table, key=lambda r: r["kl"])
-        notes = [f"β={r['beta']}" if r["beta"] != "start" else "SFT" for r in pts]
-        gold = "gold_accuracy" if runs[0].get("gold_accuracy_after") is not None else "entropy"
-        plot_two(args.out, [r["kl"] for r in pts], {"proxy score": [r["score"] for r in pts]}, {gold: [r[gold] for r in pts]},
-                 "kl_frontier.png", "KL sweep: reward vs KL (the alignment tax)", notes)
-        plot_two(args.out, [r[reward] for r in pts], {"word distinct-2": [r["words_distinct_2"] for r in pts]},
-                 {"self-similarity": [r["words_self_similarity"] for r in pts]}, "tax_frontier.png",
-                 "Diversity vs reward: the alignment tax", notes, xlabel=f"{reward} (held-out samples)")
-        summary = dict(model=args.model, reward=args.reward_model or "verifier", steps=args.steps, kl_sweep=table)
-        write_summary(args.out, summary)
-    if args.overopt:  # Gao et al. 2022: proxy keeps rising with KL; does gold rise, then fall?
+    C.setup(args.seed, args.device, out=args.out)
+    summary = kl_sweep(args) if args.kl_sweep else run(args, args.out)
+    if args.overopt:  # Gao et al. 2022: the proxy keeps rising with KL; does gold rise, then fall?
         c = summary["curve"]
+        gold = [p["gold_accuracy"] for p in c]
         plot_two(args.out, [p["kl"] for p in c], {"proxy score (RM)": [p["score"] for p in c]},
-                 {"gold accuracy (verifier, greedy)": [p["gold_accuracy"] for p in c]}, "overopt.png", "Overoptimization: proxy vs gold")
-        g = [p["gold_accuracy"] for p in c]
-        peak = int(np.argmax(g))
-        summary["overopt"] = dict(gold_start=g[0], gold_peak=g[peak], kl_at_peak=c[peak]["kl"], gold_end=g[-1],
-                                  proxy_start=c[0]["score"], proxy_end=c[-1]["score"],
-                                  rises_then_falls=bool(g[peak] > g[0] + 0.03 and g[-1] < g[peak] - 0.03))
-        write_summary(args.out, summary)
-    cleanup()
+                 {"gold accuracy (verifier, greedy)": gold}, "overopt.png", "Overoptimization: proxy vs gold")
+        peak = int(np.argmax(gold))
+        summary["overopt"] = dict(gold_start=gold[0], gold_peak=gold[peak], kl_at_peak=c[peak]["kl"],
+                                  gold_end=gold[-1], proxy_start=c[0]["score"], proxy_end=c[-1]["score"],
+                                  rises_then_falls=bool(gold[peak] > gold[0] + 0.03 and gold[-1] < gold[peak] - 0.03))
+        C.write_summary(args.out, summary)
+    C.cleanup()
     return summary
 
 
 if __name__ == "__main__":
-    with friendly_errors():
+    with C.friendly_errors():
         main()
