@@ -1010,7 +1010,7 @@ def warn_unknown_chars(tok, rows, spec, flag="--dataset"):
 # ----------------------------------------------------------------------------- 4. models
 
 CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
-BUILTIN = ("tiny", "tiny-untrained", "tiny-swaps", "tiny-reviews", "tiny-reviews-rm")  # tiny-<task>: TINY_TASKS
+BUILTIN = ("tiny", "tiny-untrained", "tiny-words-untrained", "tiny-swaps", "tiny-reviews", "tiny-reviews-rm")  # tiny-<task>: TINY_TASKS
 
 
 def char_tokenizer():
@@ -1021,6 +1021,21 @@ def char_tokenizer():
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+                                   padding_side="left", model_max_length=256)
+
+
+def word_tokenizer():
+    """A word-level PreTrainedTokenizerFast over the reviews world's words (lower-cased; punctuation a token
+    each); any other word, a misspelling too, is <unk>: the built-in sentiment RM reads words, not characters,
+    as DistilBERT reads GPT-2's text in the sentiment demo."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = sorted({w for p in REVIEW_POS + REVIEW_NEG + REVIEW_NEUTRAL + REVIEW_ASPECTS + REVIEW_OPENERS
+                    for w in re.findall(r"[a-z]+", p)} | {"review", "was", "very", "truly", "rather", "not", "and"})
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>"] + words + list(",;.:"))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer, tk.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()  # \w+ | [^\w\s]+
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
                                    padding_side="left", model_max_length=256)
 
@@ -1126,7 +1141,7 @@ def task_model(model, task, dataset=None):
 
 
 REVIEWS_RM = "tiny-reviews-rm"  # the built-in sentiment reward model of the reviews world
-REVIEWS_RM_RECIPE = "reward_model.py --task reviews --model tiny-reviews --steps 300"
+REVIEWS_RM_RECIPE = "reward_model.py --task reviews --model tiny-words-untrained --steps 300"
 # the RM's pairs (in its marker file: a change rebuilds the cached RM)
 REVIEWS_RM_DATA = "pairs: positive chosen; negative, neutral, mixed or the positive misspelled (1-2 slips a word)"
 
@@ -1170,11 +1185,11 @@ def load_model(name, kind="causal", device=None, dtype=None, trust_remote_code=F
     flag: the command-line flag that named the model, for the error messages (--reward-model, --judge)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     device = device or DIST.device
-    if name == "tiny-untrained":
-        tok = char_tokenizer()
+    if name in ("tiny-untrained", "tiny-words-untrained"):  # random weights; a char or word tokenizer
+        tok = char_tokenizer() if name == "tiny-untrained" else word_tokenizer()
         model = tiny_model(tok)
         if kind == "reward":
-            name = tiny_cache_dir() + "-untrained"
+            name = tiny_cache_dir() + name[4:]
             save_pretrained_atomic(name, model, tok)
         else:
             return model.to(device), tok
