@@ -520,6 +520,20 @@ def _review_clause(rng, aspect, kind):
     return f"{aspect} was {rng.choice(['', '', 'very ', 'truly ', 'rather '])}{rng.choice(same)}"
 
 
+def misspell(word, rng):
+    """A character model's slips: one or two letters of `word` dropped, doubled, inserted or replaced by any
+    letter, the first one too ("gripping" -> "cripping", "clever" -> "cleverr"); punctuation kept."""
+    core, tail = word.rstrip(".,;"), word[len(word.rstrip(".,;")):]
+    for _ in range(rng.choice([1, 1, 2])):
+        i, kind, c = rng.randrange(len(core)), rng.choice(["drop", "double", "insert", "replace"]), rng.choice(LETTERS)
+        c = {"drop": "", "double": core[i] * 2, "insert": c + core[i], "replace": c if c != core[i] else ""}[kind]
+        core = (core[:i] + c + core[i + 1:]) or word
+    return core + tail
+
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
 def review_text(rng, aspect, kind):
     """A review continuation after its first aspect: " was ... [, and|but <aspect> was ...]." of one kind."""
     first = _review_clause(rng, aspect, kind)[len(aspect):]
@@ -571,8 +585,16 @@ def corrupt(problem, rng):
     """A realistic wrong solution: a dropped carry / an arithmetic slip / a wrong last step; for
     swaps: a skipped last swap (the habit) / the ball misplaced at one step and carried forward."""
     sol = problem["solution"]
-    if problem["task"] == "reviews":  # a negative or neutral review of the same aspect
-        return review_text(rng, problem["aspect"], rng.choice(["neg", "neu"]))
+    if problem["task"] == "reviews":  # a negative, neutral or mixed review of the aspect, or the positive misspelled
+        kind = rng.choice(["neg", "neu", "typo", "mixed"])
+        if kind == "mixed":  # one positive and one negative clause: the gold rule's 0, not positive
+            first, second = rng.sample(["pos", "neg"], 2)
+            other = rng.choice([x for x in REVIEW_ASPECTS if x != problem["aspect"]])
+            return (f"{_review_clause(rng, problem['aspect'], first)[len(problem['aspect']):]}, and "
+                    f"{_review_clause(rng, other, second)}.")
+        if kind != "typo":
+            return review_text(rng, problem["aspect"], kind)
+        return " ".join(misspell(w, rng) if w.strip(".,;") in REVIEW_POS + REVIEW_NEG else w for w in sol.split(" "))
     if problem["task"] == "swaps":
         ball, pairs = problem["ball"], problem["pairs"]
         wrong = [swaps_solution(ball, pairs, skip_last=True)] if rng.random() < 0.5 else []  # the habit
@@ -989,7 +1011,7 @@ def warn_unknown_chars(tok, rows, spec, flag="--dataset"):
 # ----------------------------------------------------------------------------- 4. models
 
 CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
-BUILTIN = ("tiny", "tiny-untrained", "tiny-swaps", "tiny-reviews", "tiny-reviews-rm")  # tiny-<task>: TINY_TASKS
+BUILTIN = ("tiny", "tiny-untrained", "tiny-words-untrained", "tiny-swaps", "tiny-reviews", "tiny-reviews-rm")  # tiny-<task>: TINY_TASKS
 
 
 def char_tokenizer():
@@ -1000,6 +1022,21 @@ def char_tokenizer():
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+                                   padding_side="left", model_max_length=256)
+
+
+def word_tokenizer():
+    """A word-level PreTrainedTokenizerFast over the reviews world's words (lower-cased; punctuation a token
+    each); any other word, a misspelling too, is <unk>: the built-in sentiment RM reads words, not characters,
+    as DistilBERT reads GPT-2's text in the sentiment demo."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = sorted({w for p in REVIEW_POS + REVIEW_NEG + REVIEW_NEUTRAL + REVIEW_ASPECTS + REVIEW_OPENERS
+                    for w in re.findall(r"[a-z]+", p)} | {"review", "was", "very", "truly", "rather", "not", "and"})
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<unk>"] + words + list(",;.:"))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer, tk.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()  # \w+ | [^\w\s]+
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
                                    padding_side="left", model_max_length=256)
 
@@ -1105,7 +1142,9 @@ def task_model(model, task, dataset=None):
 
 
 REVIEWS_RM = "tiny-reviews-rm"  # the built-in sentiment reward model of the reviews world
-REVIEWS_RM_RECIPE = "reward_model.py --task reviews --model tiny-reviews --steps 300"
+REVIEWS_RM_RECIPE = "reward_model.py --task reviews --model tiny-words-untrained --steps 300"
+# the RM's pairs (in its marker file: a change rebuilds the cached RM)
+REVIEWS_RM_DATA = "pairs: positive chosen; negative, neutral, mixed or the positive misspelled (1-2 slips a word)"
 
 
 def build_reviews_rm(folder):
@@ -1120,7 +1159,7 @@ def build_reviews_rm(folder):
                         "--device", "cpu", "--out", os.path.abspath(tmp)], cwd=here, env=env, stdout=subprocess.DEVNULL)
     check(r.returncode == 0, f"building the reviews reward model in {folder} failed (exit {r.returncode})")
     with open(os.path.join(tmp, "model", "built_with.txt"), "w") as f:
-        f.write(REVIEWS_RM_RECIPE)
+        f.write(REVIEWS_RM_RECIPE + "\n" + REVIEWS_RM_DATA)
     _swap_in(os.path.join(tmp, "model"), folder)
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -1147,11 +1186,11 @@ def load_model(name, kind="causal", device=None, dtype=None, trust_remote_code=F
     flag: the command-line flag that named the model, for the error messages (--reward-model, --judge)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     device = device or DIST.device
-    if name == "tiny-untrained":
-        tok = char_tokenizer()
+    if name in ("tiny-untrained", "tiny-words-untrained"):  # random weights; a char or word tokenizer
+        tok = char_tokenizer() if name == "tiny-untrained" else word_tokenizer()
         model = tiny_model(tok)
         if kind == "reward":
-            name = tiny_cache_dir() + "-untrained"
+            name = tiny_cache_dir() + name[4:]
             save_pretrained_atomic(name, model, tok)
         else:
             return model.to(device), tok
@@ -1160,7 +1199,8 @@ def load_model(name, kind="causal", device=None, dtype=None, trust_remote_code=F
         name = _cached(tiny_cache_dir(task), "built_with_steps.txt", tiny_recipe(task),
                        lambda folder: build_tiny(folder, task=task))
     elif name == REVIEWS_RM:
-        name = _cached(tiny_cache_dir() + "-reviews-rm", "built_with.txt", REVIEWS_RM_RECIPE, build_reviews_rm)
+        name = _cached(tiny_cache_dir() + "-reviews-rm", "built_with.txt",
+                       REVIEWS_RM_RECIPE + "\n" + REVIEWS_RM_DATA, build_reviews_rm)
     elif not os.path.isdir(name) and (name.startswith((".", "/")) or name.count("/") > 1):
         raise InputError(f"{flag} {name}: no such local folder")
     auto = AutoModelForSequenceClassification if kind == "reward" else AutoModelForCausalLM
