@@ -1148,9 +1148,10 @@ REVIEWS_RM_DATA = "pairs: positive chosen; negative, neutral, mixed or the posit
 
 
 def build_reviews_rm(folder):
-    """`--reward-model tiny-reviews-rm`: reward_model.py's Bradley-Terry RM on labelled reviews (positive
-    chosen over negative or neutral, common.make_pairs) on the tiny-reviews backbone, run as a user runs
-    it, in a child process with PORTABLE_NUMERICS, and cached like tiny (~1 min on one core)."""
+    """`--reward-model tiny-reviews-rm`: reward_model.py's Bradley-Terry RM on labelled reviews (REVIEWS_RM_DATA,
+    common.make_pairs), a word-level tiny Llama from random weights (tiny-words-untrained: a character-level RM
+    was beaten by the policy's misspellings), run as a user runs it, in a child process with
+    PORTABLE_NUMERICS, and cached like tiny (~1 min on one core)."""
     import platform, subprocess
     print0(f"[common] building the built-in sentiment reward model: python {REVIEWS_RM_RECIPE} -> {folder}")
     env = {**os.environ, **(PORTABLE_NUMERICS if platform.machine().lower() in ("x86_64", "amd64") else {})}
