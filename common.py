@@ -13,7 +13,7 @@ Sections, top to bottom:
   7. rewards     rm_score(), the one reward-model scorer; pairwise win rates (verifier, RM, judge LM)
   8. loop        seeded batch order, lr schedule, Ctrl-C, atomic checkpoints / resume, metrics, plots
 """
-import ast, contextlib, functools, json, math, os, random, re, shutil, sys, time
+import ast, contextlib, copy, functools, json, math, os, random, re, shutil, sys, time
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +64,37 @@ def add_run_flags(p, name):
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda, then mps, then cpu)")
     p.add_argument("--wandb", action="store_true", help="also log to Weights & Biases")
     p.add_argument("--trust-remote-code", action="store_true", help="allow hub models with custom code")
+
+
+def add_preference_flags(p, steps):
+    """The flags of the offline preference scripts (dpo.py, kto_ipo.py): start model, built-in data, batching,
+    schedule, evaluation, --resume and --fsdp; `steps`: the default of --steps."""
+    p.add_argument("--model", default="tiny", help="start (SFT) model: built-in name, local folder or hub id; "
+                   "also the reference")
+    p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic, "
+                   "countdown or swaps (the logic puzzle; --model tiny then means tiny-swaps)")
+    p.add_argument("--builtin", default="model", choices=["model", "corrupt"], help="built-in data's bad answers: the "
+                   "start model's own wrong samples, or hand-made errors (dropped carry, off-by-one)")
+    p.add_argument("--sample-tries", type=int, default=2, help="--builtin model: answers sampled per prompt to find "
+                   "a wrong one")
+    p.add_argument("--sample-temperature", type=float, default=0.7, help="--builtin model: sampling temperature")
+    p.add_argument("--steps", type=int, default=steps, help="optimizer updates")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint (same flags)")
+    p.add_argument("--batch-size", type=int, default=32, help="GLOBAL batch in rows (pairs or examples), split "
+                   "evenly over the torchrun ranks")
+    p.add_argument("--micro-batch-size", type=int, default=0, help="rows per forward pass per rank (gradient "
+                   "accumulation); 0 = whole local batch")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model (and a reference) over the "
+                   "ranks (FSDP2) instead of DDP, for models that do not fit on one GPU; no checkpoints")
+    for flag, default, what in (("--warmup-steps", 5, "linear lr warmup (steps), then constant"),
+                                ("--max-len", 1024, "max tokens of prompt + completion (completions are cut)"),
+                                ("--max-new-tokens", 64, "answer length for sampling, accuracy, win rate"),
+                                ("--eval-n", HELDOUT_N, "held-out rows / test problems (built in: common.heldout) / "
+                                                        "win-rate prompts"),
+                                ("--log-every", 1, "log training metrics every N steps"),
+                                ("--eval-every", 0, "held-out evaluation every N steps (0: before and after only)")):
+        p.add_argument(flag, type=int, default=default, help=what)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
 
 
 def set_seed(seed):
@@ -984,6 +1015,24 @@ def hold_out(rows, n, spec, flag="--eval-n", what="rows"):
     return rows[:-n], rows[-n:]
 
 
+def split_rows(load, spec, n, eval_n, head=None):
+    """(train, heldout) rows of --dataset spec via load(spec, split, count): a local file's last eval_n rows
+    (of its first `head`, default all) held out and train the first n before them; a hub dataset's train
+    split (n rows) and test split (eval_n rows)."""
+    if os.path.isfile(spec):
+        train, heldout = hold_out(load(spec, "train", head), eval_n, spec)
+        return train[:n], heldout
+    return load(spec, "train", n), load(spec, "test", eval_n)
+
+
+def write_jsonl(path, rows):
+    """Rank 0 writes rows (dicts) to path, one JSON object a line."""
+    if DIST.master:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
 def warn_unknown_chars(tok, rows, spec, flag="--dataset"):
     """The built-in character tokenizer (char_tokenizer) maps every character outside CHARS to <unk>:
     say once how many a dataset holds, so a run on real text does not learn from <unk> in silence.
@@ -1235,6 +1284,24 @@ def dropout_off(model):
     return model
 
 
+def context_len(model, max_len):
+    """max_len (tokens), capped at the model's context (max_position_embeddings) where it has one."""
+    return min(max_len, getattr(model.config, "max_position_embeddings", None) or max_len)
+
+
+def load_policy(name, max_len, fsdp=False, ref=False, trust_remote_code=False):
+    """The policy of an offline preference run: `name` in fp32 (bf16 autocast on GPUs), dropout off (log-probs
+    must be deterministic), with ref=True a frozen copy of it (the reference); fsdp: both sharded (FSDP2) before
+    anything runs them or creates an optimizer. Returns model, ref (or None), tok, context_len(model, max_len)."""
+    model, tok = load_model(name, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    dropout_off(model)
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if ref else None
+    for m in (model, ref) if fsdp else ():
+        if m is not None:
+            shard_model(m)
+    return model, ref, tok, context_len(model, max_len)
+
+
 def save_pretrained_atomic(folder, model, tok=None):
     """save_pretrained (safetensors) into a temp folder, then rename over `folder` (see _writing:
     a failed save keeps what was there). Rank 0 writes; a sharded (FSDP) model must be saved by
@@ -1318,6 +1385,16 @@ def prompt_ids(tok, prompt):
     if isinstance(prompt, str) or not getattr(tok, "chat_template", None):
         return tok(format_prompt(tok, prompt))["input_ids"]
     return _ids(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True))
+
+
+def drop_long_prompts(tok, train, heldout, limit, what="rows"):
+    """(train, heldout) without the rows whose prompt is over `limit` tokens (they leave no room for
+    the completion), and a line saying how many training rows went."""
+    fits = lambda r: len(prompt_ids(tok, r["prompt"])) <= limit
+    n0, train, heldout = len(train), [r for r in train if fits(r)], [r for r in heldout if fits(r)]
+    print0(f"{len(train)} training {what} ({n0 - len(train)} dropped: prompt > {limit} tokens), "
+           f"{len(heldout)} held out")
+    return train, heldout
 
 
 def end_token_id(tok, prompt=""):
@@ -1458,6 +1535,13 @@ def own_mistakes(model, tok, problems, tries, temperature, max_new_tokens):
     found = [(i, wrong[0]) for i, answers in sample_answers(model, tok, problems, tries, temperature, max_new_tokens)
              if (wrong := [t for t in answers if not verify(problems[i], t)])]
     return sorted(all_gather_list(found))
+
+
+def mistake_pairs(model, tok, problems, tries, temperature, max_new_tokens):
+    """Preference pairs from own_mistakes: (prompt, chosen = the reference solution, rejected = the
+    model's wrong sample, problem) for every problem with a wrong sample, in problem order."""
+    return [dict(prompt=problems[i]["prompt"], chosen=problems[i]["solution"], rejected=w, problem=problems[i])
+            for i, w in own_mistakes(model, tok, problems, tries, temperature, max_new_tokens)]
 
 
 @torch.no_grad()
@@ -1899,6 +1983,24 @@ class Logger:
             self.wandb.log(rec, step=step)
 
 
+def start_run(args, ckpt, model, opt, sched, config, fresh, steps=None):
+    """(start, extra, logger) of a training run. --resume: the step and extra of the checkpoint in ckpt, which
+    must have been written with the same config (the flags that fix the run) and, with steps, leave an update
+    to run; else 0 and dict(config=config, **fresh()), fresh() computing what the run keeps from its start
+    (its 'before' evaluation, logged at step 0). logger: the Logger of <out>/metrics.jsonl."""
+    if args.resume:
+        start, extra = load_checkpoint(ckpt, model, opt, sched)
+        check(extra["config"] == config, f"--resume: flags differ from the checkpoint's {extra['config']}")
+        check(steps is None or start < steps, f"--resume: the checkpoint is at step {start}, --steps is {steps}")
+        print0(f"resumed from {ckpt} at step {start}")
+    else:
+        start, extra = 0, dict(config=config, **fresh())
+    logger = Logger(args.out, vars(args), args.wandb, resume_step=start - 1 if args.resume else None)
+    if start == 0:
+        logger.log(0, **extra["before"])
+    return start, extra, logger
+
+
 def read_metrics(out):
     path = os.path.join(out, "metrics.jsonl")
     return [json.loads(l) for l in open(path)] if os.path.exists(path) else []
@@ -1921,6 +2023,12 @@ def diversity(texts):
     jac = [len(a & b) / max(len(a | b), 1) for a, b in pairs]
     return dict(distinct_1=distinct_n(words, 1), distinct_2=distinct_n(words, 2),
                 self_similarity=float(np.mean(jac)) if jac else 0.0)
+
+
+def before_after(before, after, keys):
+    """{key_before, key_after} for each of keys (names, space-separated) that the evaluations before and after
+    training (dicts) hold."""
+    return {f"{k}_{w}": r[k] for k in keys.split() for w, r in (("before", before), ("after", after)) if k in r}
 
 
 def write_summary(out, summary):

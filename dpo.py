@@ -45,7 +45,7 @@ linear warmup then a constant lr; pairs with over-long prompts are dropped and c
 --max-len; cDPO label smoothing (Mitchell 2023) but not TRL's other loss types; no padding-free packing, no
 PEFT. The win rate (common.win_rate) uses greedy answers and judges only the first MT-Bench turn.
 """
-import argparse, json, os, time
+import argparse, functools, os, time
 
 import torch
 import torch.nn.functional as F
@@ -90,24 +90,13 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description="Direct Preference Optimization (Rafailov et al. 2023) + win rate")
-    p.add_argument("--model", default="tiny", help="start (SFT) model and reference: built-in, folder or hub id")
     p.add_argument("--dataset", default=None, help="preference pairs: hub id (UltraFeedback binarized, hh-rlhf) or "
                    "local .jsonl/.json/.parquet (or .gz); default: built-in task pairs")
-    p.add_argument("--task", default="arithmetic", help="built-in task: arithmetic, countdown or swaps (tiny-swaps)")
     p.add_argument("--skip-bad-rows", action="store_true", help="--dataset: drop (and count) rows with a missing "
                    "field, empty text or chosen == rejected instead of stopping")
-    p.add_argument("--builtin", default="model", choices=["model", "corrupt"], help="built-in pairs' rejected "
-                   "answers: the start model's own wrong samples, or hand-made errors (dropped carry, off-by-one)")
-    p.add_argument("--sample-tries", type=int, default=2, help="--builtin model: samples per prompt to find a mistake")
-    p.add_argument("--sample-temperature", type=float, default=0.7, help="--builtin model: sampling temperature")
     p.add_argument("--n-pairs", type=int, default=4096, help="training pairs at most (rows of --dataset; --builtin "
                    "model: prompts sampled, pairs = those with a wrong answer)")
-    p.add_argument("--steps", type=int, default=120, help="optimizer updates")
-    p.add_argument("--batch-size", type=int, default=32, help="GLOBAL batch in pairs (split over torchrun ranks)")
-    p.add_argument("--micro-batch-size", type=int, default=0, help="pairs per forward pass per rank (gradient "
-                   "accumulation); 0 = whole local batch")
     p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (real models: ~5e-7)")
-    p.add_argument("--warmup-steps", type=int, default=5, help="linear lr warmup, then constant")
     p.add_argument("--beta", type=float, default=0.1, help="KL strength beta of eq. 3 (TRL's default)")
     p.add_argument("--label-smoothing", type=float, default=0.0, help="cDPO: assumed label-flip probability in [0, .5)")
     p.add_argument("--loss-type", default="sigmoid", choices=["sigmoid", "sigmoid_norm", "simpo"], help="DPO, "
@@ -115,17 +104,9 @@ def parse_args(argv):
     p.add_argument("--simpo-gamma", type=float, default=0.5, help="SimPO's target reward margin gamma")
     p.add_argument("--rpo-alpha", type=float, default=8.0, help="weight of the chosen answer's per-token NLL (RPO, "
                    "Pang et al. 2024, use 1; TRL rpo_alpha); 0 = plain DPO (README: it collapses the tiny task)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm")
-    p.add_argument("--max-len", type=int, default=1024, help="max tokens of prompt + completion (completions are cut)")
     p.add_argument("--max-prompt-len", type=int, default=512, help="pairs whose prompt is longer (tokens) are dropped")
-    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model over the ranks (FSDP2) "
-                   "instead of DDP, for models that do not fit on one GPU; no --save-every/--resume")
     p.add_argument("--ref-on-the-fly", action="store_true", help="keep the reference model and compute its log-probs "
                    "every step (default: precompute once, no second model)")
-    p.add_argument("--log-every", type=int, default=1, help="log training metrics every N steps")
-    p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (0: before and after)")
-    p.add_argument("--eval-n", type=int, default=C.HELDOUT_N, help="held-out pairs / test problems (built in: "
-                   "common.heldout) / win-rate prompts")
     p.add_argument("--eval-winrate", action="store_true", help="win/tie/loss of greedy answers vs the start model")
     p.add_argument("--eval-prompts", default=None, help="win-rate prompts: 'task' (built-in test prompts), 'heldout' "
                    "(held-out pair prompts) or a jsonl (MT-Bench questions: first turn)")
@@ -133,9 +114,8 @@ def parse_args(argv):
                    "folder/hub id (higher score wins)")
     p.add_argument("--judge-lm", default=None, help="judge LM (hub id/folder): MT-Bench pairwise prompt, both orders")
     p.add_argument("--judge-max-new-tokens", type=int, default=512, help="judge LM's budget for explanation + verdict")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length for accuracy and win-rate")
     p.add_argument("--save-every", type=int, default=0, help="write <out>/checkpoint every N steps (0 = never)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint (same flags)")
+    C.add_preference_flags(p, steps=120)  # --model, --task, --builtin, --batch-size, --eval-n, --fsdp, ...
     C.add_run_flags(p, "dpo")  # --out, --seed, --device, --wandb, --trust-remote-code
     args = p.parse_args(argv)
     C.check_flags(args, {"> 0": "n_pairs sample_tries steps batch_size max_len max_prompt_len log_every eval_n "
@@ -186,12 +166,8 @@ def main(argv=None):
     t0, ckpt = time.time(), os.path.join(args.out, "checkpoint")
 
     # ---- model: fp32 master weights (bf16 autocast on GPU), dropout off
-    model, tok = C.load_model(args.model, dtype=torch.float32, trust_remote_code=args.trust_remote_code)
-    C.dropout_off(model)
-    max_len = min(args.max_len, getattr(model.config, "max_position_embeddings", None) or args.max_len)
-    fsdp = args.fsdp and d.world_size > 1
-    if fsdp:  # before anything runs the model or creates the optimizer
-        C.shard_model(model)
+    fsdp = args.fsdp and d.world_size > 1  # FSDP2: sharded before anything runs the model
+    model, _, tok, max_len = C.load_policy(args.model, args.max_len, fsdp, trust_remote_code=args.trust_remote_code)
 
     # ---- data: built-in pairs (chosen = reference solution, rejected = the start model's own
     # mistake, or a hand-made error with --builtin corrupt) or real pairs. `problems`: accuracy set.
@@ -202,24 +178,14 @@ def main(argv=None):
             train = C.make_pairs(args.task, args.n_pairs, args.seed)
             heldout = C.make_pairs(args.task, args.eval_n, C.HELDOUT_SEED, split="test")
         else:
-            def sample(probs):
-                found = C.own_mistakes(model, tok, probs, args.sample_tries, args.sample_temperature,
-                                       args.max_new_tokens)
-                return [dict(prompt=probs[i]["prompt"], chosen=probs[i]["solution"], rejected=w, problem=probs[i])
-                        for i, w in found]
+            sample = lambda probs: C.mistake_pairs(model, tok, probs, args.sample_tries, args.sample_temperature,
+                                                   args.max_new_tokens)
             train, heldout = sample(C.make_task(args.task, args.n_pairs, args.seed)), sample(problems)
-    elif os.path.isfile(args.dataset):  # a local file: the last --eval-n rows are held out
-        train, heldout = C.hold_out(C.load_pairs(args.dataset, skip_bad=args.skip_bad_rows), args.eval_n, args.dataset)
-        train = train[:args.n_pairs]
-    else:
-        train = C.load_pairs(args.dataset, "train", args.n_pairs, args.skip_bad_rows)
-        heldout = C.load_pairs(args.dataset, "test", args.eval_n, args.skip_bad_rows)
+    else:  # a local file: the last --eval-n rows are held out; a hub dataset: its test split
+        load = functools.partial(C.load_pairs, skip_bad=args.skip_bad_rows)
+        train, heldout = C.split_rows(load, args.dataset, args.n_pairs, args.eval_n)
     C.warn_unknown_chars(tok, train + heldout, args.dataset)
-    limit = min(args.max_prompt_len, max_len // 2)
-    fits = lambda p: len(C.prompt_ids(tok, p["prompt"])) <= limit
-    n0, train, heldout = len(train), [p for p in train if fits(p)], [p for p in heldout if fits(p)]
-    C.print0(f"{len(train)} training pairs ({n0 - len(train)} dropped: prompt > {limit} tokens), "
-             f"{len(heldout)} held out")
+    train, heldout = C.drop_long_prompts(tok, train, heldout, min(args.max_prompt_len, max_len // 2), what="pairs")
     more = ", --sample-tries" if args.dataset is None and args.builtin == "model" else ""
     C.check(len(train) >= args.batch_size and heldout, f"{len(train)} training / {len(heldout)} held-out pairs: "
             f"need >= --batch-size {args.batch_size} and >= 1 (raise --n-pairs / --eval-n{more})")
@@ -249,22 +215,16 @@ def main(argv=None):
     win_prompts, win_problems = eval_prompts(args, heldout, problems) if args.eval_winrate else ([], [])
     cfg = dict(seed=args.seed, batch_size=args.batch_size, n_train=len(train), model=args.model, dataset=args.dataset,
                builtin=args.builtin)
-    if args.resume:
-        start, extra = C.load_checkpoint(ckpt, model, opt, sched)
-        C.check(extra["config"] == cfg, f"--resume: flags differ from the checkpoint's {extra['config']}")
-        C.check(start < args.steps, f"--resume: the checkpoint is at step {start}, --steps is {args.steps}")
-        C.print0(f"resumed from {ckpt} at step {start}")
-    else:
-        # Reference log-probs: the reference IS the start model, so precompute them with the policy
-        # before its first update; no second model is ever held in memory (unless --ref-on-the-fly).
-        start, extra = 0, dict(config=cfg)
-        extra["heldout_ref"] = all_logps(ref or model, heldout)
-        extra["train_ref"] = None if ref or args.loss_type == "simpo" else all_logps(model, train)
-        extra["before"] = heldout_eval(*extra["heldout_ref"])
-        extra["start_answers"] = C.greedy_answers(model, tok, win_prompts, args.max_new_tokens)
-    logger = C.Logger(args.out, vars(args), args.wandb, resume_step=start - 1 if args.resume else None)
-    if start == 0:
-        logger.log(0, **extra["before"])
+
+    def fresh():
+        """Reference log-probs: the reference IS the start model, so precompute them with the policy
+        before its first update; no second model is ever held in memory (unless --ref-on-the-fly)."""
+        heldout_ref = all_logps(ref or model, heldout)
+        simpo = args.loss_type == "simpo"  # reference-free: no reference log-probs to train with
+        return dict(heldout_ref=heldout_ref, train_ref=None if ref or simpo else all_logps(model, train),
+                    before=heldout_eval(*heldout_ref),
+                    start_answers=C.greedy_answers(model, tok, win_prompts, args.max_new_tokens))
+    start, extra, logger = C.start_run(args, ckpt, model, opt, sched, cfg, fresh, steps=args.steps)
     ddp = model if fsdp else C.ddp(model)
 
     # ---- training: one flat loop over 0-based updates; this rank's pairs = shard of the global batch
@@ -316,19 +276,16 @@ def main(argv=None):
     before = extra["before"]
     summary = dict(steps=args.steps, train_pairs=len(train), wall_s=round(time.time() - t0, 1),
                    heldout_reward_acc=after["heldout_reward_acc"], heldout_reward_margin=after["heldout_reward_margin"],
-                   **{f"{k}_{w}": r[k] for k in ("heldout_likelihood_acc", "heldout_logp_chosen",
-                                                 "heldout_logp_rejected", "accuracy")
-                      for w, r in (("before", before), ("after", after)) if k in r})
+                   **C.before_after(before, after, "heldout_likelihood_acc heldout_logp_chosen heldout_logp_rejected "
+                                                   "accuracy"))
     if args.eval_winrate:
         answers = C.greedy_answers(model, tok, win_prompts, args.max_new_tokens)
         summary["winrate"], outcome = C.win_rate(args.judge, win_prompts, win_problems, answers, extra["start_answers"],
                                                  judge_lm=args.judge_lm, max_new_tokens=args.judge_max_new_tokens,
                                                  trust_remote_code=args.trust_remote_code)
-        if d.master:
-            with open(os.path.join(args.out, "winrate.jsonl"), "w") as f:
-                word = {1: "win", 0: "tie", -1: "loss"}
-                for p, a, b, o in zip(win_prompts, answers, extra["start_answers"], outcome):
-                    f.write(json.dumps(dict(prompt=p, dpo=a, start=b, outcome=word[o])) + "\n")
+        word = {1: "win", 0: "tie", -1: "loss"}
+        C.write_jsonl(os.path.join(args.out, "winrate.jsonl"), [dict(prompt=p, dpo=a, start=b, outcome=word[o])
+                      for p, a, b, o in zip(win_prompts, answers, extra["start_answers"], outcome)])
     C.save_pretrained_atomic(os.path.join(args.out, "model"), model, tok)  # rank 0 writes (FSDP: all ranks gather)
     C.plot_metrics(args.out, ["chosen_reward", "rejected_reward", "reward_margin"], "rewards.png",
                    title="DPO implicit rewards")

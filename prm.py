@@ -1,13 +1,14 @@
 """prm.py: process vs outcome reward models, compared by best-of-N selection (week 9).
 
-An outcome reward model (ORM; Cobbe et al. 2021, "Training Verifiers to Solve Math Word
-Problems") reads a whole solution and predicts whether its final answer is right. A process
-reward model (PRM; Lightman et al. 2023, "Let's Verify Step by Step", arXiv:2305.20050) predicts,
-after every reasoning step, whether the solution is still correct up to there. Both are used to
-pick the best of N sampled solutions; on MATH the paper finds PRM 78.2% > ORM 72.4% > majority
-vote 69.6% (best-of-1860). Here both verifiers start from the same backbone and see the SAME
-solutions; only the supervision differs: one label per solution (ORM, at the last token) vs one
-label per step (PRM, at each step's last token).
+An outcome reward model (ORM; Cobbe et al. 2021, "Training Verifiers to Solve Math Word Problems") reads a whole
+solution and predicts whether its final answer is right; a process reward model (PRM; Lightman et al. 2023,
+"Let's Verify Step by Step", arXiv:2305.20050) predicts after every step whether the solution is still correct.
+Both pick the best of N sampled solutions (the paper, MATH, best-of-1860: PRM 78.2% > ORM 72.4% > majority vote
+69.6%). Here both start from the same backbone and see the SAME solutions (built in: policy samples, the
+reference solution, a common.corrupt() error and a slip(); --dataset: Math-Shepherd / PRM800K / TRL step rows);
+only the supervision differs: one label per solution (ORM, at its last token) vs one per step (PRM, at each
+step's last token). --head: the implicit log-ratio reward of a causal LM against its frozen start (Yuan et al.
+2024, "Free Process Rewards without Process Labels"; verifier_logits), or a fresh one-label classification head.
 
     python prm.py                                # built-in arithmetic, CPU
     python prm.py --prm-agg min --max-n 16       # Math-Shepherd's min-aggregation, smaller N
@@ -15,36 +16,13 @@ label per step (PRM, at each step's last token).
     python prm.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset peiyi9979/Math-Shepherd \\
         --n-train 20000 --problems openai/gsm8k --n-eval 200 --max-n 16 --max-new-tokens 384 \\
         --batch-size 8 --lr 1e-5 --steps 2000          # real model: steps = lines of the answer
-Outputs in --out (default out/prm): metrics.jsonl, curves.png, best_of_n.png, summary.json
-(best-of-N accuracy per method and N, step accuracy/F1/AUC, first-error localisation, before and
-after training), model/ and orm/ (HF folders: causal LMs to score against --rm-model for
-logratio, AutoModelForTokenClassification / SequenceClassification for classifier), checkpoint/
-(--save-every N, or on Ctrl-C: both verifiers, their optimizers and the batch order; --resume is exact).
-Measured results (mean ± sd over seeds; one T=1 sample vs best-of-N selection by the PRM, on the
-first --n-eval problems of the shared held-out set common.heldout()): README 'Results',
-`python tests/bench/cross_algorithm.py --seeds 0,1,2 --only prm`.
-
-Data. Built-in: training problems get --samples-per-problem policy samples at --temperature
-(the `tiny` policy is right only part of the time at T=1), the reference solution, a common.corrupt()
-error and a `slip` (one wrong step that the rest of the chain carries forward), labelled by
-common.arithmetic_step_labels (the first wrong step and every later one are bad; the ORM label
-is common.verify). Held-out problems get --max-n samples each, drawn once; best-of-N for smaller
-N averages --subsets random subsets of them. --dataset reads Math-Shepherd (`input` with steps
-ending in 'ки', `label` with '+'/'-' there), PRM800K step-wise rows (instruction, responses,
-next_response, rating) or TRL's prompt/completions/labels; 10% of prompts are held out.
-
-Design (--head): both verifiers give one log-odds per token, so the losses do not care which.
-  logratio (default): a causal LM pi, initialised from the backbone, scored by its implicit reward
-    against the frozen backbone pi_ref (Yuan et al. 2024, "Free Process Rewards without Process
-    Labels"): q_t = beta * sum_{i <= t} log pi(y_i | y_<i) / pi_ref(y_i | y_<i) over solution tokens.
-    The PRM fits q at every step end, the ORM at the EOS only: verification becomes the LM's own
-    next-token prediction, which the backbone already does well.
-  classifier: AutoModelForTokenClassification with one label (PRM) and load_model(kind="reward")
-    (ORM): the usual choice for large pretrained backbones (e.g. Math-Shepherd's); on `tiny` a fresh
-    head learned format and step position but not arithmetic (README 'Results').
-Simplified vs the paper: tiny models and a synthetic task; labels come from a checker, not
-humans; Lightman et al. supervise only up to the first wrong step (we also label later steps bad,
-which the min/prod scores treat alike); no active learning, no weighted majority vote.
+Outputs in --out (default out/prm): metrics.jsonl, curves.png, best_of_n.png, summary.json (best-of-N accuracy per
+method and N, step accuracy/F1/AUC, first-error localisation, before and after), model/ and orm/ (HF folders),
+checkpoint/ (--save-every N or Ctrl-C: both verifiers, optimizers and batch order; --resume is exact). Results,
+and how each head did on tiny: README 'Results', `python tests/bench/cross_algorithm.py --seeds 0,1,2 --only prm`.
+Simplified vs the paper: tiny models and a synthetic task; labels come from a checker, not humans; Lightman et
+al. supervise only up to the first wrong step (we also label later steps bad, which the min/prod scores treat
+alike); no active learning, no weighted majority vote.
 """
 import argparse, collections, copy, math, os, random, time, zlib
 
@@ -60,14 +38,10 @@ METHODS = ("prm", "orm", "majority", "prm_vote", "orm_vote", "random", "oracle")
 # ----------------------------------------------------------------------------- losses
 
 def prm_loss(logits, labels, mask):
-    """Process supervision: binary cross-entropy at every step-end token.
-    logits: (B, T) one log-odds per token (a classifier head's, or the implicit reward q_t);
-    labels: (B, T) 1 = the solution is still correct at this step, 0 = this step or an earlier
-    one is wrong (ignored where mask = 0); mask: (B, T) 1 at step-end tokens (the separator after
-    a step, EOS after the last). With S = {mask = 1} and s the sigmoid:
-        L = -1/|S| sum_{(b,t) in S} [ y log s(z) + (1 - y) log(1 - s(z)) ]
-    (Lightman et al. 2023: predict each step's correctness at its last token; Math-Shepherd,
-    Wang et al. 2024, writes the same loss summed over a solution's steps)."""
+    """Process supervision (Lightman et al. 2023; Math-Shepherd, Wang et al. 2024, sums it over a solution's steps):
+        L = -1/|S| sum_{(b,t) in S} [ y log s(z) + (1 - y) log(1 - s(z)) ],   S = {mask = 1}, s the sigmoid
+    logits z (B, T): one log-odds per token; labels y (B, T): 1 = still correct at this step, 0 = this or an earlier
+    step is wrong; mask (B, T): 1 at step ends (the separator after a step, EOS after the last)."""
     m = mask.float()
     bce = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none")
     return (bce * m).sum() / m.sum().clamp(min=1)   # every step weighs the same
@@ -94,9 +68,9 @@ def task_item(problem, text):
 
 
 def slip(problem, rng):
-    """One arithmetic slip (a step sum off by one) that later steps faithfully carry forward:
-    every later step is locally consistent, so only a process check finds where it broke.
-    Swaps: common.corrupt's slips are of this kind (the ball misplaced at one step, later steps follow)."""
+    """One arithmetic slip (a step sum off by one) that later steps faithfully carry forward: every later step
+    is locally consistent, so only a process check finds where it broke. Swaps: common.corrupt's slips are of
+    this kind (the ball misplaced at one step, later steps follow)."""
     if problem["task"] != "arithmetic":
         return C.corrupt(problem, rng)
     x, y = problem["x"], problem["y"]
@@ -113,33 +87,31 @@ def slip(problem, rng):
 
 
 def encode(tok, items, sep, device, max_len):
-    """[left pad | prompt | step 1 + sep | ... | last step + end token] (ids, mask), the solution's
-    tokens (cmask), the step-end positions (step_mask) and their labels. Steps are tokenized one by one,
-    so a step end is always a token boundary. Rows longer than max_len lose their beginning (and any
-    step ends there)."""
+    """[left pad | prompt | step 1 + sep | ... | last step + end token] (ids, mask), the solution's tokens (cmask),
+    the step-end positions (step_mask) and their labels. Steps are tokenized one by one, so a step end is always a
+    token boundary. Rows longer than max_len lose their beginning (and any step ends there)."""
     prompts = [C.prompt_ids(tok, it["prompt"]) for it in items]          # the chat template's ids, once
     pieces = [s if j == len(it["steps"]) - 1 else s + sep for it in items for j, s in enumerate(it["steps"])]
     pieces = iter(tok(pieces, add_special_tokens=False)["input_ids"])   # one batched tokenizer call
     rows, ends, starts = [], [], []
-    for it, prompt in zip(items, prompts):
-        ids, e = prompt, []
+    for it, ids in zip(items, prompts):
+        n_prompt, e = len(ids), []
         for j in range(len(it["steps"])):
             ids = ids + next(pieces) + ([C.end_token_id(tok, it["prompt"])] if j == len(it["steps"]) - 1 else [])
             e.append(len(ids) - 1)                          # score the separator / EOS token
         cut = max(0, len(ids) - max_len)
         rows.append(ids[cut:]); ends.append([(j, t - cut) for j, t in enumerate(e) if t >= cut])
-        starts.append(max(0, len(prompt) - cut))                # where the solution begins
+        starts.append(max(0, n_prompt - cut))                   # where the solution begins
     T = max(map(len, rows))
     ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
-    mask, cmask, step_mask = torch.zeros_like(ids), torch.zeros_like(ids), torch.zeros_like(ids)
-    labels = torch.zeros(len(rows), T)
+    (mask, cmask, step_mask), labels = (torch.zeros_like(ids) for _ in range(3)), torch.zeros(len(rows), T)
     for b, (r, e, it, st) in enumerate(zip(rows, ends, items, starts)):
         ids[b, T - len(r):] = torch.tensor(r); mask[b, T - len(r):] = 1; cmask[b, T - len(r) + st:] = 1
         for j, t in e:
             step_mask[b, T - len(r) + t] = 1
             labels[b, T - len(r) + t] = float(it["labels"][j]) if it.get("labels") else 0.0
-    outcome = torch.tensor([float(it["correct"]) for it in items])
-    out = dict(ids=ids, mask=mask, cmask=cmask, step_mask=step_mask, labels=labels, outcome=outcome)
+    out = dict(ids=ids, mask=mask, cmask=cmask, step_mask=step_mask, labels=labels,
+               outcome=torch.tensor([float(it["correct"]) for it in items]))
     return {k: v.to(device) for k, v in out.items()}
 
 
@@ -149,11 +121,10 @@ def logprobs(model, b):
 
 
 def verifier_logits(model, b, outcome, beta=None, ref_lp=None):
-    """Verifier log-odds: (B, T) one per token (PRM) or, with outcome=True, (B,) one per solution.
-    classifier head (ref_lp is None): the model's one-label head (token / sequence classification).
-    logratio head: the implicit reward of Yuan et al. 2024 ("Free Process Rewards without Process
-    Labels", eq. 2/3): q_t = beta * sum_{i <= t, i in solution} log pi(y_i | y_<i) / pi_ref(y_i | y_<i)
-    with pi_ref the frozen initial LM; the ORM reads q at the last token (EOS)."""
+    """Verifier log-odds: (B, T) one per token (PRM) or, with outcome=True, (B,) one per solution. Classifier head
+    (ref_lp None): the model's one-label head. Logratio head: the implicit reward of Yuan et al. 2024 (eq. 2/3),
+        q_t = beta * sum_{i <= t, i in solution} log pi(y_i | y_<i) / pi_ref(y_i | y_<i),
+    pi_ref the frozen initial LM; the ORM reads q at the last token (EOS)."""
     if ref_lp is None:
         out = model(input_ids=b["ids"], attention_mask=b["mask"], position_ids=C.position_ids(b["mask"]),
                     output_hidden_states=outcome)
@@ -166,16 +137,14 @@ def verifier_logits(model, b, outcome, beta=None, ref_lp=None):
 # ----------------------------------------------------------------------------- selection, metrics
 
 def aggregate(step_probs, how):
-    """A solution's PRM score: the product (Lightman et al.: P(every step correct)) or the min
-    (Math-Shepherd) of its step probabilities."""
+    """A solution's PRM score: the product (Lightman et al.: P(every step correct)) or the min (Math-Shepherd)."""
     return min(step_probs) if how == "min" else math.prod(step_probs)
 
 
 def best_of_n(candidates, scores, answers, method, rng=None):
-    """Pick one of N candidates. 'prm'/'orm': the highest score. 'majority': the most common
-    extracted answer; 'prm_vote'/'orm_vote': the answer with the largest summed score (weighted
-    voting, Uesato et al. 2022); ties go to the answer seen first, None answers do not vote.
-    'random': a uniform pick. Returns the chosen candidate."""
+    """The chosen one of N candidates. 'prm'/'orm': the highest score; 'majority': the most common extracted
+    answer; 'prm_vote'/'orm_vote': the answer with the largest summed score (weighted voting, Uesato et al. 2022);
+    ties go to the answer seen first, None answers do not vote; 'random': a uniform pick."""
     if method == "random":
         return (rng or random).choice(candidates)
     if method == "majority" or method.endswith("_vote"):
@@ -192,8 +161,8 @@ def best_of_n(candidates, scores, answers, method, rng=None):
 
 
 def bon_table(records, ns, subsets, seed):
-    """Accuracy of each method for each N: `subsets` random N-subsets of each problem's samples
-    (drawn once), averaged over problems. records: [{correct, answers, prm, orm}] per problem."""
+    """Accuracy of each method for each N: `subsets` random N-subsets of each problem's samples (drawn once),
+    averaged over problems. records: [{correct, answers, prm, orm}] per problem."""
     rng, table = random.Random(seed), {m: [] for m in METHODS}
     for n in ns:
         hits = collections.defaultdict(list)
@@ -222,9 +191,9 @@ def auc(scores, labels):
 
 
 def step_metrics(items):
-    """items: [{labels, probs, prm, orm, correct}]. Step accuracy, F1 of flagging bad steps, step
-    AUC, first-error localisation (first step with p < 0.5 == first bad step, over solutions with
-    an error), outcome AUC of the PRM and ORM scores, and the trivial baselines."""
+    """items: [{labels, probs, prm, orm, correct}]. Step accuracy, F1 of flagging bad steps, step AUC, first-error
+    localisation (first step with p < 0.5 == first bad step, over solutions with an error), outcome AUC of the PRM
+    and ORM scores, and the trivial baselines."""
     y = np.array([l for it in items for l in it["labels"][-len(it["probs"]):] if it["probs"]], bool)
     p = np.array([q for it in items for q in it["probs"]], float)
     flag, bad = p < 0.5, ~y
@@ -241,12 +210,13 @@ def step_metrics(items):
 
 
 @torch.no_grad()
-def score(prm, orm, ref, tok, items, sep, max_len, args):
-    """Fill in each item's step probabilities (PRM), PRM score and ORM probability."""
+def evaluate(prm, orm, ref, tok, cands, heldout, sep, max_len, args, ns):
+    """Score this rank's candidates and held-out labelled solutions (step probabilities, PRM score, ORM
+    probability), gather, and compute the best-of-N table and the step metrics on every rank."""
     prm, orm = getattr(prm, "module", prm), getattr(orm, "module", orm)
     prm.eval(); orm.eval()
-    for i in range(0, len(items), args.batch_size * 4):
-        chunk = items[i:i + args.batch_size * 4]
+    flat, n = [c for group in cands for c in group], args.batch_size * 4
+    for chunk in [(flat + heldout)[i:i + n] for i in range(0, len(flat + heldout), n)]:
         b = encode(tok, chunk, sep, C.DIST.device, max_len)
         ref_lp = logprobs(ref, b) if ref is not None else None
         p = torch.sigmoid(verifier_logits(prm, b, False, args.beta, ref_lp).float())
@@ -255,20 +225,12 @@ def score(prm, orm, ref, tok, items, sep, max_len, args):
             it["probs"] = p[r][b["step_mask"][r].bool()].tolist()
             it["prm"], it["orm"] = aggregate(it["probs"] or [0.0], args.prm_agg), o[r].item()
     prm.train(); orm.train()
-
-
-def evaluate(prm, orm, ref, tok, cands, heldout, sep, max_len, args, ns):
-    """Score this rank's candidates (and held-out labelled solutions), gather, and compute the
-    best-of-N table and step metrics on every rank."""
-    flat = [c for group in cands for c in group]
-    score(prm, orm, ref, tok, flat + heldout, sep, max_len, args)
     keep = lambda it: {k: it[k] for k in ("labels", "probs", "prm", "orm", "correct")}
     records = C.all_gather_list([dict(correct=[c["correct"] for c in g], answers=[c["answer"] for c in g],
                                       prm=[c["prm"] for c in g], orm=[c["orm"] for c in g]) for g in cands])
     labelled = C.all_gather_list([keep(it) for it in (heldout or [c for c in flat if c.get("labels")])])
-    res = dict(best_of_n=dict(N=ns, **bon_table(records, ns, args.subsets, args.seed)) if records else None)
-    res.update(step_metrics(labelled) if labelled else {})
-    return res
+    return dict(best_of_n=dict(N=ns, **bon_table(records, ns, args.subsets, args.seed)) if records else None,
+                **(step_metrics(labelled) if labelled else {}))
 
 # ----------------------------------------------------------------------------- main
 
@@ -276,28 +238,23 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny", help="policy that samples the candidate solutions (hub id, folder, tiny)")
     p.add_argument("--rm-model", default=None, help="backbone of both verifiers (default: --model)")
-    p.add_argument("--dataset", default="", help="step-labelled data: Math-Shepherd / PRM800K step-wise / "
-                   "prompt,completions,labels (file or hub id); default: built-in --task solutions sampled from "
-                   "the policy")
-    p.add_argument("--problems", default="", help="held-out problems for best-of-N with --dataset (GSM8K/MATH file or "
-                   "hub id, steps = lines); default: the built-in task's test split (none with --dataset)")
+    p.add_argument("--dataset", default="", help="step-labelled rows: Math-Shepherd, PRM800K step-wise, TRL "
+                   "prompt/completions/labels (file or hub id); default: the policy's samples of the built-in --task")
+    p.add_argument("--problems", default="", help="--dataset: held-out GSM8K/MATH problems for best-of-N (steps: "
+                   "lines)")
     p.add_argument("--skip-bad-rows", action="store_true", help=C.SKIP_BAD_ROWS)
-    p.add_argument("--task", default="arithmetic", help="built-in task with step labels: arithmetic or swaps "
-                   "(the logic puzzle; --model tiny then means tiny-swaps)")
-    p.add_argument("--n-train", type=int, default=1024, help="training problems (built-in) or labelled solutions "
-                   "(--dataset)")
+    p.add_argument("--task", default="arithmetic", help="built-in task: arithmetic or swaps (tiny then: tiny-swaps)")
+    p.add_argument("--n-train", type=int, default=1024, help="training problems (built-in) / labelled solutions")
     p.add_argument("--samples-per-problem", type=int, default=2, help="policy samples per training problem (built-in)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the policy")
     p.add_argument("--max-new-tokens", type=int, default=48, help="length limit of a sampled solution")
     p.add_argument("--max-len", type=int, default=1024, help="verifier input limit in tokens (left-truncated)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (each trains the PRM and the ORM)")
     p.add_argument("--batch-size", type=int, default=64, help="labelled solutions per step per rank")
-    p.add_argument("--head", default="logratio", choices=["logratio", "classifier"], help="verifier "
-                   "parameterisation: implicit log-ratio of a causal LM to its frozen copy, or a fresh one-logit head "
-                   "(see the docstring)")
+    p.add_argument("--head", default="logratio", choices=["logratio", "classifier"], help="verifier: implicit "
+                   "log-ratio of a causal LM to its frozen copy, or a fresh one-logit head (see the docstring)")
     p.add_argument("--beta", type=float, default=0.5, help="log-ratio scale of the logratio head")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of both verifiers (~1e-3 for --head "
-                   "classifier on tiny)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW lr of both verifiers (~1e-3: --head classifier, tiny)")
     p.add_argument("--n-eval", type=int, default=40, help="held-out problems for best-of-N")
     p.add_argument("--max-n", type=int, default=64, help="samples per held-out problem; N = 1, 2, 4, ..., max-n")
     p.add_argument("--subsets", type=int, default=8, help="random N-subsets averaged per problem and N")
@@ -311,8 +268,8 @@ def parse_args(argv):
     C.check_flags(a, {">= 1": "n_train samples_per_problem max_new_tokens max_len steps batch_size n_eval max_n "
                               "subsets log_every", ">= 0": "save_every", "> 0": "lr beta"})
     C.check(a.temperature > 0, f"--temperature must be > 0 (best-of-N needs sampling), got {a.temperature}")
-    C.check(a.task in ("arithmetic", "swaps") or a.dataset,
-            f"--task {a.task}: built-in step labels exist for arithmetic and swaps only")
+    C.check(a.task in ("arithmetic", "swaps") or a.dataset, f"--task {a.task}: built-in step labels exist for "
+            "arithmetic and swaps only")
     C.check(not a.problems or a.dataset,
             "--problems needs --dataset (a verifier trained on the built-in task cannot judge them)")
     a.model = C.task_model(a.model, a.task, a.dataset)  # tiny-<task> for a task tiny never saw
@@ -333,8 +290,7 @@ def token_classifier(orm, trust_remote_code):
 def main(argv=None):
     args, t0 = parse_args(argv), time.time()
     d = C.setup(args.seed, args.device, out=args.out)
-    builtin = not args.dataset
-    sep = ";" if builtin else "\n"
+    builtin, sep = not args.dataset, ";" if not args.dataset else "\n"  # built in: ';'-separated steps
 
     # ---- models: the policy (frozen) and two verifiers on the same pretrained backbone
     kw = dict(trust_remote_code=args.trust_remote_code)
@@ -348,18 +304,16 @@ def main(argv=None):
     else:
         orm, tok = C.load_model(backbone, kind="reward", **kw)
         prm, ref = token_classifier(orm, args.trust_remote_code), None
-    max_len = min(args.max_len, getattr(orm.config, "max_position_embeddings", None) or args.max_len)
+    max_len = C.context_len(orm, args.max_len)
 
-    # ---- data: labelled training solutions, held-out candidates (sampled once) -----------
+    # ---- data: labelled training solutions, held-out candidates (sampled once)
     rng = random.Random(args.seed + 1000 * d.rank)
     if builtin:
-        mine = d.shard(C.make_task(args.task, args.n_train, args.seed, "train"))
-        k = args.samples_per_problem
-        out = C.generate(policy, ptok, [p["prompt"] for p in mine], n=k, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature)
-        train = [task_item(p, t) for i, p in enumerate(mine)
-                 for t in out["texts"][i * k:(i + 1) * k] + [p["solution"], C.corrupt(p, rng), slip(p, rng)]]
-        heldout = []
+        mine, k = d.shard(C.make_task(args.task, args.n_train, args.seed, "train")), args.samples_per_problem
+        texts = C.generate(policy, ptok, [p["prompt"] for p in mine], n=k, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature)["texts"]
+        train, heldout = [task_item(p, t) for i, p in enumerate(mine)
+                          for t in texts[i * k:(i + 1) * k] + [p["solution"], C.corrupt(p, rng), slip(p, rng)]], []
     else:
         data = C.load_step_data(args.dataset, args.n_train, args.skip_bad_rows)
         C.warn_unknown_chars(tok, data, args.dataset)
@@ -370,14 +324,14 @@ def main(argv=None):
              C.load_problems(args.problems, "test", args.n_eval, args.skip_bad_rows, "--problems") if args.problems
              else [])
     C.warn_unknown_chars(ptok, probs, args.problems, "--problems")
-    cands, mine = [], d.shard(probs)
-    if mine:
-        out = C.generate(policy, ptok, [p["prompt"] for p in mine], n=args.max_n, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature)
+    cands, mine, k = [], d.shard(probs), args.max_n
+    if mine:  # --max-n candidates per held-out problem, sampled once
+        texts = C.generate(policy, ptok, [p["prompt"] for p in mine], n=k, max_new_tokens=args.max_new_tokens,
+                           temperature=args.temperature)["texts"]
         item = lambda p, t: task_item(p, t) if builtin else dict(prompt=p["prompt"], steps=split_steps(t, sep),
                                                                  labels=None, answer=C.extract_answer(t),
                                                                  correct=C.verify(p, t))
-        cands = [[item(p, t) for t in out["texts"][i * args.max_n:(i + 1) * args.max_n]] for i, p in enumerate(mine)]
+        cands = [[item(p, t) for t in texts[i * k:(i + 1) * k]] for i, p in enumerate(mine)]
     ns = sorted({2**i for i in range(int(math.log2(args.max_n)) + 1)} | {args.max_n})
     frac = lambda xs: C.all_reduce_mean(float(np.mean(xs)) if xs else 0.0)
     C.print0(f"[prm] {len(train)} training solutions/rank ({frac([it['correct'] for it in train]):.0%} correct, "
@@ -385,12 +339,11 @@ def main(argv=None):
              f"{args.max_n} samples")
     before = evaluate(prm, orm, ref, tok, cands, heldout, sep, max_len, args, ns)
 
-    # ---- training: one loop, both verifiers, the same batch ----------------------------
+    # ---- training: one loop, both verifiers, the same batch. One checkpoint holds both (the ORM inside state.pt)
+    # and every rank's batch order and RNG, so --resume continues the same run.
     prm, orm = C.ddp(prm), C.ddp(orm)
     opts = [torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.0) for m in (prm, orm)]
     scheds = [C.lr_schedule(o, max(1, args.steps // 20), args.steps) for o in opts]  # warm-up, cosine to 10%
-    # One checkpoint holds both verifiers (the ORM inside state.pt), so they cannot be from different
-    # steps, and every rank's batch order and RNG, so --resume continues the same run.
     ckpt, start, order = os.path.join(args.out, "checkpoint"), 0, []
     if args.resume:
         start, extra = C.load_checkpoint(ckpt, prm, opts[0], scheds[0])
@@ -427,7 +380,7 @@ def main(argv=None):
                 o.zero_grad(set_to_none=True)
             (l_prm + l_orm).backward()                                       # two separate graphs
             for m, o, s in zip((prm, orm), opts, scheds):
-                torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0); o.step(); s.step()
+                C.clip_grad(m, 1.0); o.step(); s.step()
             if step % args.log_every == 0 or step == args.steps - 1:
                 sm = b["step_mask"].bool()
                 mean = lambda x: C.all_reduce_mean(x.float().mean().item())  # over the batch, then the ranks
@@ -438,11 +391,10 @@ def main(argv=None):
             if args.save_every and (step + 1) % args.save_every == 0:
                 save(step + 1, C.all_gather_list([(order, rng.getstate())]))
 
-    # ---- evaluation: best-of-N and step-level metrics, before vs after -----------------
+    # ---- evaluation: best-of-N and step-level metrics, before vs after
     after = evaluate(prm, orm, ref, tok, cands, heldout, sep, max_len, args, ns)
-    if d.master:
-        C.save_pretrained_atomic(os.path.join(args.out, "model"), prm, tok)
-        C.save_pretrained_atomic(os.path.join(args.out, "orm"), orm, tok)
+    C.save_pretrained_atomic(os.path.join(args.out, "model"), prm, tok)  # rank 0 writes
+    C.save_pretrained_atomic(os.path.join(args.out, "orm"), orm, tok)
     summary = dict(dataset=args.dataset or args.task, head=args.head, beta=args.beta, reference_model=backbone,
                    prm_agg=args.prm_agg, train_solutions=len(train) * d.world_size, eval_problems=len(probs),
                    samples_per_problem=args.max_n, **{k: v for k, v in after.items() if k != "best_of_n"},
