@@ -5,12 +5,14 @@ Sections, top to bottom:
   2. tasks       the embedded world: arithmetic with a checkable chain of thought, Countdown, swaps,
                  reviews, verifiers, preference data, plus a GSM8K-style answer extractor for real data
   3. data        one reader for local jsonl/json/parquet or hub datasets, errors that name the row and
-                 field; problems, pairs, unpaired rows; the held-out split of a local file
+                 field; problems, pairs, unpaired rows, text-row prompts; the held-out split of a local file
   4. models      load_model(): hub id, local folder, or the built-in ~0.8M-param char-level Llama
   5. generation  batched sampling (left padding, stop at end-of-turn/EOS; static-cache fast path on
                  CUDA), accuracy / pass@k, the model's own answers and mistakes
-  6. log-probs   per-token and per-sequence log-probs without a float32 [batch, seq, vocab] blow-up; SFT
-  7. rewards     rm_score(), the one reward-model scorer; pairwise win rates (verifier, RM, judge LM)
+  6. log-probs   per-token and per-sequence log-probs without a float32 [batch, seq, vocab] blow-up; a policy
+                 with a value head (PPO); SFT
+  7. rewards     rm_score(), the one reward-model scorer (scorer(): it or the verifier); pairwise win rates
+                 (verifier, RM, judge LM)
   8. loop        seeded batch order, lr schedule, Ctrl-C, atomic checkpoints / resume, metrics, plots
 """
 import ast, contextlib, copy, functools, json, math, os, random, re, shutil, sys, time
@@ -844,6 +846,21 @@ def train_test_problems(dataset, eval_dataset, train_n, eval_n, skip_bad):
     return hold_out(train, eval_n, dataset) if local else (train, load_problems(dataset, "test", eval_n, skip_bad))
 
 
+def text_prompts(spec, rows, tok, train_n, eval_n, seed, flag="--dataset"):
+    """(train, test) prompts without answers (a reward model scores them) from `rows` of `text` (review
+    prefixes, as TRL's gpt2-sentiment): the first 2-8 `tok` tokens of train_n random rows' text (seed) and of
+    eval_n held-out rows' (HELDOUT_SEED). Held out: a local file's last eval_n rows (hold_out), else the test split."""
+    def prompts(rows, n, seed):
+        rng, out = random.Random(seed), []
+        for i in rng.sample(range(len(rows)), min(n, len(rows))):
+            require(rows[i], ["text"], f"{flag} {spec} row {i + 1}")
+            ids = tok(rows[i]["text"][:1000], add_special_tokens=False)["input_ids"][:rng.randint(2, 8)]
+            out.append(dict(task="text", prompt=tok.decode(ids), answer=None))
+        return out
+    train, test = hold_out(rows, eval_n, spec) if os.path.isfile(spec) else (rows, read_rows(spec, "test", flag))
+    return prompts(train, train_n, seed), prompts(test, eval_n, HELDOUT_SEED)
+
+
 def split_hh(chosen, rejected):
     """hh-rlhf rows are whole transcripts; the prompt is everything up to the last
     '\\n\\nAssistant:' of the common prefix, the responses are what follows it."""
@@ -1587,6 +1604,36 @@ def logits_logprobs(logits, labels, entropy=False, chunk=8):
     return (lp, torch.cat(ents)) if entropy else lp
 
 
+def lm_forward(lm, v_head, ids, attn, n, temperature=1.0):
+    """log π(y_t) (B, n) of the last n tokens, the value V(s_t) (B, n) (None without a head) and the per-token
+    entropy (B, n, detached). ids/attn: [left-padded prompt | completion]. Position j's hidden state has read
+    tokens <= j: it predicts token j+1 and is the state s_t in which that token is chosen. π is the sampling
+    distribution softmax(logits / temperature), as in TRL: the rollouts came from it."""
+    out = lm(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), logits_to_keep=n + 1,
+             output_hidden_states=v_head is not None)
+    logits = out.logits[:, :-1] if temperature == 1.0 else out.logits[:, :-1] / temperature
+    lp, ent = logits_logprobs(logits, ids[:, -n:], entropy=True)   # (B, n) each, chunked softmax
+    if v_head is None:
+        return lp, None, ent
+    h = out.hidden_states[-1][:, -(n + 1):-1]                       # (B, n, H)
+    return lp, v_head(h.to(v_head.weight.dtype)).squeeze(-1).float(), ent
+
+
+class PolicyWithValue(torch.nn.Module):
+    """A policy LM + a value head V(s_t) (ppo_lm.py), one module so that DDP syncs both. The head is a Linear on
+    the last hidden states (TRL's AutoModelForCausalLMWithValueHead), zero-initialised: V = 0 until it learns.
+    forward(ids, attn, n) -> lm_forward's (log π, V, entropy) of the last n tokens."""
+
+    def __init__(self, lm, temperature=1.0):
+        super().__init__()
+        self.lm, self.temperature = lm, temperature
+        self.v_head = torch.nn.Linear(lm.config.get_text_config().hidden_size, 1)
+        torch.nn.init.zeros_(self.v_head.weight); torch.nn.init.zeros_(self.v_head.bias)
+
+    def forward(self, ids, attn, n):
+        return lm_forward(self.lm, self.v_head, ids, attn, n, self.temperature)
+
+
 @torch.no_grad()
 def forward_chunks(fn, ids, attn, n, size):
     """fn(ids, attn, n) without grad, `size` rows at a time (old-policy / reference passes over a rollout),
@@ -1722,6 +1769,24 @@ def rm_score(model, tok, prompts, completions, max_length=None, label=0, batch_s
             logits = model(input_ids=ids, attention_mask=mask).logits
         out.append(logits[:, label].float())
     return torch.cat(out) if out else torch.zeros(0, device=device)
+
+
+def scorer(reward_model=None, label=None, device=None, batch_size=None, trust_remote_code=False):
+    """score(problems, texts) -> (B,) on `device`: the verifier (1 = correct) without a reward_model, else the
+    classifier's logit `label` of prompt + completion (rm_score: its own tokenizer and template); label defaults to
+    0 for a one-label RM and 1 (positive) for a 2-class classifier, and must be passed for more labels."""
+    if reward_model is None:
+        return lambda problems, texts: torch.tensor([float(verify(p, t)) for p, t in zip(problems, texts)],
+                                                    device=device)
+    rm, rm_tok = load_model(reward_model, kind="reward", device=device, trust_remote_code=trust_remote_code,
+                            flag="--reward-model")
+    rm.eval().requires_grad_(False)
+    n = rm.config.num_labels
+    pick = label if label is not None else (0 if n == 1 else 1)
+    check(0 <= pick < n and (n <= 2 or label is not None), f"--reward-label must be one of the classifier's {n} "
+          f"labels (pass it for > 2 labels), got {label}")
+    return lambda problems, texts: rm_score(rm, rm_tok, [p["prompt"] for p in problems], texts, label=pick,
+                                            batch_size=batch_size).to(device)
 
 
 # Pairwise win rate of one model's answers against another's. The judge: the task verifier, a reward
@@ -2069,6 +2134,23 @@ def plot(out, series, filename, xlabel="step", ylabel="", title=""):
     ax.set_xlabel(xlabel); ax.set_ylabel(ylabel); ax.set_title(title); ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend()
+    path = os.path.join(out, filename)
+    fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
+    return path
+
+
+def plot_twin(out, xs, left, right, filename, title="", notes=None, xlabel=""):
+    """Two curves over one x axis, each on its own y axis (left, right: {label: ys}, one each), the left
+    curve's points annotated with `notes` -> <out>/<filename> PNG (see pyplot)."""
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for a, (label, ys), c in zip([ax, ax.twinx()], [*left.items(), *right.items()], ["tab:blue", "tab:red"]):
+        a.plot(xs, ys, "o-", color=c, label=label); a.set_ylabel(label, color=c)
+    for x, y, note in zip(xs, next(iter(left.values())), notes or []):
+        ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, -12))
+    ax.set_xlabel(xlabel); ax.set_title(title); ax.grid(alpha=0.3)
     path = os.path.join(out, filename)
     fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
     return path

@@ -1,46 +1,34 @@
 """ppo_lm.py: PPO for language models with a value head and a KL penalty (RLHF step 3), from scratch.
 
-RLHF fine-tunes a policy π_θ (initialised from the SFT model) to maximise a reward while staying close to the
-frozen SFT model π_ref (Ziegler, Stiennon, Wu, Brown, Radford, Amodei, Christiano, Irving 2019, "Fine-Tuning
-Language Models from Human Preferences", arXiv:1909.08593; Stiennon et al. 2020; InstructGPT, Ouyang et al.
-2022, eq. 2):   maximise  E[ r(x, y) ] - β KL(π_θ(·|x) || π_ref(·|x)).
-Each generated token is one action of an episode that ends at EOS; per token t of a completion
-    r_t = -β (log π_old(y_t) - log π_ref(y_t))          (k1 KL penalty; --kl-estimator k3 optional)
-    r_T += score(x, y)                                   (the reward model's score, last token only)
-A value head V(s_t) turns these into per-token advantages with GAE (Schulman et al. 2016), whitened over the
-batch, and PPO (Schulman, Wolski, Dhariwal, Radford, Klimov 2017, "Proximal Policy Optimization Algorithms",
-arXiv:1707.06347) takes --ppo-epochs passes of clipped policy + clipped value updates over minibatches of each
-rollout. β is fixed, or adaptive (Ziegler et al. 2019 sec. 2.2: nudged towards --kl-target).
-V is a Linear on the policy's last hidden states (TRL's AutoModelForCausalLMWithValueHead), not InstructGPT's
-critic initialised from the RM: the RM may use another tokenizer (DistilBERT scoring GPT-2 text), and a shared
-trunk keeps one policy-sized model in memory; the price: the value loss (--vf-coef) also moves the trunk.
+RLHF (Ziegler, Stiennon, Wu, Brown, Radford, Amodei, Christiano, Irving 2019, "Fine-Tuning Language Models from Human
+Preferences", arXiv:1909.08593; Stiennon et al. 2020; InstructGPT, Ouyang et al. 2022, eq. 2) fine-tunes a policy π_θ,
+initialised from the SFT model π_ref, to maximise E[r(x, y)] - β KL(π_θ(·|x) || π_ref(·|x)). Each generated token is
+one action of an episode that ends at EOS, rewarded r_t = -β (log π_old(y_t) - log π_ref(y_t)) (k1; --kl-estimator
+k3), plus the reward model's score(x, y) on the last token. A value head V(s_t) turns these into per-token
+advantages with GAE (Schulman et al. 2016), and PPO (Schulman, Wolski, Dhariwal, Radford, Klimov 2017, "Proximal
+Policy Optimization Algorithms", arXiv:1707.06347) takes --ppo-epochs passes of clipped policy + value updates over
+minibatches of each rollout. β is fixed, or adaptive (Ziegler et al. 2019 sec. 2.2: nudged towards --kl-target).
+V is a Linear on the policy's last hidden states (TRL's AutoModelForCausalLMWithValueHead), not a critic made from
+the RM (which may use another tokenizer): one policy-sized model in memory; the value loss also moves the trunk.
 
 Run:
     python ppo_lm.py                         # tiny model, verifier reward (1/0) on 3-digit addition, CPU
     python reward_model.py && python ppo_lm.py --reward-model out/reward_model/model    # SFT -> RM -> PPO
-    python ppo_lm.py --task reviews          # week 3: positive movie reviews (README 'The reviews world')
-    python ppo_lm.py --task reviews --kl-sweep 0.01,0.05,0.2,adaptive --kl-target 6   # week 4: the alignment tax
+    python ppo_lm.py --task reviews          # positive movie reviews, a sentiment RM (README 'The reviews world')
+    python tests/bench/kl_sweep.py --seeds 0,1,2      # the reviews world at several β: the alignment tax
     python reward_model.py --train-size 64 --out out/rm_weak && \\
         python ppo_lm.py --reward-model out/rm_weak/model --overopt --steps 40   # overoptimization (Gao et al. 2022)
     python ppo_lm.py --model lvwerra/gpt2-imdb --reward-model lvwerra/distilbert-imdb --dataset stanfordnlp/imdb \\
         --max-new-tokens 16 --batch-size 256 --mini-batch 64 --micro-batch 64 --lr 1.41e-5 --init-kl-coef 0.2 \\
-        --kl-target 6 --ppo-epochs 4 --steps 100 --eval-n 256   # TRL's old notebook (it reported 0.24 -> 2.48)
+        --kl-target 6 --ppo-epochs 4 --steps 100 --eval-n 256   # TRL's old gpt2-sentiment notebook
     torchrun --nproc_per_node 4 ppo_lm.py --model ... --batch-size 256    # rollouts sharded over ranks
-A `text` dataset's prompts are its rows' first 2-8 tokens (TRL's gpt2-sentiment); the reward is the logit
---reward-label of the decoded prompt + completion, read by the classifier with its own tokenizer. Measured
-results: README 'PPO ablation'; the reviews world's gold rule and alignment tax: README 'The reviews world'.
-Outputs in --out: metrics.jsonl, curves.png, summary.json (held-out proxy score, KL to the reference, gold
-accuracy and diversity before/after), model/ (HF folder + value_head.pt), checkpoint/ (--save-every, Ctrl-C).
-
-Simplified vs the papers: one sample per prompt, a fixed completion budget (TRL's notebook drew 4-16 tokens),
-no reward normalisation, no pretraining-loss mix (InstructGPT's PPO-ptx), no value head warm-up; a completion
-cut off by the budget is treated as finished (scored, no bootstrap); a constant learning rate.
+Simplified vs the papers: one sample per prompt, a fixed completion budget, no reward normalisation, no PPO-ptx
+pretraining mix, no value warm-up, a constant lr; a completion cut off by the budget counts as finished (no bootstrap).
 """
 import argparse, copy, os, random, time
 
 import numpy as np
 import torch
-import torch.nn as nn
 from tqdm.auto import tqdm
 
 import common as C
@@ -54,8 +42,7 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     (their rewards and values are never read); after a row's last real token V = 0.
         delta_t = r_t + gamma V(s_t+1) - V(s_t),   A_t = delta_t + gamma lam A_t+1,   R_t = A_t + V(s_t)
     Returns advantages, returns: (B, T), 0 at masked positions."""
-    m = mask.bool()
-    adv = torch.zeros_like(rewards)
+    m, adv = mask.bool(), torch.zeros_like(rewards)
     last_adv, next_v = torch.zeros_like(rewards[:, 0]), torch.zeros_like(rewards[:, 0])
     for t in reversed(range(rewards.shape[1])):
         a = rewards[:, t] + gamma * next_v - values[:, t] + gamma * lam * last_adv
@@ -107,9 +94,8 @@ def masked_whiten(x, mask, eps=1e-8):
     """(x - mean) / std over the real tokens of all ranks (TRL's masked_whiten); 0 at masked positions."""
     m = mask.float()
     n, s, ss = C.all_reduce_mean(torch.stack([m.sum(), (x * m).sum(), (x * x * m).sum()]).double()).tolist()
-    mean = s / n
-    var = (ss / n - mean ** 2) * n / max(n - 1, 1)               # unbiased, like TRL
-    return (x - mean) / (max(var, 0.0) + eps) ** 0.5 * m
+    var = (ss / n - (s / n) ** 2) * n / max(n - 1, 1)               # unbiased, like TRL
+    return (x - s / n) / (max(var, 0.0) + eps) ** 0.5 * m
 
 
 class AdaptiveKLController:
@@ -123,99 +109,53 @@ class AdaptiveKLController:
         if self.target:
             self.value *= 1 + float(np.clip(current_kl / self.target - 1, -0.2, 0.2)) * n_steps / self.horizon
 
-
-def lm_forward(lm, v_head, ids, attn, n, temperature=1.0):
-    """log π(y_t) (B, n) of the last n tokens, the value V(s_t) (B, n) (None without a head) and the per-token
-    entropy (B, n, detached). ids/attn: [left-padded prompt | completion]. Position j's hidden state has read
-    tokens <= j: it predicts token j+1 and is the state s_t in which that token is chosen. π is the sampling
-    distribution softmax(logits / temperature), as in TRL: the rollouts came from it."""
-    out = lm(input_ids=ids, attention_mask=attn, position_ids=C.position_ids(attn), logits_to_keep=n + 1,
-             output_hidden_states=v_head is not None)
-    logits = out.logits[:, :-1] if temperature == 1.0 else out.logits[:, :-1] / temperature
-    lp, ent = C.logits_logprobs(logits, ids[:, -n:], entropy=True)   # (B, n) each, chunked softmax
-    if v_head is None:
-        return lp, None, ent
-    h = out.hidden_states[-1][:, -(n + 1):-1]                         # (B, n, H)
-    return lp, v_head(h.to(v_head.weight.dtype)).squeeze(-1).float(), ent
-
-
-class PolicyWithValue(nn.Module):
-    """The policy LM + a value head, one module so that DDP syncs both."""
-
-    def __init__(self, lm, temperature=1.0):
-        super().__init__()
-        self.lm, self.temperature = lm, temperature
-        self.v_head = nn.Linear(lm.config.get_text_config().hidden_size, 1)
-        nn.init.zeros_(self.v_head.weight); nn.init.zeros_(self.v_head.bias)   # V = 0 until it learns
-
-    def forward(self, ids, attn, n):
-        return lm_forward(self.lm, self.v_head, ids, attn, n, self.temperature)
-
-
-distinct_n = C.distinct_n  # token distinct-n of the held-out samples (common.diversity: of their words)
-
 # ----------------------------------------------------------------------------- flags
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="PPO-RLHF: a policy with a value head, a KL penalty and a reward model")
     p.add_argument("--model", default="tiny", help="the SFT policy: 'tiny' (built in), a local HF folder or a hub id")
-    p.add_argument("--dataset", default=None, help="prompts: hub id or .jsonl/.json/.parquet (or .gz) of `text` rows "
-                   "(review prefixes) or GSM8K/Countdown/MATH rows; default: the built-in --task")
+    p.add_argument("--dataset", default=None, help="hub id or file of `text` or GSM8K-style rows (default: --task)")
     p.add_argument("--skip-bad-rows", action="store_true", help=C.SKIP_BAD_ROWS)
-    p.add_argument("--task", default="arithmetic", help="built-in task when no --dataset: arithmetic, countdown, "
-                   "swaps or reviews (week 3; --model tiny then means tiny-<task>; reviews' RM: tiny-reviews-rm)")
-    p.add_argument("--reward", default=None, choices=["verifier", "model"],
-                   help="reward source (default: 'model' with --reward-model, else 'verifier' = 1 if correct)")
-    p.add_argument("--reward-model", default=None, help="sequence classifier: reward_model.py's <out>/model, or a "
-                   "hub classifier (lvwerra/distilbert-imdb)")
-    p.add_argument("--reward-label", type=int, default=None, help="which logit is the reward (default: 0 for 1-label "
-                   "RMs, 1 = positive for 2-class classifiers)")
-    p.add_argument("--missing-eos-penalty", type=float, default=0.0, help="subtract this from the score of "
-                   "completions that hit --max-new-tokens without EOS")
-    p.add_argument("--train-n", type=int, default=None, help="training prompts (default: 2000 built in, 5000 review "
-                   "prefixes, all GSM8K-style rows)")
+    p.add_argument("--task", default="arithmetic", help="built-in task: arithmetic, countdown, swaps or reviews")
+    p.add_argument("--reward", default=None, choices=["verifier", "model"], help="default: model with --reward-model")
+    p.add_argument("--reward-model", default=None, help="a classifier: reward_model.py's <out>/model or a hub id")
+    p.add_argument("--reward-label", type=int, default=None, help="its reward logit (default: 0; 2 labels: 1)")
+    p.add_argument("--missing-eos-penalty", type=float, default=0.0, help="minus this for a completion without EOS")
+    p.add_argument("--train-n", type=int, default=None, help="training prompts (default: 2000; texts 5000; all rows)")
     p.add_argument("--eval-n", type=int, default=C.HELDOUT_N, help="held-out prompts (built in: common.heldout)")
-    p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out prompt (score, KL, diversity)")
-    p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps too (0: only "
-                   "before/after; --overopt sets it)")
+    p.add_argument("--eval-samples", type=int, default=4, help="samples per held-out prompt")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps too (0: at the ends)")
     C.add_run_flags(p, "ppo_lm")  # --out, --seed, --device, --wandb, --trust-remote-code
     p.add_argument("--steps", type=int, default=60, help="PPO iterations (rollouts, rewards, GAE, updates)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts (= completions) per rollout, all ranks")
     p.add_argument("--mini-batch", type=int, default=32, help="completions per optimizer step, all ranks")
     p.add_argument("--micro-batch", type=int, default=32, help="completions per forward/backward on one rank")
-    p.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch (1: measured best on "
-                   "the built-in task, README 'PPO ablation'; TRL's default is 4)")
+    p.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch (TRL: 4)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="completion budget (default 40; reviews 64)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature T of the rollouts; log π, "
-                   "its KL to π_ref and the entropy are those of softmax(logits / T), as in TRL")
+    p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature; π = softmax(logits / T)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for rollouts (1.0: off)")
-    p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate of the policy (policy gradients: "
-                   "~30x below SFT's)")
+    p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate of the policy")
     p.add_argument("--vf-lr", type=float, default=1e-3, help="AdamW learning rate of the (new) value head")
     p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
     p.add_argument("--init-kl-coef", type=float, default=0.05, help="β of the KL penalty (--kl-target: its start)")
     p.add_argument("--kl-target", type=float, default=None, help="adaptive β: target KL (nats) per completion; TRL: 6")
     p.add_argument("--kl-horizon", type=float, default=10000, help="adaptive β: controller horizon (completions)")
-    p.add_argument("--kl-estimator", default="k1", choices=["k1", "k3"], help="per-token KL in the reward: "
-                   "k1 = log π/π_ref, k3 = e^-k1 + k1 - 1")
+    p.add_argument("--kl-estimator", default="k1", choices=["k1", "k3"], help="per-token KL in the reward")
     p.add_argument("--gamma", type=float, default=1.0, help="discount over tokens")
     p.add_argument("--lam", type=float, default=0.95, help="GAE λ (1 = Monte Carlo returns minus V)")
     p.add_argument("--clip-eps", type=float, default=0.2, help="policy ratio clip ε")
     p.add_argument("--vf-clip", type=float, default=0.2, help="value clip around the rollout's values (0 = none)")
     p.add_argument("--vf-coef", type=float, default=0.1, help="weight of the value loss")
-    p.add_argument("--kl-sweep", default=None, help="week 4: comma-separated fixed β values and 'adaptive' (the "
-                   "--kl-target controller): one run each + the alignment-tax table")
-    p.add_argument("--overopt", action="store_true", help="week 4: held-out proxy score and gold accuracy against KL "
-                   "during training (use a weak --reward-model)")
+    p.add_argument("--overopt", action="store_true", help="proxy score and gold accuracy against KL (a weak RM)")
     p.add_argument("--no-autocast", action="store_true", help="fp32 forward passes on GPUs too (default: bf16)")
     p.add_argument("--save-every", type=int, default=0, help="write <out>/checkpoint every N steps (0: on Ctrl-C)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
     args = p.parse_args(argv)
     reviews = args.task == "reviews" and not args.dataset  # week 3's world: its sentiment RM is built in
     args.max_new_tokens = args.max_new_tokens or (64 if reviews else 40)
-    if reviews:
-        args.reward_model = args.reward_model or (C.REVIEWS_RM if args.reward != "verifier" else None)
+    if reviews and args.reward != "verifier":
+        args.reward_model = args.reward_model or C.REVIEWS_RM
     C.check_flags(args, {">= 1": "steps batch_size mini_batch micro_batch ppo_epochs max_new_tokens eval_n "
                                  "eval_samples", "> 0": "lr vf_lr grad_clip temperature kl_horizon kl_target",
                          ">= 0": "init_kl_coef missing_eos_penalty vf_clip vf_coef eval_every save_every",
@@ -226,16 +166,6 @@ def parse_args(argv=None):
     C.check(args.reward == "verifier" or args.reward_model, "--reward model needs --reward-model <folder or hub id>")
     C.check(not args.overopt or args.reward == "model", "--overopt needs a (weak) --reward-model, e.g. "
             "`python reward_model.py --train-size 64 --out out/rm_weak` then --reward-model out/rm_weak/model")
-    if args.kl_sweep:
-        try:
-            args.kl_sweep = [b if b == "adaptive" else float(b) for b in args.kl_sweep.split(",")]
-        except ValueError:
-            C.check(False, f"--kl-sweep must be comma-separated numbers or 'adaptive', got {args.kl_sweep!r}")
-        C.check(all(b == "adaptive" or b >= 0 for b in args.kl_sweep), f"--kl-sweep values must be >= 0, got "
-                f"{args.kl_sweep}")
-        C.check("adaptive" not in args.kl_sweep or args.kl_target, "--kl-sweep ...,adaptive needs --kl-target <nats>")
-        C.check(not args.resume and not args.overopt, "--kl-sweep runs several fresh runs: not with --resume or "
-                "--overopt")
     if args.overopt and not args.eval_every:
         args.eval_every = max(1, args.steps // 10)
     args.model = C.task_model(args.model, args.task, args.dataset)  # tiny-<task> for a task tiny never saw
@@ -244,50 +174,17 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------- rewards, data, rollouts
 
 
-def make_scorer(args, device):
-    """score(problems, texts) -> (B,): the verifier (1 = correct), or a classifier's logit --reward-label of
-    prompt + completion (C.rm_score: the classifier's own tokenizer and template)."""
-    if args.reward == "verifier":
-        return lambda problems, texts: torch.tensor([float(C.verify(p, t)) for p, t in zip(problems, texts)],
-                                                    device=device)
-    rm, rm_tok = C.load_model(args.reward_model, kind="reward", device=device,
-                              trust_remote_code=args.trust_remote_code, flag="--reward-model")
-    rm.eval().requires_grad_(False)
-    n_labels = rm.config.num_labels
-    label = args.reward_label if args.reward_label is not None else (0 if n_labels == 1 else 1)
-    C.check(0 <= label < n_labels and (n_labels <= 2 or args.reward_label is not None), f"--reward-label must be one "
-            f"of the classifier's {n_labels} labels (pass it for > 2 labels), got {args.reward_label}")
-    return lambda problems, texts: C.rm_score(rm, rm_tok, [p["prompt"] for p in problems], texts, label=label,
-                                              batch_size=args.micro_batch).to(device)
-
-
-def review_prompts(rows, tok, n, seed, where):
-    """TRL gpt2-sentiment prompts: the first 2-8 policy tokens of `n` random rows' `text`."""
-    rng, out = random.Random(seed), []
-    for i in rng.sample(range(len(rows)), min(n, len(rows))):
-        C.require(rows[i], ["text"], f"{where} row {i + 1}")
-        ids = tok(rows[i]["text"][:1000], add_special_tokens=False)["input_ids"][:rng.randint(2, 8)]
-        out.append(dict(task="text", prompt=tok.decode(ids), answer=None))
-    return out
-
-
 def load_data(args, tok):
-    """(train, test) problems. Built-in task, GSM8K/Countdown/MATH rows (verifiable), or rows with a `text`
-    field (review prefixes: prompts without a verifier). A local file holds out its last --eval-n rows."""
+    """(train, test) problems: the built-in task, GSM8K/Countdown/MATH rows (verifiable), or rows with a `text`
+    field (C.text_prompts: review prefixes, no verifier). A local file holds out its last --eval-n rows."""
     if not args.dataset:
         return C.make_task(args.task, args.train_n or 2000, args.seed, "train"), C.heldout(args.task, args.eval_n)
-    local, rows, where = os.path.isfile(args.dataset), C.read_rows(args.dataset, "train"), f"--dataset {args.dataset}"
-    C.check(rows, f"{where}: no rows")
+    rows = C.read_rows(args.dataset, "train")
+    C.check(rows, f"--dataset {args.dataset}: no rows")
     C.warn_unknown_chars(tok, rows, args.dataset)
     if "text" in rows[0]:
-        train, test = C.hold_out(rows, args.eval_n, args.dataset) if local else \
-            (rows, C.read_rows(args.dataset, "test"))
-        return (review_prompts(train, tok, args.train_n or 5000, args.seed, where),
-                review_prompts(test, tok, args.eval_n, C.HELDOUT_SEED, where))
-    n = args.train_n + args.eval_n if local and args.train_n else args.train_n
-    problems = C.load_problems(args.dataset, "train", n, args.skip_bad_rows)
-    return C.hold_out(problems, args.eval_n, args.dataset) if local else \
-        (problems, C.load_problems(args.dataset, "test", args.eval_n, args.skip_bad_rows))
+        return C.text_prompts(args.dataset, rows, tok, args.train_n or 5000, args.eval_n, args.seed)
+    return C.train_test_problems(args.dataset, None, args.train_n, args.eval_n, args.skip_bad_rows)
 
 
 @torch.no_grad()
@@ -303,7 +200,7 @@ def rollout(ac, ref, tok, problems, score_fn, args, n=1):
         T, mask = roll["completion_ids"].shape[1], roll["completion_mask"].float()
         scores = score_fn([p for p in problems for _ in range(n)], roll["texts"])
         lp, v, ent = C.forward_chunks(ac, ids, attn, T, args.micro_batch)
-        ref_lp = C.forward_chunks(lambda *a: lm_forward(ref, None, *a, args.temperature), ids, attn, T,
+        ref_lp = C.forward_chunks(lambda *a: C.lm_forward(ref, None, *a, args.temperature), ids, attn, T,
                                   args.micro_batch)[0]
     return roll, ids, attn, mask, scores, lp, v, ent, ref_lp
 
@@ -318,7 +215,7 @@ def evaluate_policy(ac, ref, tok, test, score_fn, args, has_gold):
     toks = C.all_gather_list([c[r.bool()].tolist() for c, r in zip(roll["completion_ids"], roll["completion_mask"])])
     texts = C.all_gather_list(roll["texts"])
     res = dict(score=mean(scores.mean().item()), kl=mean(((lp - ref_lp) * mask).sum(1).mean().item()),
-               entropy=mean(((ent * mask).sum() / mask.sum()).item()), distinct_2=distinct_n(toks, 2),
+               entropy=mean(((ent * mask).sum() / mask.sum()).item()), distinct_2=C.distinct_n(toks, 2),
                unique=float(np.mean([len(set(texts[i:i + k])) / k for i in range(0, len(texts), k)])),
                length=mean(mask.sum(1).mean().item()), **{f"words_{name}": v for name, v in C.diversity(texts).items()})
     if has_gold:
@@ -327,19 +224,20 @@ def evaluate_policy(ac, ref, tok, test, score_fn, args, has_gold):
             res["gold_accuracy"] = C.evaluate(ac.lm, tok, test, max_new_tokens=args.max_new_tokens)["accuracy"]
     return res
 
-# ----------------------------------------------------------------------------- one PPO run
+# ----------------------------------------------------------------------------- main: one PPO-RLHF run
 
 
-def run(args, out):
-    """One PPO-RLHF run into `out`; returns its summary."""
-    d, W, t_start = C.DIST, C.DIST.world_size, time.time()
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    d, t_start = C.setup(args.seed, args.device, out=args.out), time.time()
+    W, out, ckpt, start = d.world_size, args.out, os.path.join(args.out, "checkpoint"), 0
     C.check_ranks(args.batch_size); C.check_ranks(args.mini_batch, "--mini-batch")
     # -- models: policy + value head (fp32 master weights), frozen reference, reward
     model, tok = C.load_model(args.model, device=d.device, dtype=torch.float32,
                               trust_remote_code=args.trust_remote_code)
     C.dropout_off(model)  # ρ must be exactly 1 on the first update
     ref = copy.deepcopy(model).eval().requires_grad_(False)
-    ac = PolicyWithValue(model, args.temperature).to(d.device)
+    ac = C.PolicyWithValue(model, args.temperature).to(d.device)  # V: a Linear on the last hidden states
     train, test = load_data(args, tok)
     has_gold = test[0]["answer"] is not None
     C.check(args.reward == "model" or has_gold, f"--dataset {args.dataset}: no answers to verify; pass --reward-model")
@@ -347,12 +245,12 @@ def run(args, out):
     C.check(len(train) >= args.batch_size, f"{len(train)} training prompts, fewer than --batch-size {args.batch_size}")
     C.print0(f"[ppo_lm] {len(train)} training prompts, {len(test)} held out; reward: "
              f"{args.reward_model or 'verifier'}; {W} rank(s) on {d.device}")
-    score_fn = make_scorer(args, d.device)
+    score_fn = C.scorer(args.reward_model if args.reward == "model" else None, args.reward_label, d.device,
+                        args.micro_batch, args.trust_remote_code)  # the verifier, or the RM's logit --reward-label
     evaluate = lambda: evaluate_policy(ac, ref, tok, test, score_fn, args, has_gold)
     opt = torch.optim.AdamW([{"params": model.parameters(), "lr": args.lr},
                              {"params": ac.v_head.parameters(), "lr": args.vf_lr}], weight_decay=0.0)
     kl_ctl = AdaptiveKLController(args.init_kl_coef, args.kl_target, args.kl_horizon)
-    ckpt, start = os.path.join(out, "checkpoint"), 0
     if args.resume:  # weights, AdamW, RNG; the value head and β travel in `extra`
         start, extra = C.load_checkpoint(ckpt, model, opt)
         ac.v_head.load_state_dict(extra["v_head"]); kl_ctl.value, before = extra["kl_coef"], extra["before"]
@@ -362,10 +260,8 @@ def run(args, out):
     C.print0(f"[ppo_lm] held-out before: {before}")
     policy, B, mb = C.ddp(ac), args.batch_size // W, args.mini_batch // W
     logger = C.Logger(out, config=vars(args), wandb=args.wandb, resume_step=start - 1 if args.resume else None)
-
-    def save(done, rng=None):  # rng: from the start of an interrupted step (C.rng_state)
-        extra = {"v_head": ac.v_head.state_dict(), "kl_coef": kl_ctl.value, "before": before}
-        C.save_checkpoint(ckpt, model, tok, done, opt, rng=rng, extra=extra)
+    save = lambda done, rng=None: C.save_checkpoint(ckpt, model, tok, done, opt, rng=rng, extra={
+        "v_head": ac.v_head.state_dict(), "kl_coef": kl_ctl.value, "before": before})
 
     def interrupted():  # the interrupted step is redone on --resume, with the same samples
         save(step, rng0)
@@ -423,89 +319,28 @@ def run(args, out):
     # -- evaluation, summary, final model (a plain causal-LM folder + value_head.pt)
     after, rows = evaluate(), C.read_metrics(out) if d.master else []
     avg = lambda rs: float(np.mean([r["score"] for r in rs])) if rows else None
-    curve = [dict(step=r["step"], **{k[5:]: v for k, v in r.items() if k.startswith("eval_")})
-             for r in rows if "eval_score" in r]
+    curve = [dict(step=-1, **before)] + [dict(step=r["step"], **{k[5:]: v for k, v in r.items() if k[:5] == "eval_"})
+                                         for r in rows if "eval_score" in r] + [dict(step=args.steps - 1, **after)]
     summary = dict(model=args.model, reward=args.reward_model or "verifier", dataset=args.dataset or args.task,
                    steps=args.steps, kl_coef=args.init_kl_coef, kl_coef_final=kl_ctl.value, world_size=W,
                    **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()},
-                   train_score_first10=avg(rows[:10]), train_score_last10=avg(rows[-10:]),
-                   curve=[dict(step=-1, **before)] + curve + [dict(step=args.steps - 1, **after)],
+                   train_score_first10=avg(rows[:10]), train_score_last10=avg(rows[-10:]), curve=curve,
                    wall_time_s=time.time() - t_start)
     C.plot_metrics(out, ["score", "kl", "entropy", "clip_frac", "explained_var"], "curves.png",
                    title=f"PPO on {args.dataset or args.task}")
     if d.master:
         C.save_pretrained_atomic(os.path.join(out, "model"), model, tok)
         torch.save(ac.v_head.state_dict(), os.path.join(out, "model", "value_head.pt"))
-    C.write_summary(out, summary)
-    return summary
-
-# ----------------------------------------------------------------------------- week 4: the KL sweep, overoptimization
-
-
-def plot_two(out, xs, left, right, filename, title, notes=None, xlabel="KL(π || π_ref) per completion (nats)"):
-    """Two curves over one x axis with their own y axes ({label: ys} each), points annotated with `notes`."""
-    plt = C.pyplot()
-    if plt is None:
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for a, (label, ys), c in zip([ax, ax.twinx()], [*left.items(), *right.items()], ["tab:blue", "tab:red"]):
-        a.plot(xs, ys, "o-", color=c, label=label); a.set_ylabel(label, color=c)
-    for x, y, note in zip(xs, next(iter(left.values())), notes or []):
-        ax.annotate(note, (x, y), textcoords="offset points", xytext=(4, -12))
-    ax.set_xlabel(xlabel); ax.set_title(title); ax.grid(alpha=0.3)
-    fig.tight_layout(); fig.savefig(os.path.join(out, filename), dpi=100); plt.close(fig)
-
-
-def kl_sweep(args):
-    """The alignment tax: the same run (same seed, same prompts) at each fixed β and with the adaptive
-    controller, one folder each; the table of held-out metrics, kl_frontier.png and tax_frontier.png."""
-    runs = []
-    for beta in args.kl_sweep:
-        C.setup(args.seed, args.device)
-        fixed = dict(init_kl_coef=beta, kl_target=None) if beta != "adaptive" else {}
-        folder = os.path.join(args.out, f"beta_{beta:g}" if beta != "adaptive" else "adaptive")
-        runs.append(run(argparse.Namespace(**{**vars(args), **fixed}), folder))
-    keys = ["score", "kl", "gold_accuracy", "gold_sampled", "entropy", "distinct_2", "unique",
-            "words_distinct_1", "words_distinct_2", "words_self_similarity"]
-    table = [dict(beta="start", **{k: runs[0].get(f"{k}_before") for k in keys})] + \
-            [dict(beta=b if b != "adaptive" else f"adaptive (target {args.kl_target:g})",
-                  **{k: r.get(f"{k}_after") for k in keys}) for b, r in zip(args.kl_sweep, runs)]
-    reward = "gold_sampled" if table[0]["gold_sampled"] is not None else "score"
-    for row in table[1:]:  # the alignment tax: word distinct-2 lost per unit of reward gained
-        gain = row[reward] - table[0][reward]
-        row["alignment_tax"] = (table[0]["words_distinct_2"] - row["words_distinct_2"]) / gain if gain > 0 else None
-    cols = keys + ["alignment_tax"]
-    C.print0("\n| β | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 1))
-    for row in table:
-        C.print0(f"| {row['beta']} | " + " | ".join("-" if row.get(k) is None else f"{row[k]:.3f}" for k in cols)
-                 + " |")
-    pts = sorted(table, key=lambda r: r["kl"])
-    notes = [f"β={r['beta']}" if r["beta"] != "start" else "SFT" for r in pts]
-    gold = "gold_accuracy" if runs[0].get("gold_accuracy_after") is not None else "entropy"
-    plot_two(args.out, [r["kl"] for r in pts], {"proxy score": [r["score"] for r in pts]},
-             {gold: [r[gold] for r in pts]}, "kl_frontier.png", "KL sweep: reward vs KL (the alignment tax)", notes)
-    plot_two(args.out, [r[reward] for r in pts], {"word distinct-2": [r["words_distinct_2"] for r in pts]},
-             {"self-similarity": [r["words_self_similarity"] for r in pts]}, "tax_frontier.png",
-             "Diversity vs reward: the alignment tax", notes, xlabel=f"{reward} (held-out samples)")
-    summary = dict(model=args.model, reward=args.reward_model or "verifier", steps=args.steps, kl_sweep=table)
-    C.write_summary(args.out, summary)
-    return summary
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    C.setup(args.seed, args.device, out=args.out)
-    summary = kl_sweep(args) if args.kl_sweep else run(args, args.out)
     if args.overopt:  # Gao et al. 2022: the proxy keeps rising with KL; does gold rise, then fall?
-        c = summary["curve"]
-        gold = [p["gold_accuracy"] for p in c]
-        plot_two(args.out, [p["kl"] for p in c], {"proxy score (RM)": [p["score"] for p in c]},
-                 {"gold accuracy (verifier, greedy)": gold}, "overopt.png", "Overoptimization: proxy vs gold")
+        gold = [p["gold_accuracy"] for p in curve]
         peak = int(np.argmax(gold))
-        summary["overopt"] = dict(gold_start=gold[0], gold_peak=gold[peak], kl_at_peak=c[peak]["kl"],
-                                  gold_end=gold[-1], proxy_start=c[0]["score"], proxy_end=c[-1]["score"],
+        C.plot_twin(out, [p["kl"] for p in curve], {"proxy score (RM)": [p["score"] for p in curve]},
+                    {"gold accuracy (verifier, greedy)": gold}, "overopt.png", "Overoptimization: proxy vs gold",
+                    xlabel="KL(π || π_ref) per completion (nats)")
+        summary["overopt"] = dict(gold_start=gold[0], gold_peak=gold[peak], kl_at_peak=curve[peak]["kl"],
+                                  gold_end=gold[-1], proxy_start=curve[0]["score"], proxy_end=curve[-1]["score"],
                                   rises_then_falls=bool(gold[peak] > gold[0] + 0.03 and gold[-1] < gold[peak] - 0.03))
-        C.write_summary(args.out, summary)
+    C.write_summary(out, summary)
     C.cleanup()
     return summary
 

@@ -117,6 +117,29 @@ def test_bad_rows_name_row_and_field(tmp_path):
         C.load_problems(str(f))
 
 
+def test_text_prompts_are_row_prefixes_and_hold_out_the_last_rows(tmp_path):
+    """ppo_lm's prompts from `text` rows: the first 2-8 tokens (here characters) of seeded random rows; a local
+    file's last eval_n rows are the held-out ones."""
+    tok, f = C.char_tokenizer(), tmp_path / "reviews.jsonl"
+    texts = [chr(97 + i) * 2 + " film was superb." for i in range(20)]   # each row's first two characters are its own
+    f.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    train, test = C.text_prompts(str(f), C.read_rows(str(f)), tok, 100, 5, seed=0)
+    assert len(train) == 15 and len(test) == 5 and all(2 <= len(p["prompt"]) <= 8 for p in train + test)
+    row = lambda p: [t[:2] for t in texts].index(p["prompt"][:2])
+    assert all(texts[row(p)].startswith(p["prompt"]) and p["answer"] is None for p in train + test)
+    assert sorted(map(row, test)) == [15, 16, 17, 18, 19] and sorted(map(row, train)) == list(range(15))
+    assert C.text_prompts(str(f), C.read_rows(str(f)), tok, 100, 5, seed=0) == (train, test)
+
+
+def test_verifier_scorer_and_twin_axis_plot(tmp_path):
+    probs = C.make_task("arithmetic", 2, seed=0)
+    score = C.scorer()(probs, [probs[0]["solution"], "#### -1"])
+    assert score.tolist() == [1.0, 0.0]
+    pytest.importorskip("matplotlib")
+    path = C.plot_twin(str(tmp_path), [0, 1, 2], {"proxy": [1, 2, 3]}, {"gold": [3, 2, 1]}, "twin.png", "t", ["a", "b"])
+    assert path == str(tmp_path / "twin.png") and os.path.getsize(path) > 0
+
+
 def test_hh_prefix_split():
     c = "\n\nHuman: hi\n\nAssistant: hello there\n\nHuman: how?\n\nAssistant: like this"
     r = "\n\nHuman: hi\n\nAssistant: hello there\n\nHuman: how?\n\nAssistant: no"

@@ -1,7 +1,7 @@
 """ppo_lm.py: GAE / PPO loss / KL reward / KL controller by hand, flag errors, an embedded run that raises
-a reward model's score at bounded KL, the KL sweep and overoptimization outputs, the sentiment path on
-random gpt2 + distilbert folders, and two torchrun ranks."""
-import json, math, os, random, subprocess, sys
+a reward model's score at bounded KL, the KL sweep (tests/bench/kl_sweep.py) and overoptimization outputs, the
+sentiment path on random gpt2 + distilbert folders, and two torchrun ranks."""
+import importlib.util, json, math, os, random, subprocess, sys
 
 import pytest
 import numpy as np
@@ -93,7 +93,7 @@ def test_masked_whiten_and_distinct_n():
     x, m = torch.tensor([[1.0, 2.0, 100.0], [3.0, 99.0, 99.0]]), torch.tensor([[1, 1, 0], [1, 0, 0]])
     w = ppo_lm.masked_whiten(x, m)            # real entries 1, 2, 3: mean 2, unbiased std 1
     assert torch.allclose(w, torch.tensor([[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]), atol=1e-5)
-    assert ppo_lm.distinct_n([[1, 2, 3], [1, 2, 4]], 2) == pytest.approx(3 / 4)  # (1,2) (2,3) (1,2) (2,4)
+    assert C.distinct_n([[1, 2, 3], [1, 2, 4]], 2) == pytest.approx(3 / 4)  # (1,2) (2,3) (1,2) (2,4)
 
 # ----------------------------------------------------------------------------- flags
 
@@ -103,7 +103,7 @@ def test_masked_whiten_and_distinct_n():
     (["--batch-size", "6", "--mini-batch", "4"], "--batch-size 6 must be divisible by --mini-batch 4"),
     (["--reward", "model"], "--reward model needs --reward-model"),
     (["--overopt"], "--overopt needs a (weak) --reward-model"),
-    (["--kl-sweep", "0.1,x"], "--kl-sweep must be comma-separated numbers"),
+    (["--kl-target", "0"], "--kl-target must be > 0, got 0.0"),
     (["--clip-eps", "0"], "--clip-eps must be in (0, 1)"),
     (["--init-kl-coef", "-0.1"], "--init-kl-coef must be >= 0"),
 ])
@@ -171,14 +171,47 @@ def test_default_verifier_run_raises_held_out_accuracy(tmp_path):
 def test_kl_sweep_and_overoptimization_outputs(tmp_path, small_rm):
     small = ["--reward-model", small_rm, "--steps", "2", "--batch-size", "8", "--mini-batch", "4", "--eval-n", "8",
              "--eval-samples", "2", "--max-new-tokens", "36"]
-    s = ppo_lm.main(small + ["--kl-sweep", "0,0.5", "--out", str(tmp_path / "sweep")])
-    assert [r["beta"] for r in s["kl_sweep"]] == ["start", 0.0, 0.5]
-    assert all({"score", "kl", "gold_accuracy", "entropy", "distinct_2", "unique"} <= set(r) for r in s["kl_sweep"])
-    assert os.path.isfile(tmp_path / "sweep" / "kl_frontier.png") and os.path.isfile(tmp_path / "sweep" / "beta_0.5" / "summary.json")
+    # the KL sweep is the bench's: one ppo_lm.py run per β (here on arithmetic, against the small RM), one table
+    sweep = tmp_path / "sweep"
+    r = subprocess.run([sys.executable, "tests/bench/kl_sweep.py", "--seeds", "0", "--betas", "0,0.5,adaptive",
+                        "--kl-target", "6", "--extra", " ".join(["--task", "arithmetic"] + small), "--out", str(sweep)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    table = json.load(open(sweep / "seed0" / "kl_sweep.json"))["kl_sweep"]
+    assert [row["beta"] for row in table] == ["start", 0.0, 0.5, "adaptive (target 6)"]
+    assert all({"score", "kl", "gold_accuracy", "gold_sampled", "entropy", "distinct_2", "unique", "words_distinct_2"}
+               <= set(row) for row in table)
+    runs = [json.load(open(sweep / "seed0" / f / "summary.json")) for f in ("beta_0", "beta_0.5", "adaptive")]
+    assert [s["kl_coef"] for s in runs] == [0.0, 0.5, 0.05] and runs[2]["kl_coef_final"] != 0.05  # adaptive: β moved
+    assert all(row[k] == s[f"{k}_after"] for row, s in zip(table[1:], runs) for k in ("score", "kl", "gold_accuracy"))
+    assert table[0]["score"] == runs[0]["score_before"] == runs[2]["score_before"]           # one start for every β
+    assert all("alignment_tax" in row for row in table[1:])              # its formula: test_kl_sweep_table_and_...
+    assert [r["beta"] for r in json.load(open(sweep / "table.json"))] == ["start", "0.0", "0.5", "adaptive (target 6)"]
+    assert "| 0.5 | " in (sweep / "table.md").read_text()
+    for png in ["frontier.png", "kl_frontier.png", "tax_frontier.png",        # over seeds (means), then per seed
+                "seed0/kl_frontier.png", "seed0/tax_frontier.png"]:
+        assert os.path.getsize(sweep / png) > 0, png
     s = ppo_lm.main(small + ["--steps", "4", "--overopt", "--eval-every", "2", "--out", str(tmp_path / "overopt")])
     assert [p["step"] for p in s["curve"]] == [-1, 1, 3]
     assert {"gold_start", "gold_peak", "kl_at_peak", "gold_end", "rises_then_falls"} <= set(s["overopt"])
     assert os.path.isfile(tmp_path / "overopt" / "overopt.png")
+
+def test_kl_sweep_table_and_alignment_tax():
+    """tests/bench/kl_sweep.py's table from run summaries: a start row from the *_before keys, one row per β from
+    *_after, the tax = word distinct-2 lost per unit of gold positive share gained (None without a gain)."""
+    spec = importlib.util.spec_from_file_location("kl_sweep", os.path.join(ROOT, "tests", "bench", "kl_sweep.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run = lambda pos, d2: dict(score_before=0.1, gold_sampled_before=0.2, words_distinct_2_before=0.8, kl_before=0.0,
+                               score_after=1.0, gold_sampled_after=pos, words_distinct_2_after=d2, kl_after=3.0)
+    table = bench.sweep_table(["0.05", "adaptive"], [run(0.6, 0.7), run(0.1, 0.5)], "6")
+    assert [r["beta"] for r in table] == ["start", 0.05, "adaptive (target 6)"]
+    assert (table[0]["gold_sampled"], table[0]["words_distinct_2"], table[1]["gold_sampled"]) == (0.2, 0.8, 0.6)
+    assert table[1]["alignment_tax"] == pytest.approx((0.8 - 0.7) / (0.6 - 0.2)) and table[2]["alignment_tax"] is None
+    assert "alignment_tax" not in table[0] and table[1]["gold_accuracy"] is None     # a key no run has
+    no_gold = bench.sweep_table(["0.2"], [dict(run(None, 0.4), gold_sampled_before=None)], "6")
+    assert no_gold[1]["alignment_tax"] == pytest.approx((0.8 - 0.4) / (1.0 - 0.1))  # no gold rule: the RM score
+
 
 def test_checkpoint_and_resume(tmp_path):
     small = ["--batch-size", "8", "--mini-batch", "4", "--eval-n", "8", "--eval-samples", "2", "--max-new-tokens", "36",

@@ -216,9 +216,9 @@ def test_rm_score_minilm_alone_equals_in_batch():
 
 def test_no_float32_batch_by_vocab_tensor(family_dir):
     """In bf16 (as on a GPU), log-probs and entropies of 32 rows never make one float32 tensor
-    [rows > chunk, seq, vocab]: common.token_logprobs and ppo_lm's forward go through the chunked path."""
+    [rows > chunk, seq, vocab]: common.token_logprobs and ppo_lm's forward (common.lm_forward) go through the
+    chunked path."""
     from torch.utils._python_dispatch import TorchDispatchMode
-    import ppo_lm
     model, tok = C.load_model(family_dir("qwen3"), device=CPU, dtype=torch.bfloat16)
     V, big = len(tok), []
 
@@ -233,7 +233,7 @@ def test_no_float32_batch_by_vocab_tensor(family_dir):
     ids, mask, cmask = C.collate(tok, [MSGS] * 32, ["The answer is 72."] * 32, CPU)
     with Watch():
         lp, ent = C.token_logprobs(model, ids, mask, cmask.shape[1], entropy=True)
-        lp2, _, ent2 = ppo_lm.lm_forward(model, None, ids, mask, cmask.shape[1])
+        lp2, _, ent2 = C.lm_forward(model, None, ids, mask, cmask.shape[1])
     assert not big, big[:3]
     assert lp.shape == cmask.shape and torch.allclose(lp, lp2) and torch.allclose(ent, ent2)
 
