@@ -1077,7 +1077,8 @@ def warn_unknown_chars(tok, rows, spec, flag="--dataset"):
 # ----------------------------------------------------------------------------- 4. models
 
 CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
-BUILTIN = ("tiny", "tiny-untrained", "tiny-words-untrained", "tiny-swaps", "tiny-reviews", "tiny-reviews-rm")  # tiny-<task>: TINY_TASKS
+# the built-in model names (and tiny-<task> for each of TINY_TASKS)
+BUILTIN = ("tiny", "tiny-untrained", "tiny-words-untrained", "tiny-swaps", "tiny-reviews", "tiny-reviews-rm")
 
 
 def char_tokenizer():

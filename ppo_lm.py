@@ -133,13 +133,13 @@ def parse_args(argv=None):
     p.add_argument("--micro-batch", type=int, default=32, help="completions per forward/backward on one rank")
     p.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch (TRL: 4)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="completion budget (default 40; reviews 64)")
-    p.add_argument("--temperature", type=float, default=1.0, help="rollout temperature; π = softmax(logits / T)")
+    p.add_argument("--temperature", type=float, default=None, help="rollouts' π = softmax(logits / T) (1; reviews 0.7)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling for rollouts (1.0: off)")
     p.add_argument("--lr", type=float, default=3e-5, help="AdamW learning rate of the policy")
     p.add_argument("--vf-lr", type=float, default=1e-3, help="AdamW learning rate of the (new) value head")
     p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
-    p.add_argument("--init-kl-coef", type=float, default=0.05, help="β of the KL penalty (--kl-target: its start)")
-    p.add_argument("--kl-target", type=float, default=None, help="adaptive β: target KL (nats) per completion; TRL: 6")
+    p.add_argument("--init-kl-coef", type=float, default=None, help="β, the KL penalty's weight (0.05; reviews 0.2)")
+    p.add_argument("--kl-target", type=float, default=None, help="adaptive β: target KL per completion (TRL: 6)")
     p.add_argument("--kl-horizon", type=float, default=10000, help="adaptive β: controller horizon (completions)")
     p.add_argument("--kl-estimator", default="k1", choices=["k1", "k3"], help="per-token KL in the reward")
     p.add_argument("--gamma", type=float, default=1.0, help="discount over tokens")
@@ -153,7 +153,8 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint")
     args = p.parse_args(argv)
     reviews = args.task == "reviews" and not args.dataset  # week 3's world: its sentiment RM is built in
-    args.max_new_tokens = args.max_new_tokens or (64 if reviews else 40)
+    for k, v in dict(max_new_tokens=(64, 40), temperature=(0.7, 1.0), init_kl_coef=(0.2, 0.05)).items():  # README
+        setattr(args, k, v[not reviews] if getattr(args, k) is None else getattr(args, k))   # 'The reviews world'
     if reviews and args.reward != "verifier":
         args.reward_model = args.reward_model or C.REVIEWS_RM
     C.check_flags(args, {">= 1": "steps batch_size mini_batch micro_batch ppo_epochs max_new_tokens eval_n "
@@ -166,8 +167,7 @@ def parse_args(argv=None):
     C.check(args.reward == "verifier" or args.reward_model, "--reward model needs --reward-model <folder or hub id>")
     C.check(not args.overopt or args.reward == "model", "--overopt needs a (weak) --reward-model, e.g. "
             "`python reward_model.py --train-size 64 --out out/rm_weak` then --reward-model out/rm_weak/model")
-    if args.overopt and not args.eval_every:
-        args.eval_every = max(1, args.steps // 10)
+    args.eval_every = args.eval_every or (max(1, args.steps // 10) if args.overopt else 0)
     args.model = C.task_model(args.model, args.task, args.dataset)  # tiny-<task> for a task tiny never saw
     return args
 
