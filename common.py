@@ -3,14 +3,16 @@
 Sections, top to bottom:
   1. setup       device / dtype / autocast / seed / DDP (torchrun) / flag checks / one-line user errors
   2. tasks       the embedded world: arithmetic with a checkable chain of thought, Countdown, swaps,
-                 reviews, verifiers, preference data, plus a GSM8K-style answer extractor for real data
+                 reviews, verifiers and step labels (prm.py's items), preference data, plus a GSM8K-style answer
+                 extractor for real data
   3. data        one reader for local jsonl/json/parquet or hub datasets, errors that name the row and
                  field; problems, pairs, unpaired rows, text-row prompts; the held-out split of a local file
-  4. models      load_model(): hub id, local folder, or the built-in ~0.8M-param char-level Llama
+  4. models      load_model(): hub id, local folder, or the built-in ~0.8M-param char-level Llama (and the
+                 word-level reviews RM); token_classifier()
   5. generation  batched sampling (left padding, stop at end-of-turn/EOS; static-cache fast path on
                  CUDA), accuracy / pass@k, the model's own answers and mistakes
   6. log-probs   per-token and per-sequence log-probs without a float32 [batch, seq, vocab] blow-up; a policy
-                 with a value head (PPO); SFT
+                 with a value head (PPO); SFT; the step-labelled verifier batch (encode)
   7. rewards     rm_score(), the one reward-model scorer (scorer(): it or the verifier); pairwise win rates
                  (verifier, RM, judge LM)
   8. loop        seeded batch order, lr schedule, Ctrl-C, atomic checkpoints / resume, metrics, plots
@@ -504,6 +506,25 @@ def step_labels(problem, completion):
     return (arithmetic_step_labels if problem["task"] == "arithmetic" else swaps_step_labels)(problem, completion)
 
 
+def split_steps(text, sep):
+    """A solution's steps, [str]: text split at sep (';' built in, a newline in real data), stripped, empty
+    pieces dropped; an empty completion is one empty step (so there is always a last step to score)."""
+    return [s.strip() for s in text.split(sep) if s.strip()] or [""]
+
+
+def task_item(problem, text, sep=";"):
+    """A sampled solution as an item like load_step_data's rows (prm.py): {prompt, steps: [str] (split_steps),
+    answer (extract_answer), labels, correct: bool (verify)}. labels: [bool], one per step (step_labels), for a
+    task with a step verifier (arithmetic, swaps), else None. The last step, scored at the end token, claims
+    "done and right": it is False for a cut-off chain or a wrong answer."""
+    labels = (step_labels(problem, text) or [False]) if problem["task"] in ("arithmetic", "swaps") else None
+    ok = verify(problem, text)
+    if labels:
+        labels[-1] = labels[-1] and ok
+    return dict(prompt=problem["prompt"], steps=split_steps(text, sep), answer=extract_answer(text), labels=labels,
+                correct=ok)
+
+
 def verify(problem, completion):
     """Outcome verifier: True iff the completion solves the problem."""
     if problem["task"] == "countdown":
@@ -655,6 +676,26 @@ def corrupt(problem, rng):
     b, c = rest.split("=")
     steps[-1] = f"{a}{op}{b}={int(c) + rng.choice([-2, -1, 1, 2])}"
     return ";".join(steps)
+
+
+def slip(problem, rng):
+    """A wrong solution (str) with one arithmetic slip, a step's sum off by one, that the later steps carry
+    forward faithfully: every later step is locally consistent and the answer is what the slipped chain adds
+    up to, so only a process check (step_labels) finds where it broke. Other tasks: corrupt(), whose swaps
+    slips are of this kind (the ball misplaced at one step, later steps follow)."""
+    if problem["task"] != "arithmetic":
+        return corrupt(problem, rng)
+    x, y = problem["x"], problem["y"]
+    n = max(len(str(x)), len(str(y)))
+    bad, carry, steps, delta = rng.randrange(n), 0, [], 0
+    for i in range(n):
+        a, b = x // 10**i % 10, y // 10**i % 10
+        s = a + b + carry
+        if i == bad:
+            delta = rng.choice([-1, 1]) if s > 0 else 1
+            s += delta
+        steps.append(f"{a}+{b}+{carry}={s}"); carry = s // 10
+    return ";".join(steps + [f"#### {x + y + delta * 10**bad}"])   # what the slipped chain adds up to
 
 
 def make_pairs(task, n, seed, split="train"):
@@ -1307,6 +1348,20 @@ def context_len(model, max_len):
     return min(max_len, getattr(model.config, "max_position_embeddings", None) or max_len)
 
 
+def token_classifier(model, trust_remote_code=False):
+    """A per-token classifier (AutoModelForTokenClassification, one label: logits (B, T, 1)) on a copy of
+    model's backbone (a sequence classifier's, as load_model(kind='reward') gives, or a causal LM's) under a
+    fresh head, in model's dtype and on its device (prm.py's classifier PRM beside its ORM). Backbone weights
+    that do not fit it (missing keys) are an InputError naming --rm-model."""
+    from transformers import AutoModelForTokenClassification
+    cfg = copy.deepcopy(model.config); cfg.num_labels = 1
+    out = AutoModelForTokenClassification.from_config(cfg, trust_remote_code=trust_remote_code, dtype=model.dtype)
+    base = lambda m: getattr(m, m.base_model_prefix)
+    missing, _ = base(out).load_state_dict(base(model).state_dict(), strict=False)
+    check(not missing, f"--rm-model: token-classification backbone does not match ({missing[:2]})")
+    return out.to(model.device)
+
+
 def load_policy(name, max_len, fsdp=False, ref=False, trust_remote_code=False):
     """The policy of an offline preference run: `name` in fp32 (bf16 autocast on GPUs), dropout off (log-probs
     must be deterministic), with ref=True a frozen copy of it (the reference); fsdp: both sharded (FSDP2) before
@@ -1699,6 +1754,38 @@ def collate(tok, prompts, completions, device, max_len=None, add_eos=True):
     return torch.cat([p_ids, c_ids], 1), torch.cat([p_mask, c_mask], 1), c_mask
 
 
+def encode(tok, items, sep, device, max_len):
+    """Step-labelled items {prompt, steps: [str], labels: [bool] or None, correct} -> a verifier batch (prm.py),
+    rows [left pad | prompt | step 1 + sep | ... | last step + end token]. Steps are tokenized one by one, so a
+    step end is always a token boundary; rows longer than max_len lose their beginning (and any step ends there).
+    Returns a dict of tensors on device: ids, mask (B, T) (token ids, attention), cmask (B, T) (the solution's
+    tokens), step_mask (B, T) (1 at each step's last token: its separator, the end token after the last step),
+    labels (B, T) float (a step's label at its end, else 0) and outcome (B,) float (1 = correct)."""
+    prompts = [prompt_ids(tok, it["prompt"]) for it in items]          # the chat template's ids, once
+    pieces = [s if j == len(it["steps"]) - 1 else s + sep for it in items for j, s in enumerate(it["steps"])]
+    pieces = iter(tok(pieces, add_special_tokens=False)["input_ids"])   # one batched tokenizer call
+    rows, ends, starts = [], [], []
+    for it, ids in zip(items, prompts):
+        n_prompt, e = len(ids), []
+        for j in range(len(it["steps"])):
+            ids = ids + next(pieces) + ([end_token_id(tok, it["prompt"])] if j == len(it["steps"]) - 1 else [])
+            e.append(len(ids) - 1)                          # score the separator / EOS token
+        cut = max(0, len(ids) - max_len)
+        rows.append(ids[cut:]); ends.append([(j, t - cut) for j, t in enumerate(e) if t >= cut])
+        starts.append(max(0, n_prompt - cut))                   # where the solution begins
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
+    (mask, cmask, step_mask), labels = (torch.zeros_like(ids) for _ in range(3)), torch.zeros(len(rows), T)
+    for b, (r, e, it, st) in enumerate(zip(rows, ends, items, starts)):
+        ids[b, T - len(r):] = torch.tensor(r); mask[b, T - len(r):] = 1; cmask[b, T - len(r) + st:] = 1
+        for j, t in e:
+            step_mask[b, T - len(r) + t] = 1
+            labels[b, T - len(r) + t] = float(it["labels"][j]) if it.get("labels") else 0.0
+    out = dict(ids=ids, mask=mask, cmask=cmask, step_mask=step_mask, labels=labels,
+               outcome=torch.tensor([float(it["correct"]) for it in items]))
+    return {k: v.to(device) for k, v in out.items()}
+
+
 def sft(model, tok, pairs, steps, batch_size=32, lr=1e-3, weight_decay=0.0, desc="sft", log_every=0, grad_clip=1.0):
     """Supervised fine-tuning on (prompt, completion) pairs, loss on completion tokens only.
     Cycles through `pairs` in a seeded shuffled order; cosine learning-rate decay; returns
@@ -2089,6 +2176,17 @@ def diversity(texts):
     jac = [len(a & b) / max(len(a | b), 1) for a, b in pairs]
     return dict(distinct_1=distinct_n(words, 1), distinct_2=distinct_n(words, 2),
                 self_similarity=float(np.mean(jac)) if jac else 0.0)
+
+
+def auc(scores, labels):
+    """ROC AUC of scores (N,) against binary labels (N,): the chance that a positive outscores a negative, ties
+    counting half; None when one class is missing."""
+    s, y = np.asarray(scores, float), np.asarray(labels, bool)
+    if y.all() or not y.any():
+        return None
+    neg = np.sort(s[~y])
+    lo, hi = np.searchsorted(neg, s[y], "left"), np.searchsorted(neg, s[y], "right")
+    return float(np.mean(lo + 0.5 * (hi - lo)) / len(neg))
 
 
 def before_after(before, after, keys):

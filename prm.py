@@ -1,16 +1,18 @@
 """prm.py: process vs outcome reward models, compared by best-of-N selection (week 9).
 
-An outcome reward model (ORM; Cobbe et al. 2021, "Training Verifiers to Solve Math Word Problems") reads a whole
-solution and predicts whether its final answer is right; a process reward model (PRM; Lightman et al. 2023,
-"Let's Verify Step by Step", arXiv:2305.20050) predicts after every step whether the solution is still correct.
-Both pick the best of N sampled solutions (the paper, MATH, best-of-1860: PRM 78.2% > ORM 72.4% > majority vote
-69.6%). Here both start from the same backbone and see the SAME solutions (built in: policy samples, the
-reference solution, a common.corrupt() error and a slip(); --dataset: Math-Shepherd / PRM800K / TRL step rows);
-only the supervision differs: one label per solution (ORM, at its last token) vs one per step (PRM, at each
-step's last token). --head: the implicit log-ratio reward of a causal LM against its frozen start (Yuan et al.
-2024, "Free Process Rewards without Process Labels"; verifier_logits), or a fresh one-label classification head.
+An outcome reward model (ORM; Cobbe, Kosaraju, Bavarian et al. 2021, "Training Verifiers to Solve Math Word
+Problems", arXiv:2110.14168) reads a whole solution and predicts whether its final answer is right; a process reward
+model (PRM; Lightman, Kosaraju, Burda, Edwards, Baker, Lee, Leike, Schulman, Sutskever, Cobbe 2023, "Let's Verify
+Step by Step", arXiv:2305.20050) predicts after every step whether the solution is still correct. Either picks the
+best of N sampled solutions (the paper, MATH, best-of-1860: PRM 78.2% > ORM 72.4% > majority vote 69.6%). Here both
+start from one backbone and see the SAME solutions (built in: policy samples, the reference, a common.corrupt() and
+a common.slip() error; --dataset: Math-Shepherd / PRM800K / TRL step rows); only the supervision differs: one label
+per solution (ORM, at its last token) vs one per step (PRM, at each step's last token). --head logratio: the
+implicit reward of a causal LM against its frozen start (Yuan, Li, Chen, Cui, Ding, Zhang, Zhou, Liu, Peng 2024,
+"Free Process Rewards without Process Labels", arXiv:2412.01981; verifier_logits); classifier: a one-logit head.
 
-    python prm.py                                # built-in arithmetic, CPU
+Run (results, and how each head did on tiny: README 'Results', `python tests/bench/cross_algorithm.py --only prm`):
+    python prm.py                                # built-in arithmetic (--task swaps: the shell game), CPU
     python prm.py --prm-agg min --max-n 16       # Math-Shepherd's min-aggregation, smaller N
     torchrun --nproc_per_node=2 prm.py           # data-parallel (gloo on CPU, nccl on GPUs)
     python prm.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset peiyi9979/Math-Shepherd \\
@@ -18,13 +20,11 @@ step's last token). --head: the implicit log-ratio reward of a causal LM against
         --batch-size 8 --lr 1e-5 --steps 2000          # real model: steps = lines of the answer
 Outputs in --out (default out/prm): metrics.jsonl, curves.png, best_of_n.png, summary.json (best-of-N accuracy per
 method and N, step accuracy/F1/AUC, first-error localisation, before and after), model/ and orm/ (HF folders),
-checkpoint/ (--save-every N or Ctrl-C: both verifiers, optimizers and batch order; --resume is exact). Results,
-and how each head did on tiny: README 'Results', `python tests/bench/cross_algorithm.py --seeds 0,1,2 --only prm`.
-Simplified vs the paper: tiny models and a synthetic task; labels come from a checker, not humans; Lightman et
-al. supervise only up to the first wrong step (we also label later steps bad, which the min/prod scores treat
-alike); no active learning, no weighted majority vote.
+checkpoint/ (--save-every N or Ctrl-C: both verifiers, optimizers and batch order; --resume is exact).
+Simplified vs the paper: tiny models, a synthetic task, labels from a checker (not humans), no active learning;
+Lightman et al. supervise only up to the first wrong step (we label later ones bad too: min/prod treat them alike).
 """
-import argparse, collections, copy, math, os, random, time, zlib
+import argparse, collections, math, os, random, time, zlib
 
 import numpy as np
 import torch
@@ -52,68 +52,7 @@ def orm_loss(logits, labels):
     L = -1/B sum_b [ y_b log s(z_b) + (1 - y_b) log(1 - s(z_b)) ]   (Cobbe et al. 2021)."""
     return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
-# ----------------------------------------------------------------------------- data
-
-def split_steps(text, sep):
-    """';'- (built-in) or line-separated steps; an empty completion is one empty step."""
-    return [s.strip() for s in text.split(sep) if s.strip()] or [""]
-
-
-def task_item(problem, text):
-    """A built-in sample with step labels (common.step_labels) and outcome (verify)."""
-    labels, ok = C.step_labels(problem, text) or [False], C.verify(problem, text)
-    labels[-1] = labels[-1] and ok     # the last step (scored at EOS) claims "done and right": a cut-off chain is not
-    return dict(prompt=problem["prompt"], steps=split_steps(text, ";"), answer=C.extract_answer(text), labels=labels,
-                correct=ok)
-
-
-def slip(problem, rng):
-    """One arithmetic slip (a step sum off by one) that later steps faithfully carry forward: every later step
-    is locally consistent, so only a process check finds where it broke. Swaps: common.corrupt's slips are of
-    this kind (the ball misplaced at one step, later steps follow)."""
-    if problem["task"] != "arithmetic":
-        return C.corrupt(problem, rng)
-    x, y = problem["x"], problem["y"]
-    n = max(len(str(x)), len(str(y)))
-    bad, carry, steps, delta = rng.randrange(n), 0, [], 0
-    for i in range(n):
-        a, b = x // 10**i % 10, y // 10**i % 10
-        s = a + b + carry
-        if i == bad:
-            delta = rng.choice([-1, 1]) if s > 0 else 1
-            s += delta
-        steps.append(f"{a}+{b}+{carry}={s}"); carry = s // 10
-    return ";".join(steps + [f"#### {x + y + delta * 10**bad}"])   # what the slipped chain adds up to
-
-
-def encode(tok, items, sep, device, max_len):
-    """[left pad | prompt | step 1 + sep | ... | last step + end token] (ids, mask), the solution's tokens (cmask),
-    the step-end positions (step_mask) and their labels. Steps are tokenized one by one, so a step end is always a
-    token boundary. Rows longer than max_len lose their beginning (and any step ends there)."""
-    prompts = [C.prompt_ids(tok, it["prompt"]) for it in items]          # the chat template's ids, once
-    pieces = [s if j == len(it["steps"]) - 1 else s + sep for it in items for j, s in enumerate(it["steps"])]
-    pieces = iter(tok(pieces, add_special_tokens=False)["input_ids"])   # one batched tokenizer call
-    rows, ends, starts = [], [], []
-    for it, ids in zip(items, prompts):
-        n_prompt, e = len(ids), []
-        for j in range(len(it["steps"])):
-            ids = ids + next(pieces) + ([C.end_token_id(tok, it["prompt"])] if j == len(it["steps"]) - 1 else [])
-            e.append(len(ids) - 1)                          # score the separator / EOS token
-        cut = max(0, len(ids) - max_len)
-        rows.append(ids[cut:]); ends.append([(j, t - cut) for j, t in enumerate(e) if t >= cut])
-        starts.append(max(0, n_prompt - cut))                   # where the solution begins
-    T = max(map(len, rows))
-    ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
-    (mask, cmask, step_mask), labels = (torch.zeros_like(ids) for _ in range(3)), torch.zeros(len(rows), T)
-    for b, (r, e, it, st) in enumerate(zip(rows, ends, items, starts)):
-        ids[b, T - len(r):] = torch.tensor(r); mask[b, T - len(r):] = 1; cmask[b, T - len(r) + st:] = 1
-        for j, t in e:
-            step_mask[b, T - len(r) + t] = 1
-            labels[b, T - len(r) + t] = float(it["labels"][j]) if it.get("labels") else 0.0
-    out = dict(ids=ids, mask=mask, cmask=cmask, step_mask=step_mask, labels=labels,
-               outcome=torch.tensor([float(it["correct"]) for it in items]))
-    return {k: v.to(device) for k, v in out.items()}
-
+# ----------------------------------------------------------------------------- verifiers
 
 def logprobs(model, b):
     """(B, T) log pi(token_t | tokens_<t) (0 at t = 0), via common.token_logprobs (chunked)."""
@@ -137,7 +76,8 @@ def verifier_logits(model, b, outcome, beta=None, ref_lp=None):
 # ----------------------------------------------------------------------------- selection, metrics
 
 def aggregate(step_probs, how):
-    """A solution's PRM score: the product (Lightman et al.: P(every step correct)) or the min (Math-Shepherd)."""
+    """A solution's PRM score: the product (Lightman et al.: P(every step correct); favours short solutions) or
+    the min (Math-Shepherd) of its step probabilities."""
     return min(step_probs) if how == "min" else math.prod(step_probs)
 
 
@@ -180,16 +120,6 @@ def bon_table(records, ns, subsets, seed):
     return table
 
 
-def auc(scores, labels):
-    """ROC AUC (ties count half); None when one class is missing."""
-    s, y = np.asarray(scores, float), np.asarray(labels, bool)
-    if y.all() or not y.any():
-        return None
-    neg = np.sort(s[~y])
-    lo, hi = np.searchsorted(neg, s[y], "left"), np.searchsorted(neg, s[y], "right")
-    return float(np.mean(lo + 0.5 * (hi - lo)) / len(neg))
-
-
 def step_metrics(items):
     """items: [{labels, probs, prm, orm, correct}]. Step accuracy, F1 of flagging bad steps, step AUC, first-error
     localisation (first step with p < 0.5 == first bad step, over solutions with an error), outcome AUC of the PRM
@@ -202,11 +132,11 @@ def step_metrics(items):
     wrong = [it for it in items if not all(it["labels"]) and len(it["probs"]) == len(it["labels"])]
     fe = [first(it["labels"]) == first([q >= 0.5 for q in it["probs"]]) for it in wrong]
     fe_base = max(collections.Counter(first(it["labels"]) for it in wrong).values()) / len(wrong) if wrong else None
-    return dict(step_accuracy=float(np.mean(flag == bad)), step_f1_bad=float(f1), step_auc=auc(p, y),
+    return dict(step_accuracy=float(np.mean(flag == bad)), step_f1_bad=float(f1), step_auc=C.auc(p, y),
                 step_majority_baseline=float(max(y.mean(), 1 - y.mean())),
                 first_error_accuracy=float(np.mean(fe)) if fe else None, first_error_baseline=fe_base,
-                outcome_auc_prm=auc([it["prm"] for it in items], [it["correct"] for it in items]),
-                outcome_auc_orm=auc([it["orm"] for it in items], [it["correct"] for it in items]))
+                outcome_auc_prm=C.auc([it["prm"] for it in items], [it["correct"] for it in items]),
+                outcome_auc_orm=C.auc([it["orm"] for it in items], [it["correct"] for it in items]))
 
 
 @torch.no_grad()
@@ -217,7 +147,7 @@ def evaluate(prm, orm, ref, tok, cands, heldout, sep, max_len, args, ns):
     prm.eval(); orm.eval()
     flat, n = [c for group in cands for c in group], args.batch_size * 4
     for chunk in [(flat + heldout)[i:i + n] for i in range(0, len(flat + heldout), n)]:
-        b = encode(tok, chunk, sep, C.DIST.device, max_len)
+        b = C.encode(tok, chunk, sep, C.DIST.device, max_len)
         ref_lp = logprobs(ref, b) if ref is not None else None
         p = torch.sigmoid(verifier_logits(prm, b, False, args.beta, ref_lp).float())
         o = torch.sigmoid(verifier_logits(orm, b, True, args.beta, ref_lp).float())
@@ -238,10 +168,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny", help="policy that samples the candidate solutions (hub id, folder, tiny)")
     p.add_argument("--rm-model", default=None, help="backbone of both verifiers (default: --model)")
-    p.add_argument("--dataset", default="", help="step-labelled rows: Math-Shepherd, PRM800K step-wise, TRL "
-                   "prompt/completions/labels (file or hub id); default: the policy's samples of the built-in --task")
-    p.add_argument("--problems", default="", help="--dataset: held-out GSM8K/MATH problems for best-of-N (steps: "
-                   "lines)")
+    p.add_argument("--dataset", default="", help="Math-Shepherd/PRM800K/TRL step rows (file, hub id); default: --task")
+    p.add_argument("--problems", default="", help="--dataset: held-out GSM8K/MATH problems for best-of-N")
     p.add_argument("--skip-bad-rows", action="store_true", help=C.SKIP_BAD_ROWS)
     p.add_argument("--task", default="arithmetic", help="built-in task: arithmetic or swaps (tiny then: tiny-swaps)")
     p.add_argument("--n-train", type=int, default=1024, help="training problems (built-in) / labelled solutions")
@@ -251,40 +179,26 @@ def parse_args(argv):
     p.add_argument("--max-len", type=int, default=1024, help="verifier input limit in tokens (left-truncated)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (each trains the PRM and the ORM)")
     p.add_argument("--batch-size", type=int, default=64, help="labelled solutions per step per rank")
-    p.add_argument("--head", default="logratio", choices=["logratio", "classifier"], help="verifier: implicit "
-                   "log-ratio of a causal LM to its frozen copy, or a fresh one-logit head (see the docstring)")
+    p.add_argument("--head", default="logratio", choices=["logratio", "classifier"], help="verifier head (docstring)")
     p.add_argument("--beta", type=float, default=0.5, help="log-ratio scale of the logratio head")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW lr of both verifiers (~1e-3: --head classifier, tiny)")
     p.add_argument("--n-eval", type=int, default=40, help="held-out problems for best-of-N")
     p.add_argument("--max-n", type=int, default=64, help="samples per held-out problem; N = 1, 2, 4, ..., max-n")
     p.add_argument("--subsets", type=int, default=8, help="random N-subsets averaged per problem and N")
-    p.add_argument("--prm-agg", default="min", choices=["min", "prod"], help="PRM solution score: min of step "
-                   "probabilities (Math-Shepherd) or their product (Lightman et al.; favours short solutions)")
+    p.add_argument("--prm-agg", default="min", choices=["min", "prod"], help="PRM score: min or product of step probs")
     p.add_argument("--log-every", type=int, default=25, help="log every this many steps")
     p.add_argument("--save-every", type=int, default=0, help="write <out>/checkpoint every N steps (0: only on Ctrl-C)")
     p.add_argument("--resume", action="store_true", help="resume training from <out>/checkpoint (same flags; exact)")
     C.add_run_flags(p, "prm")  # --out, --seed, --device, --wandb, --trust-remote-code
     a = p.parse_args(argv)
     C.check_flags(a, {">= 1": "n_train samples_per_problem max_new_tokens max_len steps batch_size n_eval max_n "
-                              "subsets log_every", ">= 0": "save_every", "> 0": "lr beta"})
-    C.check(a.temperature > 0, f"--temperature must be > 0 (best-of-N needs sampling), got {a.temperature}")
+                              "subsets log_every", ">= 0": "save_every", "> 0": "lr beta temperature"})
     C.check(a.task in ("arithmetic", "swaps") or a.dataset, f"--task {a.task}: built-in step labels exist for "
             "arithmetic and swaps only")
     C.check(not a.problems or a.dataset,
             "--problems needs --dataset (a verifier trained on the built-in task cannot judge them)")
     a.model = C.task_model(a.model, a.task, a.dataset)  # tiny-<task> for a task tiny never saw
     return a
-
-
-def token_classifier(orm, trust_remote_code):
-    """The PRM: a copy of the ORM's backbone under a fresh per-token head (1 label)."""
-    from transformers import AutoModelForTokenClassification
-    cfg = copy.deepcopy(orm.config); cfg.num_labels = 1
-    prm = AutoModelForTokenClassification.from_config(cfg, trust_remote_code=trust_remote_code, dtype=orm.dtype)
-    base = lambda m: getattr(m, m.base_model_prefix)
-    missing, _ = base(prm).load_state_dict(base(orm).state_dict(), strict=False)
-    C.check(not missing, f"--rm-model: token-classification backbone does not match ({missing[:2]})")
-    return prm.to(orm.device)
 
 
 def main(argv=None):
@@ -303,7 +217,7 @@ def main(argv=None):
         ref.eval().requires_grad_(False)
     else:
         orm, tok = C.load_model(backbone, kind="reward", **kw)
-        prm, ref = token_classifier(orm, args.trust_remote_code), None
+        prm, ref = C.token_classifier(orm, args.trust_remote_code), None
     max_len = C.context_len(orm, args.max_len)
 
     # ---- data: labelled training solutions, held-out candidates (sampled once)
@@ -312,8 +226,8 @@ def main(argv=None):
         mine, k = d.shard(C.make_task(args.task, args.n_train, args.seed, "train")), args.samples_per_problem
         texts = C.generate(policy, ptok, [p["prompt"] for p in mine], n=k, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature)["texts"]
-        train, heldout = [task_item(p, t) for i, p in enumerate(mine)
-                          for t in texts[i * k:(i + 1) * k] + [p["solution"], C.corrupt(p, rng), slip(p, rng)]], []
+        train, heldout = [C.task_item(p, t) for i, p in enumerate(mine)
+                          for t in texts[i * k:(i + 1) * k] + [p["solution"], C.corrupt(p, rng), C.slip(p, rng)]], []
     else:
         data = C.load_step_data(args.dataset, args.n_train, args.skip_bad_rows)
         C.warn_unknown_chars(tok, data, args.dataset)
@@ -328,10 +242,7 @@ def main(argv=None):
     if mine:  # --max-n candidates per held-out problem, sampled once
         texts = C.generate(policy, ptok, [p["prompt"] for p in mine], n=k, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature)["texts"]
-        item = lambda p, t: task_item(p, t) if builtin else dict(prompt=p["prompt"], steps=split_steps(t, sep),
-                                                                 labels=None, answer=C.extract_answer(t),
-                                                                 correct=C.verify(p, t))
-        cands = [[item(p, t) for t in texts[i * k:(i + 1) * k]] for i, p in enumerate(mine)]
+        cands = [[C.task_item(p, t, sep) for t in texts[i * k:(i + 1) * k]] for i, p in enumerate(mine)]
     ns = sorted({2**i for i in range(int(math.log2(args.max_n)) + 1)} | {args.max_n})
     frac = lambda xs: C.all_reduce_mean(float(np.mean(xs)) if xs else 0.0)
     C.print0(f"[prm] {len(train)} training solutions/rank ({frac([it['correct'] for it in train]):.0%} correct, "
@@ -369,7 +280,7 @@ def main(argv=None):
         for step in tqdm(range(start, args.steps), desc="prm+orm", disable=not d.master or None):
             at = (list(order), rng.getstate(), C.rng_state())   # this step's start: a Ctrl-C redoes it from here
             batch = [train[i] for i in C.take_batch(order, rng, len(train), args.batch_size)]
-            b = encode(tok, batch, sep, d.device, max_len)
+            b = C.encode(tok, batch, sep, d.device, max_len)
             with torch.no_grad():
                 ref_lp = logprobs(ref, b) if ref is not None else None
             z_step = verifier_logits(prm, b, False, args.beta, ref_lp)       # (B, T)

@@ -39,22 +39,24 @@ def test_orm_loss_by_hand():
 def test_step_labels_of_a_known_wrong_solution():
     p = dict(task="arithmetic", x=876, y=530, prompt="Q: 876+530\nA: ", answer="1406",
              solution=C.arithmetic_solution(876, 530))
-    it = prm.task_item(p, "6+0+0=6;7+3+0=10;8+5+0=13;#### 1306")    # dropped carry at step 3
+    it = C.task_item(p, "6+0+0=6;7+3+0=10;8+5+0=13;#### 1306")    # dropped carry at step 3
     assert it["steps"] == ["6+0+0=6", "7+3+0=10", "8+5+0=13", "#### 1306"]
     assert it["labels"] == [True, True, False, False] and not it["correct"] and it["answer"] == "1306"
-    lucky = prm.task_item(p, "6+0+0=6;7+3+0=11;8+5+1=14;#### 1406")   # wrong step 2, right answer
+    lucky = C.task_item(p, "6+0+0=6;7+3+0=11;8+5+1=14;#### 1406")   # wrong step 2, right answer
     assert lucky["labels"] == [True, False, False, False] and lucky["correct"]   # ORM says good, PRM bad
-    assert prm.task_item(p, "")["labels"] == [False]
-    assert prm.task_item(p, "6+0+0=6;7+3+0=10")["labels"] == [True, False]   # cut off: EOS claims "done"
+    assert C.task_item(p, "")["labels"] == [False]
+    assert C.task_item(p, "6+0+0=6;7+3+0=10")["labels"] == [True, False]   # cut off: EOS claims "done"
+    real = C.task_item(dict(task="gsm8k", prompt="Q", answer="5"), "2+3=5\n#### 5", "\n")   # no step verifier
+    assert real["steps"] == ["2+3=5", "#### 5"] and real["labels"] is None and real["correct"]
     for seed in range(20):                                              # a slip: exactly one step is off
-        s = prm.slip(p, random.Random(seed))
+        s = C.slip(p, random.Random(seed))
         labels = C.arithmetic_step_labels(p, s)
         assert not C.verify(p, s) and False in labels and s.count(";") == 3
         steps = s.split(";")[:-1]
         assert sum(eval(st.split("=")[0]) != int(st.split("=")[1]) for st in steps) == 1, s
     # the PRM reads the step ends: ';' after each step, EOS after the last
     tok = C.char_tokenizer()
-    b = prm.encode(tok, [it], ";", "cpu", 256)
+    b = C.encode(tok, [it], ";", "cpu", 256)
     ends = b["ids"][0][b["step_mask"][0].bool()].tolist()
     assert ends == [tok.convert_tokens_to_ids(";")] * 3 + [tok.eos_token_id]
     assert b["labels"][0][b["step_mask"][0].bool()].tolist() == [1.0, 1.0, 0.0, 0.0] and b["outcome"].tolist() == [0.0]
@@ -79,7 +81,7 @@ def test_best_of_n_on_a_constructed_case():
 
 
 def test_auc_and_step_metrics():
-    assert prm.auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75 and prm.auc([1, 2], [1, 1]) is None
+    assert C.auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75 and C.auc([1, 2], [1, 1]) is None
     items = [dict(labels=[True, False, False], probs=[0.9, 0.2, 0.6], prm=0.1, orm=0.3, correct=False),
              dict(labels=[True, True], probs=[0.8, 0.7], prm=0.6, orm=0.2, correct=True)]
     m = prm.step_metrics(items)
