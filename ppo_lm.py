@@ -22,6 +22,7 @@ Run:
         --max-new-tokens 16 --batch-size 256 --mini-batch 64 --micro-batch 64 --lr 1.41e-5 --init-kl-coef 0.2 \\
         --kl-target 6 --ppo-epochs 4 --steps 100 --eval-n 256   # TRL's old gpt2-sentiment notebook
     torchrun --nproc_per_node 4 ppo_lm.py --model ... --batch-size 256    # rollouts sharded over ranks
+Outputs in --out: metrics.jsonl, curves.png, summary.json (before/after), model/ (+ value_head.pt), checkpoint/.
 Simplified vs the papers: one sample per prompt, a fixed completion budget, no reward normalisation, no PPO-ptx
 pretraining mix, no value warm-up, a constant lr; a completion cut off by the budget counts as finished (no bootstrap).
 """
@@ -260,15 +261,13 @@ def main(argv=None) -> dict:
     C.print0(f"[ppo_lm] held-out before: {before}")
     policy, B, mb = C.ddp(ac), args.batch_size // W, args.mini_batch // W
     logger = C.Logger(out, config=vars(args), wandb=args.wandb, resume_step=start - 1 if args.resume else None)
-    save = lambda done, rng=None: C.save_checkpoint(ckpt, model, tok, done, opt, rng=rng, extra={
-        "v_head": ac.v_head.state_dict(), "kl_coef": kl_ctl.value, "before": before})
-
-    def interrupted():  # the interrupted step is redone on --resume, with the same samples
-        save(step, rng0)
-        return f"[ppo_lm] interrupted: checkpoint at step {step} in {ckpt}; continue with --resume"
+    def save(done, rng=None):  # rng: the state at the start of an interrupted step, which --resume redoes
+        C.save_checkpoint(ckpt, model, tok, done, opt, rng=rng, extra={
+            "v_head": ac.v_head.state_dict(), "kl_coef": kl_ctl.value, "before": before})
+        return f"[ppo_lm] interrupted: checkpoint at step {done} in {ckpt}; continue with --resume"
 
     step, rng0 = start, None
-    with C.ctrl_c(interrupted):
+    with C.ctrl_c(lambda: save(step, rng0)):
         for step in tqdm(range(start, args.steps), desc="ppo", disable=not d.master or None, initial=start,
                          total=args.steps):
             t0, rng0 = time.time(), C.rng_state()
