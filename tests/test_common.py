@@ -190,6 +190,96 @@ def test_token_logprobs_equal_naive_full_softmax():
     assert torch.allclose(ent, -(p * p.clamp_min(1e-30).log()).sum(-1), atol=1e-4)
 
 
+def _large_vocab(seed=0, **extra):
+    """A random 2-layer Llama with a vocabulary of C.LARGE_VOCAB + 8: the fused head and the inverse-CDF sampler."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = C.char_tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=C.LARGE_VOCAB + 8, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=None, **extra)
+    return LlamaForCausalLM(cfg), tok
+
+
+def test_fused_head_equals_the_plain_path_values_and_gradients(monkeypatch):
+    """token_logprobs through HeadLogprobs (large vocabularies) gives the plain path's log-probs, entropies and
+    gradients for every parameter, to float32 rounding; with rows=3 the chunk loop runs over 7 chunks."""
+    model, tok = _large_vocab()
+    assert C.fused_head(model) is model.lm_head
+    ids, mask, cmask = C.collate(tok, ["Q: 1+2\nA: ", "Q: 123+456\nA: "], ["3", "9+6+0=9;#### 579"], "cpu")
+    n, weight = cmask.shape[1], torch.linspace(-1, 1, 2 * cmask.shape[1]).view(2, -1)
+    runs = {}
+    for fused in (True, False):
+        monkeypatch.setattr(C, "LARGE_VOCAB", C.LARGE_VOCAB if fused else 10**9)
+        model.zero_grad()
+        lp, ent = C.token_logprobs(model, ids, mask, n, entropy=True)
+        (lp * weight).sum().backward()
+        runs[fused] = lp.detach(), ent, {k: p.grad.clone() for k, p in model.named_parameters()}
+    (lp1, ent1, g1), (lp0, ent0, g0) = runs[True], runs[False]
+    assert torch.allclose(lp1, lp0, atol=1e-5) and torch.allclose(ent1, ent0, atol=1e-5)
+    for k in g0:
+        assert torch.allclose(g1[k], g0[k], atol=1e-6, rtol=1e-4), k
+    h = torch.randn(20, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 50, (20,))
+    g = torch.randn(20, dtype=torch.float64)
+    lp, ent = C.HeadLogprobs.apply(h, w, y, 3, True)
+    (lp.double() * g).sum().backward()
+    ref_h, ref_w = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    logp = (ref_h @ ref_w.t()).log_softmax(-1)
+    (logp.gather(-1, y[:, None]).squeeze(-1) * g).sum().backward()
+    assert torch.allclose(lp.double(), logp.gather(-1, y[:, None]).squeeze(-1).detach(), atol=1e-6)
+    assert torch.allclose(ent.double(), -(logp.exp() * logp).sum(-1).detach(), atol=1e-5)
+    assert torch.allclose(h.grad, ref_h.grad, atol=1e-6) and torch.allclose(w.grad, ref_w.grad, atol=1e-6)
+
+
+def test_fused_head_only_where_logits_are_h_times_w():
+    assert C.fused_head(_tiny_random()[0]) is None                                  # the tiny world: plain
+    assert C.fused_head(_large_vocab(final_logit_softcapping=30.0)[0]) is None      # soft-capped logits
+    model = _large_vocab()[0]
+    model.lm_head = torch.nn.Linear(16, C.LARGE_VOCAB + 8, bias=True)               # a head with a bias
+    assert C.fused_head(model) is None
+
+
+def test_inverse_cdf_sampler_draws_softmax_over_temperature_and_top_p():
+    """InverseCDFSampler's one-hot picks follow softmax(scores / T) (10000 draws, 4 sd of a binomial), never a
+    zero-probability token, and with top_p only the nucleus."""
+    scores = torch.tensor([[2.0, 1.0, 0.0, -float("inf")]]).repeat(10000, 1)   # softmax: .665 .245 .090 0
+    nucleus = torch.tensor([1.0, 1.0, 0.0, 0.0])                             # top_p 0.8: .665 + .245 >= .8
+    for T, top_p, keep in ((1.0, 1.0, 1.0), (0.5, 1.0, 1.0), (1.0, 0.8, nucleus)):
+        torch.manual_seed(0)
+        out = C.InverseCDFSampler(T, top_p)(None, scores.clone())
+        assert ((out == 0).sum(1) == 1).all() and ((out == 0) | (out == -float("inf"))).all()
+        freq = (out == 0).double().mean(0)
+        p = torch.softmax(scores[0].double() / T, -1) * keep
+        p = p / p.sum()
+        assert ((freq - p).abs() <= 4 * (p * (1 - p) / 10000).sqrt() + 1e-12).all(), (T, top_p, freq, p)
+
+
+def test_generate_with_a_large_vocabulary_samples_and_stops():
+    """generate() at T > 0 on a large vocabulary (the inverse-CDF sampler, greedy decoding of its pick): seeded
+    draws repeat, they differ across seeds, and a stop token the model is sure of ends the completion."""
+    model, tok = _large_vocab()
+    draw = lambda seed: (torch.manual_seed(seed), C.generate(model, tok, ["Q: 1+2\nA: "], n=4, max_new_tokens=8))[1]
+    a, b, c = draw(0), draw(0), draw(1)
+    assert torch.equal(a["completion_ids"], b["completion_ids"]) and not torch.equal(a["completion_ids"],
+                                                                                     c["completion_ids"])
+    assert len(set(map(tuple, a["completion_ids"].tolist()))) > 1      # 4 samples of one prompt differ
+    calls = []
+
+    def force(module, inputs, out):                                   # the 3rd new token is EOS, with p ~ 1
+        calls.append(1)
+        if len(calls) == 3:
+            out[..., tok.eos_token_id] = 1e4
+        return out
+    h = model.get_output_embeddings().register_forward_hook(force)
+    try:
+        out = C.generate(model, tok, ["Q: 1+2\nA: "], n=2, temperature=1.0, max_new_tokens=6)
+    finally:
+        h.remove()
+    assert out["has_eos"].all() and out["completion_mask"].sum(1).tolist() == [3, 3]
+
+
 def test_checkpoint_round_trip_identical_logits(tmp_path):
     model, tok = _tiny_random()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -170,6 +170,13 @@ import common, grpo
 d = common.setup(0, "cpu")
 tok = common.char_tokenizer()
 model = common.tiny_model(tok, seed=0)                      # same random weights on every rank
+if {large}:  # a vocabulary large enough for the fused head (common.HeadLogprobs) under DDP
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=common.LARGE_VOCAB + 8, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    assert common.fused_head(model) is not None
 ref = copy.deepcopy(model)
 with torch.no_grad():
     for p in ref.parameters():
@@ -200,9 +207,10 @@ common.cleanup()
 '''
 
 
-def test_ddp_two_ranks_match_one_process(tmp_path):
+@pytest.mark.parametrize("large", [False, True], ids=["tiny", "large-vocab"])
+def test_ddp_two_ranks_match_one_process(tmp_path, large):
     script = tmp_path / "ddp_grads.py"
-    script.write_text(DDP_SCRIPT.format(root=ROOT, tmp=str(tmp_path)))
+    script.write_text(DDP_SCRIPT.format(root=ROOT, tmp=str(tmp_path), large=large))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"
     subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, check=True, timeout=300)
