@@ -21,7 +21,7 @@ Run:
     python dpo.py                                    # built-in arithmetic pairs, tiny model, CPU
     python dpo.py --eval-winrate                     # + win/tie/loss of DPO vs start, verifier as judge
     python dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset HuggingFaceH4/ultrafeedback_binarized \\
-        --n-pairs 20000 --steps 600 --batch-size 64 --micro-batch-size 4 --lr 5e-7 --warmup-steps 60 --rpo-alpha 0 \\
+        --train-n 20000 --steps 600 --batch-size 64 --micro-batch-size 4 --lr 5e-7 --warmup-steps 60 --rpo-alpha 0 \\
         --max-len 1024 --eval-winrate --eval-prompts mt_bench__question.jsonl \\
         --judge-lm Qwen/Qwen2.5-7B-Instruct --max-new-tokens 512
     torchrun --nproc_per_node=8 dpo.py ...           # same flags; --batch-size stays the global batch
@@ -83,8 +83,7 @@ def dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
     h = pi_logratios - ref_logratios - (gamma / beta if loss_type == "simpo" else 0.0)   # (B,)
     # log sigma via logsigmoid: stable for large |beta h| (no log(0))
     losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
-    chosen_rewards = beta * (pc - rc).detach()
-    rejected_rewards = beta * (pr - rr).detach()
+    chosen_rewards, rejected_rewards = beta * (pc - rc).detach(), beta * (pr - rr).detach()   # eq. 5, logging only
     return losses, chosen_rewards, rejected_rewards
 
 
@@ -94,7 +93,7 @@ def parse_args(argv):
                    "local .jsonl/.json/.parquet (or .gz); default: built-in task pairs")
     p.add_argument("--skip-bad-rows", action="store_true", help="--dataset: drop (and count) rows with a missing "
                    "field, empty text or chosen == rejected instead of stopping")
-    p.add_argument("--n-pairs", type=int, default=4096, help="training pairs at most (rows of --dataset; --builtin "
+    p.add_argument("--train-n", type=int, default=4096, help="training pairs at most (rows of --dataset; --builtin "
                    "model: prompts sampled, pairs = those with a wrong answer)")
     p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (real models: ~5e-7)")
     p.add_argument("--beta", type=float, default=0.1, help="KL strength beta of eq. 3 (TRL's default)")
@@ -118,7 +117,7 @@ def parse_args(argv):
     C.add_preference_flags(p, steps=120)  # --model, --task, --builtin, --batch-size, --eval-n, --fsdp, ...
     C.add_run_flags(p, "dpo")  # --out, --seed, --device, --wandb, --trust-remote-code
     args = p.parse_args(argv)
-    C.check_flags(args, {"> 0": "n_pairs sample_tries steps batch_size max_len max_prompt_len log_every eval_n "
+    C.check_flags(args, {"> 0": "train_n sample_tries steps batch_size max_len max_prompt_len log_every eval_n "
                                 "max_new_tokens judge_max_new_tokens lr beta sample_temperature",
                          ">= 0": "micro_batch_size warmup_steps eval_every save_every rpo_alpha simpo_gamma"})
     C.check(0 <= args.label_smoothing < 0.5, f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
@@ -175,20 +174,20 @@ def main(argv=None):
     if args.dataset is None:
         problems = C.heldout(args.task, args.eval_n)  # the shared test set, the same for every --seed
         if args.builtin == "corrupt":
-            train = C.make_pairs(args.task, args.n_pairs, args.seed)
+            train = C.make_pairs(args.task, args.train_n, args.seed)
             heldout = C.make_pairs(args.task, args.eval_n, C.HELDOUT_SEED, split="test")
         else:
             sample = lambda probs: C.mistake_pairs(model, tok, probs, args.sample_tries, args.sample_temperature,
                                                    args.max_new_tokens)
-            train, heldout = sample(C.make_task(args.task, args.n_pairs, args.seed)), sample(problems)
+            train, heldout = sample(C.make_task(args.task, args.train_n, args.seed)), sample(problems)
     else:  # a local file: the last --eval-n rows are held out; a hub dataset: its test split
         load = functools.partial(C.load_pairs, skip_bad=args.skip_bad_rows)
-        train, heldout = C.split_rows(load, args.dataset, args.n_pairs, args.eval_n)
+        train, heldout = C.split_rows(load, args.dataset, args.train_n, args.eval_n)
     C.warn_unknown_chars(tok, train + heldout, args.dataset)
     train, heldout = C.drop_long_prompts(tok, train, heldout, min(args.max_prompt_len, max_len // 2), what="pairs")
     more = ", --sample-tries" if args.dataset is None and args.builtin == "model" else ""
     C.check(len(train) >= args.batch_size and heldout, f"{len(train)} training / {len(heldout)} held-out pairs: "
-            f"need >= --batch-size {args.batch_size} and >= 1 (raise --n-pairs / --eval-n{more})")
+            f"need >= --batch-size {args.batch_size} and >= 1 (raise --train-n / --eval-n{more})")
     micro = args.micro_batch_size or args.batch_size // d.world_size  # pairs per forward pass
 
     ref = None

@@ -332,7 +332,7 @@ def main(argv=None) -> dict:
                    **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()},
                    train_reward_first10=avg("reward", rows[:10]), train_reward_last10=avg("reward", rows[-10:]),
                    frac_zero_std_mean=avg("frac_zero_std", rows), sec_per_step=avg("step_time", rows),
-                   wall_time_s=time.time() - t_start)
+                   wall_s=time.time() - t_start)
     C.plot_metrics(args.out, ["reward", "accuracy", "eval_accuracy", "frac_zero_std", "clip_frac", "kl", "entropy"],
                    "curves.png", title=f"GRPO on {args.dataset or args.task}")
     if d.master:

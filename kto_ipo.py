@@ -158,17 +158,17 @@ def load_data(args, model, tok, paired):
         C.print0(f"made dataset: {len(pairs)} pairs -> {args.out}/pairs.jsonl, {n} labelled answers ({n_d} desirable "
                  f"/ {n - n_d} undesirable = {made['desirable_frac']:.1%} desirable) -> {args.out}/kto.jsonl")
         train, heldout = (pairs, h_pairs) if paired else (unpaired, h_unpaired)
-        return train[:args.n_train], heldout, problems, made
+        return train[:args.train_n], heldout, problems, made
     if args.dataset is None:  # built-in: bad answers are the start model's own mistakes, or hand-made errors
         problems = C.heldout(args.task, args.eval_n)  # accuracy: the shared test set
         if args.builtin == "corrupt":
             make = C.make_pairs if paired else C.make_unpaired
-            train = make(args.task, args.n_train, args.seed)
+            train = make(args.task, args.train_n, args.seed)
             return train, make(args.task, args.eval_n, C.HELDOUT_SEED, split="test"), problems, None
-        train = builtin_rows(model, tok, C.make_task(args.task, args.n_train, args.seed), args, paired, args.seed)
+        train = builtin_rows(model, tok, C.make_task(args.task, args.train_n, args.seed), args, paired, args.seed)
         return train, builtin_rows(model, tok, problems, args, paired, 1), problems, None
     load = functools.partial(C.load_pairs if paired else C.load_unpaired, skip_bad=args.skip_bad_rows)
-    return (*C.split_rows(load, args.dataset, args.n_train, args.eval_n, head=args.n_train + args.eval_n), None, None)
+    return (*C.split_rows(load, args.dataset, args.train_n, args.eval_n, head=args.train_n + args.eval_n), None, None)
 
 
 def texts(rows, paired):
@@ -194,7 +194,7 @@ def parse_args(argv):
     p.add_argument("--judge-threshold", type=float, default=None, help="--judge: label = score > this (default median)")
     p.add_argument("--skip-bad-rows", action="store_true", help="--dataset: drop (and count) rows with a missing "
                    "field, empty text or chosen == rejected (--make-dataset: problems the verifier cannot check)")
-    p.add_argument("--n-train", type=int, default=4096, help="training rows at most (--builtin model: prompts sampled)")
+    p.add_argument("--train-n", type=int, default=4096, help="training rows at most (--builtin model: prompts sampled)")
     p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default per loss, tuned on tiny: "
                    f"{LR}; real models ~5e-7, ORPO ~8e-6)")
     p.add_argument("--beta", type=float, default=0.1, help="KTO: beta of sigma(beta (r - z0)) (paper: 0.1)")
@@ -209,7 +209,7 @@ def parse_args(argv):
     a = p.parse_args(argv)
     a.lr = LR[a.loss] if a.lr is None else a.lr
     a.nll_weight = NLL.get(a.loss, 0.0) if a.nll_weight is None else a.nll_weight
-    C.check_flags(a, {"> 0": "n_prompts samples sample_tries sample_temperature n_train batch_size max_len "
+    C.check_flags(a, {"> 0": "n_prompts samples sample_tries sample_temperature train_n batch_size max_len "
                              "max_new_tokens eval_n log_every lr beta tau lam undesirable_weight grad_clip "
                              "desirable_weight",
                       ">= 0": "steps micro_batch_size warmup_steps temperature eval_every nll_weight"})

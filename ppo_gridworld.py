@@ -336,7 +336,7 @@ def main(argv=None) -> dict:
     C.plot_metrics(args.out, ["approx_kl", "clipfrac", "entropy", "explained_var"], "health.png",
                    f"PPO health, {args.env}")
     summary = dict(env=args.env, seed=args.seed, env_steps=step, iterations=iters, train_time_s=round(train_time, 2),
-                   wall_time_s=round(time.time() - t0, 2), eval_episodes=args.eval_episodes,
+                   wall_s=round(time.time() - t0, 2), eval_episodes=args.eval_episodes,
                    eval_return_mean=float(np.mean(returns)), eval_return_std=float(np.std(returns)),
                    final_train_return=curve[1][-1] if curve[1] and np.isfinite(curve[1][-1]) else None,
                    episodes=len(episodes))

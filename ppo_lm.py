@@ -16,7 +16,7 @@ Run:
     python reward_model.py && python ppo_lm.py --reward-model out/reward_model/model    # SFT -> RM -> PPO
     python ppo_lm.py --task reviews          # positive movie reviews, a sentiment RM (README 'The reviews world')
     python tests/bench/kl_sweep.py --seeds 0,1,2      # the reviews world at several β: the alignment tax
-    python reward_model.py --train-size 64 --out out/rm_weak && \\
+    python reward_model.py --train-n 64 --out out/rm_weak && \\
         python ppo_lm.py --reward-model out/rm_weak/model --overopt --steps 40   # overoptimization (Gao et al. 2022)
     python ppo_lm.py --model lvwerra/gpt2-imdb --reward-model lvwerra/distilbert-imdb --dataset stanfordnlp/imdb \\
         --max-new-tokens 16 --batch-size 256 --mini-batch 64 --micro-batch 64 --lr 1.41e-5 --init-kl-coef 0.2 \\
@@ -167,7 +167,7 @@ def parse_args(argv=None):
     args.reward = args.reward or ("model" if args.reward_model else "verifier")
     C.check(args.reward == "verifier" or args.reward_model, "--reward model needs --reward-model <folder or hub id>")
     C.check(not args.overopt or args.reward == "model", "--overopt needs a (weak) --reward-model, e.g. "
-            "`python reward_model.py --train-size 64 --out out/rm_weak` then --reward-model out/rm_weak/model")
+            "`python reward_model.py --train-n 64 --out out/rm_weak` then --reward-model out/rm_weak/model")
     args.eval_every = args.eval_every or (max(1, args.steps // 10) if args.overopt else 0)
     args.model = C.task_model(args.model, args.task, args.dataset)  # tiny-<task> for a task tiny never saw
     return args
@@ -324,7 +324,7 @@ def main(argv=None) -> dict:
                    steps=args.steps, kl_coef=args.init_kl_coef, kl_coef_final=kl_ctl.value, world_size=W,
                    **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()},
                    train_score_first10=avg(rows[:10]), train_score_last10=avg(rows[-10:]), curve=curve,
-                   wall_time_s=time.time() - t_start)
+                   wall_s=time.time() - t_start)
     C.plot_metrics(out, ["score", "kl", "entropy", "clip_frac", "explained_var"], "curves.png",
                    title=f"PPO on {args.dataset or args.task}")
     if d.master:

@@ -16,7 +16,7 @@ Run (results, and how each head did on tiny: README 'Results', `python tests/ben
     python prm.py --prm-agg min --max-n 16       # Math-Shepherd's min-aggregation, smaller N
     torchrun --nproc_per_node=2 prm.py           # data-parallel (gloo on CPU, nccl on GPUs)
     python prm.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset peiyi9979/Math-Shepherd \\
-        --n-train 20000 --problems openai/gsm8k --n-eval 200 --max-n 16 --max-new-tokens 384 \\
+        --train-n 20000 --problems openai/gsm8k --eval-n 200 --max-n 16 --max-new-tokens 384 \\
         --batch-size 8 --lr 1e-5 --steps 2000          # real model: steps = lines of the answer
 Outputs in --out (default out/prm): metrics.jsonl, curves.png, best_of_n.png, summary.json (best-of-N accuracy per
 method and N, step accuracy/F1/AUC, first-error localisation, before and after), model/ and orm/ (HF folders),
@@ -172,7 +172,7 @@ def parse_args(argv):
     p.add_argument("--problems", default="", help="--dataset: held-out GSM8K/MATH problems for best-of-N")
     p.add_argument("--skip-bad-rows", action="store_true", help=C.SKIP_BAD_ROWS)
     p.add_argument("--task", default="arithmetic", help="built-in task: arithmetic or swaps (tiny then: tiny-swaps)")
-    p.add_argument("--n-train", type=int, default=1024, help="training problems (built-in) / labelled solutions")
+    p.add_argument("--train-n", type=int, default=1024, help="training problems (built-in) / labelled solutions")
     p.add_argument("--samples-per-problem", type=int, default=2, help="policy samples per training problem (built-in)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the policy")
     p.add_argument("--max-new-tokens", type=int, default=48, help="length limit of a sampled solution")
@@ -182,7 +182,7 @@ def parse_args(argv):
     p.add_argument("--head", default="logratio", choices=["logratio", "classifier"], help="verifier head (docstring)")
     p.add_argument("--beta", type=float, default=0.5, help="log-ratio scale of the logratio head")
     p.add_argument("--lr", type=float, default=1e-4, help="AdamW lr of both verifiers (~1e-3: --head classifier, tiny)")
-    p.add_argument("--n-eval", type=int, default=40, help="held-out problems for best-of-N")
+    p.add_argument("--eval-n", type=int, default=40, help="held-out problems for best-of-N")
     p.add_argument("--max-n", type=int, default=64, help="samples per held-out problem; N = 1, 2, 4, ..., max-n")
     p.add_argument("--subsets", type=int, default=8, help="random N-subsets averaged per problem and N")
     p.add_argument("--prm-agg", default="min", choices=["min", "prod"], help="PRM score: min or product of step probs")
@@ -191,7 +191,7 @@ def parse_args(argv):
     p.add_argument("--resume", action="store_true", help="resume training from <out>/checkpoint (same flags; exact)")
     C.add_run_flags(p, "prm")  # --out, --seed, --device, --wandb, --trust-remote-code
     a = p.parse_args(argv)
-    C.check_flags(a, {">= 1": "n_train samples_per_problem max_new_tokens max_len steps batch_size n_eval max_n "
+    C.check_flags(a, {">= 1": "train_n samples_per_problem max_new_tokens max_len steps batch_size eval_n max_n "
                               "subsets log_every", ">= 0": "save_every", "> 0": "lr beta temperature"})
     C.check(a.task in ("arithmetic", "swaps") or a.dataset, f"--task {a.task}: built-in step labels exist for "
             "arithmetic and swaps only")
@@ -223,19 +223,19 @@ def main(argv=None):
     # ---- data: labelled training solutions, held-out candidates (sampled once)
     rng = random.Random(args.seed + 1000 * d.rank)
     if builtin:
-        mine, k = d.shard(C.make_task(args.task, args.n_train, args.seed, "train")), args.samples_per_problem
+        mine, k = d.shard(C.make_task(args.task, args.train_n, args.seed, "train")), args.samples_per_problem
         texts = C.generate(policy, ptok, [p["prompt"] for p in mine], n=k, max_new_tokens=args.max_new_tokens,
                            temperature=args.temperature)["texts"]
         train, heldout = [C.task_item(p, t) for i, p in enumerate(mine)
                           for t in texts[i * k:(i + 1) * k] + [p["solution"], C.corrupt(p, rng), C.slip(p, rng)]], []
     else:
-        data = C.load_step_data(args.dataset, args.n_train, args.skip_bad_rows)
+        data = C.load_step_data(args.dataset, args.train_n, args.skip_bad_rows)
         C.warn_unknown_chars(tok, data, args.dataset)
         test = lambda it: zlib.crc32(it["prompt"][0]["content"].encode()) % 10 == 0   # 10% of prompts
         train, heldout = d.shard([it for it in data if not test(it)]), d.shard([it for it in data if test(it)])
-    C.check(train, "no training solutions on this rank (more --n-train than ranks, please)")
-    probs = (C.heldout(args.task, args.n_eval) if builtin else
-             C.load_problems(args.problems, "test", args.n_eval, args.skip_bad_rows, "--problems") if args.problems
+    C.check(train, "no training solutions on this rank (more --train-n than ranks, please)")
+    probs = (C.heldout(args.task, args.eval_n) if builtin else
+             C.load_problems(args.problems, "test", args.eval_n, args.skip_bad_rows, "--problems") if args.problems
              else [])
     C.warn_unknown_chars(ptok, probs, args.problems, "--problems")
     cands, mine, k = [], d.shard(probs), args.max_n

@@ -282,7 +282,7 @@ def main(argv=None):
     summary = dict(task=args.task if args.dataset is None else args.dataset, table=table,
                    start_accuracy=table[0]["accuracy"], sft_accuracy=table[1]["accuracy"],
                    **{f"{r['stage']}_accuracy": r["accuracy"] for r in table[2:]},
-                   total_wall_s=round(time.time() - t_start, 1))
+                   wall_s=round(time.time() - t_start, 1))
     C.write_summary(args.out, summary)
     C.cleanup()
     return summary

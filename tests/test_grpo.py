@@ -263,7 +263,7 @@ def test_real_architectures_run_every_option(tmp_path, arch):
                    "--eval-n", "4", "--num-iterations", "2", "--beta", "0.1", "--loss-type", "dapo", "--scale-rewards", "batch",
                    "--mask-truncated", "--grad-checkpointing", "--micro-batch", "4", "--format-reward", "0.1",
                    "--eval-samples", "2", "--pass-k", "2", "--out", str(tmp_path / "out")])
-    assert {"accuracy_before", "accuracy_after", "pass@2_before", "pass@2_after", "wall_time_s", "steps"} <= set(s)
+    assert {"accuracy_before", "accuracy_after", "pass@2_before", "pass@2_after", "wall_s", "steps"} <= set(s)
     rows = C.read_metrics(str(tmp_path / "out"))
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) and r["kl"] >= 0 for r in rows)
     assert os.path.isfile(tmp_path / "out" / "model" / "config.json")
@@ -299,7 +299,7 @@ def test_grpo_raises_held_out_accuracy(tmp_path):
                    "--max-new-tokens", "40", "--eval-n", "256", "--eval-samples", "4", "--pass-k", "1", "--eval-every", "0",
                    "--seed", "0", "--out", str(tmp_path)])
     assert {"accuracy_before", "accuracy_after", "pass@1_before", "pass@1_after", "train_reward_first10",
-            "train_reward_last10", "frac_zero_std_mean", "wall_time_s", "steps"} <= set(s)
+            "train_reward_last10", "frac_zero_std_mean", "wall_s", "steps"} <= set(s)
     assert s["accuracy_after"] >= s["accuracy_before"] + 0.2, s    # greedy held-out: +0.49 measured
     assert s["pass@1_after"] >= s["pass@1_before"] + 0.1, s        # sampled: +0.39 measured
     rows = C.read_metrics(str(tmp_path))

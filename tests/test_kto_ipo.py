@@ -172,7 +172,7 @@ def test_make_dataset_with_reward_model_judge(tmp_path):
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path, monkeypatch):
-    flags = CPU + ["--steps", "4", "--batch-size", "4", "--n-train", "32", "--eval-n", "8", "--builtin", "corrupt", "--out", str(tmp_path)]
+    flags = CPU + ["--steps", "4", "--batch-size", "4", "--train-n", "32", "--eval-n", "8", "--builtin", "corrupt", "--out", str(tmp_path)]
     calls, real = [], K.kto_loss
 
     def interrupted(*a, **kw):  # Ctrl-C during the 3rd update
@@ -201,7 +201,7 @@ def test_each_loss_learns_on_the_builtin_data(tmp_path, loss):
     """Built-in data with the defaults per loss: the reference solution vs the start model's own wrong
     sample (KTO: one of the two per prompt, balanced labels). Measured with these flags, seed 0 (the
     full defaults, 200 problems, seeds 0 / 1, in the module docstring): accuracy rises for all three."""
-    s = K.main(CPU + ["--loss", loss, "--n-train", "2048", "--eval-n", "100", "--seed", "0", "--out", str(tmp_path)])
+    s = K.main(CPU + ["--loss", loss, "--train-n", "2048", "--eval-n", "100", "--seed", "0", "--out", str(tmp_path)])
     assert s["train_rows"] > 500, s
     if loss == "kto":    # AUC of the implicit reward over (desirable, undesirable) held-out couples
         assert s["heldout_reward_acc_before"] == 0.5 and s["heldout_reward_acc_after"] >= 0.75, s
@@ -253,14 +253,14 @@ def test_hh_rlhf_pairs_as_kto_rows(tmp_path):
     spec = os.path.join(REALDATA, "hh-rlhf", "harmless-base", "test.jsonl.gz")
     rows = C.load_unpaired(spec, n=10)
     assert len(rows) == 20 and [r["label"] for r in rows[:2]] == [True, False]
-    s = K.main(CPU + ["--model", folder, "--dataset", spec, "--n-train", "24", "--steps", "2", "--batch-size", "4",
+    s = K.main(CPU + ["--model", folder, "--dataset", spec, "--train-n", "24", "--steps", "2", "--batch-size", "4",
                       "--eval-n", "4", "--max-len", "384", "--out", str(tmp_path / "run")])
     assert s["train_rows"] > 0 and math.isfinite(s["last_loss"])
 
 
 def test_ddp_kto_matches_single_process(tmp_path):
     """2 gloo ranks, global batch 8 (z0 over the global batch via all-reduce) take the same steps as one process."""
-    flags = CPU + ["--steps", "2", "--batch-size", "8", "--eval-n", "8", "--n-train", "64", "--lr", "1e-4", "--beta", "1", "--builtin", "corrupt"]
+    flags = CPU + ["--steps", "2", "--batch-size", "8", "--eval-n", "8", "--train-n", "64", "--lr", "1e-4", "--beta", "1", "--builtin", "corrupt"]
     K.main(flags + ["--out", str(tmp_path / "one")])
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                         os.path.join(ROOT, "kto_ipo.py")] + flags + ["--out", str(tmp_path / "two")],
@@ -276,7 +276,7 @@ def test_ddp_kto_matches_single_process(tmp_path):
 def test_fsdp_kto_matches_single_process(tmp_path):
     """--fsdp: policy and reference sharded over 2 gloo ranks (FSDP2), KTO's z0 from the global batch:
     the same steps and the same saved weights as one process."""
-    flags = CPU + ["--steps", "2", "--batch-size", "8", "--eval-n", "8", "--n-train", "64", "--lr", "1e-4", "--beta", "1", "--builtin", "corrupt"]
+    flags = CPU + ["--steps", "2", "--batch-size", "8", "--eval-n", "8", "--train-n", "64", "--lr", "1e-4", "--beta", "1", "--builtin", "corrupt"]
     K.main(flags + ["--out", str(tmp_path / "one")])
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                         os.path.join(ROOT, "kto_ipo.py")] + flags + ["--fsdp", "--out", str(tmp_path / "two")],

@@ -91,7 +91,7 @@ def test_solves_gridworld(tmp_path):
     assert summary["eval_return_mean"] >= 0.9
     with open(os.path.join(out, "summary.json")) as f:
         saved = json.load(f)
-    for key in ["eval_return_mean", "eval_episodes", "env_steps", "wall_time_s"]:
+    for key in ["eval_return_mean", "eval_episodes", "env_steps", "wall_s"]:
         assert key in saved
     assert saved["eval_episodes"] >= 20 and saved["env_steps"] >= 29_000
     assert os.path.exists(os.path.join(out, "learning_curve.png"))

@@ -146,7 +146,7 @@ def test_ppo_raises_reward_model_score_at_bounded_kl(tmp_path, small_rm):
                      "--eval-samples", "2", "--init-kl-coef", "0.2", "--ppo-epochs", "4", "--seed", "0",
                      "--out", str(tmp_path)])   # 4 passes: the recipe the numbers below were measured with
     for k in ("score_before", "score_after", "kl_after", "gold_accuracy_before", "gold_accuracy_after", "gold_sampled_after",
-              "entropy_after", "distinct_2_after", "unique_after", "train_score_first10", "train_score_last10", "wall_time_s"):
+              "entropy_after", "distinct_2_after", "unique_after", "train_score_first10", "train_score_last10", "wall_s"):
         assert k in s, k
     # measured (seed 0, torch 2.13 CPU, pinned numerics): RM score 1.19 -> 2.98, KL 5.5 nats per completion
     assert s["score_after"] > s["score_before"] + 0.5, s

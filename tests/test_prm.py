@@ -132,7 +132,7 @@ def test_prm800k_parser_on_real_rows():
 def tiny_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("prm"))
     n = torch.get_num_threads(); torch.set_num_threads(1)
-    s = prm.main(["--n-train", "96", "--steps", "120", "--n-eval", "24", "--max-n", "8", "--subsets", "4",
+    s = prm.main(["--train-n", "96", "--steps", "120", "--eval-n", "24", "--max-n", "8", "--subsets", "4",
                   "--seed", "0", "--out", out])
     torch.set_num_threads(n)
     return out, s
@@ -167,14 +167,14 @@ def test_end_to_end_writes_summary_and_table(tiny_run):
 
 @pytest.mark.skipif(not os.path.isfile(PRM800K), reason="../shared/realdata absent")
 def test_end_to_end_on_prm800k_rows(tmp_path):
-    s = prm.main(["--dataset", PRM800K, "--n-train", "300", "--steps", "3", "--batch-size", "8", "--out", str(tmp_path)])
+    s = prm.main(["--dataset", PRM800K, "--train-n", "300", "--steps", "3", "--batch-size", "8", "--out", str(tmp_path)])
     assert "best_of_n" not in s and s["step_auc"] is not None and s["train_solutions"] + 0 > 200
 
 
 def test_gpt2_backbone_with_classifier_heads(tmp_path):
     from test_common import save_random_causal
     folder = save_random_causal(str(tmp_path / "gpt2"), "gpt2")
-    s = prm.main(["--model", folder, "--head", "classifier", "--n-train", "8", "--samples-per-problem", "1", "--steps", "2", "--n-eval", "2",
+    s = prm.main(["--model", folder, "--head", "classifier", "--train-n", "8", "--samples-per-problem", "1", "--steps", "2", "--eval-n", "2",
                   "--max-n", "2", "--subsets", "1", "--max-new-tokens", "12", "--out", str(tmp_path / "o")])
     assert s["best_of_n"]["N"] == [1, 2] and s["head"] == "classifier"
     from transformers import AutoModelForTokenClassification
@@ -191,8 +191,8 @@ def test_flag_errors():
 def test_two_ranks_with_torchrun(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                        os.path.join(ROOT, "prm.py"), "--n-train", "16", "--samples-per-problem", "1", "--steps", "3",
-                        "--n-eval", "4", "--max-n", "4", "--subsets", "2", "--device", "cpu", "--out", str(tmp_path)],
+                        os.path.join(ROOT, "prm.py"), "--train-n", "16", "--samples-per-problem", "1", "--steps", "3",
+                        "--eval-n", "4", "--max-n", "4", "--subsets", "2", "--device", "cpu", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.load(open(tmp_path / "summary.json"))
@@ -204,8 +204,8 @@ def test_resume_after_sigkill_continues_the_same_run(tmp_path):
     the rows before the checkpoint (it used to be truncated) and the batch order and RNG continue,
     so every row and the summary equal those of a run never stopped (32 solutions, 8 a step: the
     order is reshuffled after step 4)."""
-    flags = ["--n-train", "8", "--samples-per-problem", "1", "--steps", "6", "--save-every", "2", "--batch-size", "8",
-             "--n-eval", "4", "--max-n", "4", "--subsets", "2", "--log-every", "1", "--device", "cpu"]
+    flags = ["--train-n", "8", "--samples-per-problem", "1", "--steps", "6", "--save-every", "2", "--batch-size", "8",
+             "--eval-n", "4", "--max-n", "4", "--subsets", "2", "--log-every", "1", "--device", "cpu"]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     a = prm.main(flags + ["--out", full])
     state = kill_at_first_checkpoint("prm.py", flags, cut)

@@ -33,7 +33,7 @@ def test_bradley_terry_loss_by_hand():
 
 
 def test_tiny_rm_learns_builtin_pairs(tmp_path):
-    s = RM.main(["--steps", "150", "--train-size", "2048", "--eval-size", "200", "--seed", "0", "--out", str(tmp_path)])
+    s = RM.main(["--steps", "150", "--train-n", "2048", "--eval-n", "200", "--seed", "0", "--out", str(tmp_path)])
     for k in ("accuracy_before", "accuracy_after", "margin_before", "margin_after", "chosen_reward_mean",
               "rejected_reward_mean", "reward_length_corr", "train_time_s", "model_dir"):
         assert k in s
@@ -85,7 +85,7 @@ def _bert_folder(tmp_path):
 def test_real_architectures_end_to_end(tmp_path, arch):
     folder = _bert_folder(tmp_path) if arch == "bert" else save_random_causal(str(tmp_path / "gpt2"), "gpt2")
     out = tmp_path / "out"
-    s = RM.main(["--model", folder, "--steps", "4", "--train-size", "32", "--eval-size", "16", "--batch-size", "8",
+    s = RM.main(["--model", folder, "--steps", "4", "--train-n", "32", "--eval-n", "16", "--batch-size", "8",
                  "--lr", "1e-3", "--max-length", "1000", "--out", str(out)])
     assert s["max_length"] == (64 if arch == "bert" else 128)        # capped by the model's positions
     rm, tok = C.load_model(str(out / "model"), kind="reward", device=torch.device("cpu"))
@@ -123,7 +123,7 @@ def test_resume_after_ctrl_c(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*a, **kw)
     monkeypatch.setattr(RM, "bradley_terry_loss", interrupted_loss)
-    args = ["--steps", "6", "--train-size", "64", "--eval-size", "16", "--batch-size", "8", "--out", str(tmp_path)]
+    args = ["--steps", "6", "--train-n", "64", "--eval-n", "16", "--batch-size", "8", "--out", str(tmp_path)]
     with pytest.raises(SystemExit):
         RM.main(args)
     assert (tmp_path / "checkpoint" / "state.pt").exists()
@@ -133,7 +133,7 @@ def test_resume_after_ctrl_c(tmp_path, monkeypatch):
 
 def test_torchrun_two_ranks(tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                        os.path.join(ROOT, "reward_model.py"), "--steps", "3", "--train-size", "64", "--eval-size", "20",
+                        os.path.join(ROOT, "reward_model.py"), "--steps", "3", "--train-n", "64", "--eval-n", "20",
                         "--batch-size", "8", "--device", "cpu", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=240, cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -153,7 +153,7 @@ except ImportError:
 def test_minilm_on_hh_rlhf_runs_and_learns_train_pairs(tmp_path):
     """A real pretrained encoder on real preference data, a few steps: the loss on the training
     pairs it sees goes down (held-out accuracy needs the longer run in the docstring)."""
-    s = RM.main(["--model", MINILM, "--dataset", HH, "--skip-bad-rows", "--train-size", "16", "--eval-size", "40",
+    s = RM.main(["--model", MINILM, "--dataset", HH, "--skip-bad-rows", "--train-n", "16", "--eval-n", "40",
                  "--steps", "12", "--batch-size", "8", "--lr", "3e-4", "--max-length", "64", "--log-every", "1",
                  "--eval-batch-size", "150", "--out", str(tmp_path)])
     recs = C.read_metrics(str(tmp_path))

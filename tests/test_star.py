@@ -120,10 +120,10 @@ def test_real_architecture_on_gsm8k_rows(tmp_path, monkeypatch, one_thread):
         return [(p["prompt"], p["solution"]) for p in problems[:3]], []
 
     monkeypatch.setattr(star, "sample_and_filter", with_references)
-    s = star.main(["--model", folder, "--dataset", os.path.join(REALDATA, "gsm8k", "train.jsonl"), "--n-train", "4",
-                   "--n-test", "2", "--iterations", "2", "--steps", "2", "--batch-size", "2", "--micro-batch-size", "1",
+    s = star.main(["--model", folder, "--dataset", os.path.join(REALDATA, "gsm8k", "train.jsonl"), "--train-n", "4",
+                   "--eval-n", "2", "--iterations", "2", "--steps", "2", "--batch-size", "2", "--micro-batch-size", "1",
                    "--max-new-tokens", "8", "--device", "cpu", "--out", str(tmp_path / "out")])
-    assert s["n_train"] == 4 and s["n_test"] == 2 and s["kept_direct"] == [3, 3] and s["steps"] == [2, 2]
+    assert s["train_n"] == 4 and s["eval_n"] == 2 and s["kept_direct"] == [3, 3] and s["steps"] == [2, 2]
     losses = [r["loss"] for r in C.read_metrics(str(tmp_path / "out")) if "loss" in r]
     assert len(losses) == 4 and all(l == l and l > 0 for l in losses)
 
@@ -140,20 +140,20 @@ def test_bad_flags_are_one_line_errors():
 def test_torchrun_two_ranks_gather_the_kept_set(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                        os.path.join(ROOT, "star.py"), "--n-train", "16", "--samples", "4", "--n-test", "8", "--iterations", "1",
+                        os.path.join(ROOT, "star.py"), "--train-n", "16", "--samples", "4", "--eval-n", "8", "--iterations", "1",
                         "--steps", "2", "--batch-size", "4", "--device", "cpu", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     s = json.load(open(tmp_path / "summary.json"))
     assert r.stdout.count("summary:") == 1  # rank 0 writes and prints
-    assert s["n_train"] == 16 and s["kept_direct"][0] > 8  # more than one rank's 8 problems: gathered
+    assert s["train_n"] == 16 and s["kept_direct"][0] > 8  # more than one rank's 8 problems: gathered
 
 
 def test_resume_after_sigkill_continues_the_same_run(tmp_path, one_thread):
     """Killed (SIGKILL: no cleanup at all) once its first checkpoint exists, then --resume: the same
     metrics rows and summary as a run never stopped. Resuming the finished run from its last
     checkpoint (written after the last iteration) adds no row and changes nothing."""
-    flags = ["--n-train", "16", "--n-test", "8", "--iterations", "2", "--steps", "4", "--batch-size", "4", "--save-every", "2",
+    flags = ["--train-n", "16", "--eval-n", "8", "--iterations", "2", "--steps", "4", "--batch-size", "4", "--save-every", "2",
              "--log-every", "1", "--max-new-tokens", "40", "--device", "cpu"]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     a = star.main(flags + ["--out", full])
@@ -162,7 +162,7 @@ def test_resume_after_sigkill_continues_the_same_run(tmp_path, one_thread):
     strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
     rows = strip(C.read_metrics(full))
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 3, 4, 5, 6, 7, 8, 8] and strip(C.read_metrics(cut)) == rows
-    assert {k: v for k, v in b.items() if k != "wall_time_s"} == {k: v for k, v in a.items() if k != "wall_time_s"}
+    assert {k: v for k, v in b.items() if k != "wall_s"} == {k: v for k, v in a.items() if k != "wall_s"}
     assert star.main(flags + ["--out", full, "--resume"])["accuracy_per_iteration"] == a["accuracy_per_iteration"]
     assert strip(C.read_metrics(full)) == rows
     with pytest.raises(C.InputError, match="--resume: flags differ"):
