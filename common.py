@@ -200,13 +200,16 @@ class Dist:
         return items[self.rank::self.world_size]
 
 
-DIST = Dist()
+DIST, _THREADS = Dist(), []
 
 
-def setup(seed=0, device=None, out=None):
+def setup(seed=0, device=None, out=None, threads=0):
     """Check --out (check_out) and --device (get_device) before any compute, seed, and, when launched
     by torchrun (RANK/WORLD_SIZE set), join the process group: nccl on CUDA, gloo elsewhere, one
-    device per rank. Returns a Dist."""
+    device per rank. threads: torch's CPU threads for the run (0: its default; cleanup() puts the
+    caller's back: tests call main()). Returns a Dist."""
+    if threads:
+        _THREADS.append(torch.get_num_threads()); torch.set_num_threads(threads)
     if out is not None:
         check_out(out)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -279,6 +282,8 @@ def cleanup(barrier=True):
     """Leave the process group. barrier: wait for every rank first, so none tears its connections
     down while another still uses them (off on Ctrl-C paths, where a rank may never arrive)."""
     import torch.distributed as dist
+    if _THREADS:
+        torch.set_num_threads(_THREADS.pop())
     if dist.is_available() and dist.is_initialized():
         if barrier:
             dist.barrier()
@@ -2191,7 +2196,10 @@ def load_checkpoint(folder, model, optimizer=None, scheduler=None):
     if getattr(m.config, "tie_word_embeddings", False):
         m.tie_weights()
     if optimizer is not None and st["optimizer"]:
-        optimizer.load_state_dict(st["optimizer"])
+        try:
+            optimizer.load_state_dict(st["optimizer"])
+        except ValueError as e:  # another model's or an older script's optimizer state
+            raise InputError(f"--resume: {folder} does not match this run's optimizer ({e}); start afresh") from None
     if scheduler is not None and st["scheduler"]:
         scheduler.load_state_dict(st["scheduler"])
     set_rng_state(st["rng"])

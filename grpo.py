@@ -228,11 +228,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    d = C.setup(args.seed, args.device, out=args.out)
+    tiny = args.model in ("tiny", "tiny-untrained")  # one thread: its ops are too small to split
+    d = C.setup(args.seed, args.device, out=args.out, threads=args.threads or int(tiny))
     C.check_ranks(args.prompts_per_step, "--prompts-per-step")  # every group on one rank
-    t_start, threads = time.time(), torch.get_num_threads()  # threads restored at the end: tests call main()
-    if d.device.type == "cpu" and (args.threads or args.model in ("tiny", "tiny-untrained")):
-        torch.set_num_threads(args.threads or 1)
+    t_start = time.time()
 
     # -- data: problems with a prompt (text or chat messages) and a checkable answer
     if args.dataset:
@@ -338,7 +337,6 @@ def main(argv=None) -> dict:
     if d.master:
         C.save_pretrained_atomic(os.path.join(args.out, "model"), model, tok)
     C.write_summary(args.out, summary)
-    torch.set_num_threads(threads)
     C.cleanup()
     return summary
 

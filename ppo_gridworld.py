@@ -230,9 +230,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = C.setup(args.seed, args.device, out=args.out).device  # --out and --device checked, seeded
-    threads = torch.get_num_threads()  # restored at the end: main() may be called from a test
-    torch.set_num_threads(args.threads)  # batch <= 1k rows: thread start-up costs more than it saves
+    # --out and --device checked, seeded; threads: batch <= 1k rows, thread start-up costs more than it saves
+    device = C.setup(args.seed, args.device, out=args.out, threads=args.threads).device
     make_env(args.env).close()  # fail fast (one line) on a bad id before building N copies
     # Autoreset SAME_STEP (gymnasium 1.x defaults to NEXT_STEP, whose step after a done is a fake transition): a
     # done step already returns the next episode's first obs, the true last one is in infos["final_obs"][i], and
@@ -341,7 +340,7 @@ def main(argv=None) -> dict:
                    final_train_return=curve[1][-1] if curve[1] and np.isfinite(curve[1][-1]) else None,
                    episodes=len(episodes))
     C.write_summary(args.out, summary)
-    torch.set_num_threads(threads)
+    C.cleanup()  # puts torch's threads back
     return summary
 
 

@@ -20,7 +20,7 @@ Run (results, and how each head did on tiny: README 'Results', `python tests/ben
         --batch-size 8 --lr 1e-5 --steps 2000          # real model: steps = lines of the answer
 Outputs in --out (default out/prm): metrics.jsonl, curves.png, best_of_n.png, summary.json (best-of-N accuracy per
 method and N, step accuracy/F1/AUC, first-error localisation, before and after), model/ and orm/ (HF folders),
-checkpoint/ (--save-every N or Ctrl-C: both verifiers, optimizers and batch order; --resume is exact).
+checkpoint/ (--save-every N or Ctrl-C: both verifiers, the optimizer and batch order; --resume is exact).
 Simplified vs the paper: tiny models, a synthetic task, labels from a checker (not humans), no active learning;
 Lightman et al. supervise only up to the first wrong step (we label later ones bad too: min/prod treat them alike).
 """
@@ -84,20 +84,16 @@ def aggregate(step_probs, how):
 def best_of_n(candidates, scores, answers, method, rng=None):
     """The chosen one of N candidates. 'prm'/'orm': the highest score; 'majority': the most common extracted
     answer; 'prm_vote'/'orm_vote': the answer with the largest summed score (weighted voting, Uesato et al. 2022);
-    ties go to the answer seen first, None answers do not vote; 'random': a uniform pick."""
-    if method == "random":
-        return (rng or random).choice(candidates)
-    if method == "majority" or method.endswith("_vote"):
-        tally = collections.defaultdict(float)
-        for a, s in zip(answers, scores if scores is not None else [1.0] * len(answers)):
-            if a is not None:
-                tally[a] += s
-        if tally:
-            top = max(tally, key=tally.get)                  # first maximum in order of appearance
-            return next(c for c, a in zip(candidates, answers) if a == top)
-        if scores is None:
-            return (rng or random).choice(candidates)
-    return candidates[int(np.argmax(scores))]
+    ties go to the answer seen first, None answers do not vote (none at all: the top score, or a uniform pick);
+    'random': a uniform pick."""
+    tally = collections.defaultdict(float)
+    for a, s in zip(answers, [1.0] * len(answers) if scores is None else scores):
+        if a is not None and (method == "majority" or method.endswith("_vote")):
+            tally[a] += s
+    if tally:
+        return candidates[answers.index(max(tally, key=tally.get))]   # first maximum in order of appearance
+    return candidates[int(np.argmax(scores))] if scores is not None and method != "random" else \
+        (rng or random).choice(candidates)
 
 
 def bon_table(records, ns, subsets, seed):
@@ -253,30 +249,24 @@ def main(argv=None):
     # ---- training: one loop, both verifiers, the same batch. One checkpoint holds both (the ORM inside state.pt)
     # and every rank's batch order and RNG, so --resume continues the same run.
     prm, orm = C.ddp(prm), C.ddp(orm)
-    opts = [torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.0) for m in (prm, orm)]
-    scheds = [C.lr_schedule(o, max(1, args.steps // 20), args.steps) for o in opts]  # warm-up, cosine to 10%
+    opt = torch.optim.AdamW([*prm.parameters(), *orm.parameters()], lr=args.lr, weight_decay=0.0)  # per weight
+    sched = C.lr_schedule(opt, max(1, args.steps // 20), args.steps)  # warm-up, cosine to 10%
     ckpt, start, order = os.path.join(args.out, "checkpoint"), 0, []
     if args.resume:
-        start, extra = C.load_checkpoint(ckpt, prm, opts[0], scheds[0])
-        C.check("orm" in extra, f"--resume: {ckpt} was written by an older prm.py (no ORM inside); start afresh")
+        start, extra = C.load_checkpoint(ckpt, prm, opt, sched)
         getattr(orm, "module", orm).load_state_dict(extra["orm"])
-        opts[1].load_state_dict(extra["orm_opt"]); scheds[1].load_state_dict(extra["orm_sched"])
         order, st = extra["ranks"][d.rank]
         rng.setstate((st[0], tuple(st[1]), st[2]))
         C.print0(f"[prm] resumed from {ckpt} at step {start}")
     logger = C.Logger(args.out, vars(args), args.wandb, resume_step=start - 1 if args.resume else None)
 
-    def save(step, ranks, rng=None):
-        C.save_checkpoint(ckpt, prm, tok, step, opts[0], scheds[0], rng=rng, extra=dict(
-            orm=getattr(orm, "module", orm).state_dict(), orm_opt=opts[1].state_dict(),
-            orm_sched=scheds[1].state_dict(), ranks=ranks))
-
-    def interrupted():  # no collective here (a rank may never arrive): exact for one process
-        save(step, [at[:2]] * d.world_size, at[2])
+    def save(step, ranks, rng=None):  # ranks: every rank's batch order and RNG
+        C.save_checkpoint(ckpt, prm, tok, step, opt, sched, rng=rng,
+                          extra=dict(orm=getattr(orm, "module", orm).state_dict(), ranks=ranks))
         return f"[prm] interrupted at step {step}: checkpoint in {ckpt}; --resume continues"
 
     step, at = start, (list(order), rng.getstate(), C.rng_state())
-    with C.ctrl_c(interrupted):
+    with C.ctrl_c(lambda: save(step, [at[:2]] * d.world_size, at[2])):  # no collective: exact for one process
         for step in tqdm(range(start, args.steps), desc="prm+orm", disable=not d.master or None):
             at = (list(order), rng.getstate(), C.rng_state())   # this step's start: a Ctrl-C redoes it from here
             batch = [train[i] for i in C.take_batch(order, rng, len(train), args.batch_size)]
@@ -287,18 +277,17 @@ def main(argv=None):
             z_out = verifier_logits(orm, b, True, args.beta, ref_lp)         # (B,)
             l_prm, l_orm = prm_loss(z_step, b["labels"], b["step_mask"]), orm_loss(z_out, b["outcome"])
             C.nan_guard(l_prm + l_orm, step)
-            for o in opts:
-                o.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=True)
             (l_prm + l_orm).backward()                                       # two separate graphs
-            for m, o, s in zip((prm, orm), opts, scheds):
-                C.clip_grad(m, 1.0); o.step(); s.step()
+            C.clip_grad(prm, 1.0); C.clip_grad(orm, 1.0)                     # each verifier's own norm
+            opt.step(); sched.step()
             if step % args.log_every == 0 or step == args.steps - 1:
                 sm = b["step_mask"].bool()
                 mean = lambda x: C.all_reduce_mean(x.float().mean().item())  # over the batch, then the ranks
                 logger.log(step, prm_loss=mean(l_prm), orm_loss=mean(l_orm),
                            prm_step_acc=mean((z_step[sm] > 0) == (b["labels"][sm] > 0.5)),
                            orm_acc=mean((z_out > 0) == (b["outcome"] > 0.5)),
-                           good_step_frac=mean(b["labels"][sm]), lr=scheds[0].get_last_lr()[0])
+                           good_step_frac=mean(b["labels"][sm]), lr=sched.get_last_lr()[0])
             if args.save_every and (step + 1) % args.save_every == 0:
                 save(step + 1, C.all_gather_list([(order, rng.getstate())]))
 
@@ -314,8 +303,7 @@ def main(argv=None):
     if bon:
         at = {m: bon[m][-1] for m in METHODS}
         ranked = sorted(("prm", "orm", "majority"), key=lambda m: -at[m])
-        C.print0(f"best-of-N accuracy on {len(probs)} held-out problems (PRM score = {args.prm_agg} of step "
-                 "probabilities)")
+        C.print0(f"best-of-N accuracy on {len(probs)} held-out problems (PRM score: {args.prm_agg} of step probs)")
         C.print0("N        " + "".join(f"{n:>7}" for n in ns))
         for m in METHODS:
             C.print0(f"{m:<9}" + "".join(f"{v:7.3f}" for v in bon[m]))

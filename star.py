@@ -273,8 +273,8 @@ def main(argv=None) -> dict:
 
     # ----------------------------------------------------------------------------- report
     col = lambda k: [r[k] for r in table]
-    C.print0("\n| iteration | kept by sampling | kept by rationalization | steps | held-out accuracy |\n|---|---|---|---|---|"
-             f"\n| 0 (start) | - | - | - | {acc_before:.3f} |")
+    C.print0("\n| iteration | kept by sampling | kept by rationalization | steps | held-out accuracy |"
+             f"\n|---|---|---|---|---|\n| 0 (start) | - | - | - | {acc_before:.3f} |")
     for r in table:
         C.print0(f"| {r['iteration']} | {r['kept_direct']}/{len(train)} | {r['kept_rationalized']}/{len(train)} | "
                  f"{r['steps']} | {r['heldout_accuracy']:.3f} |")

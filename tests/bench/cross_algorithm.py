@@ -111,8 +111,7 @@ def main():
                 open(os.path.join(out, "bench_wall_s.txt"), "w").write(f"{time.time() - t0:.1f}")  # with start-up
             s = json.load(open(done))
             timed = os.path.join(out, "bench_wall_s.txt")
-            wall = float(open(timed).read()) if os.path.exists(timed) else \
-                s.get("wall_time_s") or s.get("wall_s") or s.get("total_wall_s")
+            wall = float(open(timed).read()) if os.path.exists(timed) else s.get("wall_s")
             for row, kb, ka in keys:
                 res[row]["before"].append(get(s, kb)); res[row]["after"].append(get(s, ka))
                 res[row]["wall_s"].append(wall)
