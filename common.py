@@ -208,8 +208,6 @@ def setup(seed=0, device=None, out=None, threads=0):
     by torchrun (RANK/WORLD_SIZE set), join the process group: nccl on CUDA, gloo elsewhere, one
     device per rank. threads: torch's CPU threads for the run (0: its default; cleanup() puts the
     caller's back: tests call main()). Returns a Dist."""
-    if threads:
-        _THREADS.append(torch.get_num_threads()); torch.set_num_threads(threads)
     if out is not None:
         check_out(out)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -225,6 +223,8 @@ def setup(seed=0, device=None, out=None, threads=0):
     else:
         new = Dist(device=get_device(device))
     DIST.__dict__.update(new.__dict__)  # in place: `from common import DIST` stays valid everywhere
+    if threads:  # after the checks: a bad flag leaves the caller's threads alone
+        _THREADS.append(torch.get_num_threads()); torch.set_num_threads(threads)
     set_seed(seed)  # same seed on every rank: identical initial weights and sampling streams
     return DIST
 
@@ -282,8 +282,8 @@ def cleanup(barrier=True):
     """Leave the process group. barrier: wait for every rank first, so none tears its connections
     down while another still uses them (off on Ctrl-C paths, where a rank may never arrive)."""
     import torch.distributed as dist
-    if _THREADS:
-        torch.set_num_threads(_THREADS.pop())
+    if _THREADS:  # the count before the first setup() that changed it (a failed run never cleaned up)
+        torch.set_num_threads(_THREADS[0]); _THREADS.clear()
     if dist.is_available() and dist.is_initialized():
         if barrier:
             dist.barrier()
