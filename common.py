@@ -17,7 +17,7 @@ Sections, top to bottom:
                  (verifier, RM, judge LM)
   8. loop        seeded batch order, lr schedule, Ctrl-C, atomic checkpoints / resume, metrics, plots
 """
-import ast, contextlib, copy, functools, json, math, os, random, re, shutil, sys, time
+import ast, collections, contextlib, copy, functools, json, math, os, random, re, shutil, sys, time
 from dataclasses import dataclass
 
 import numpy as np
@@ -1602,6 +1602,12 @@ def generate(model, tok, prompts, n=1, max_new_tokens=64, temperature=1.0, top_p
                 texts=texts, ids=torch.cat([p_ids, c_ids], 1), mask=torch.cat([p_mask, c_mask], 1))
 
 
+def generate_groups(model, tok, prompts, n, **kw):
+    """generate()'s texts regrouped: [the n samples of prompt i] for each prompt ([] for no prompts)."""
+    texts = generate(model, tok, prompts, n=n, **kw)["texts"] if prompts else []
+    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
 def pass_at_k(n, c, k):
     """Unbiased pass@k (Chen et al. 2021) from n samples of which c are correct."""
     return 1.0 if n - c < k else 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
@@ -1628,9 +1634,9 @@ def sample_answers(model, tok, problems, n, temperature, max_new_tokens):
     """This rank's share of the problems, each with n sampled answers: [(index, [answers])]."""
     mine = DIST.shard(list(range(len(problems))))
     with autocast():
-        texts = generate(model, tok, [problems[i]["prompt"] for i in mine], n=n, temperature=temperature,
-                         max_new_tokens=max_new_tokens)["texts"] if mine else []
-    return [(i, texts[k * n:(k + 1) * n]) for k, i in enumerate(mine)]
+        groups = generate_groups(model, tok, [problems[i]["prompt"] for i in mine], n, temperature=temperature,
+                                 max_new_tokens=max_new_tokens)
+    return list(zip(mine, groups))
 
 
 def own_mistakes(model, tok, problems, tries, temperature, max_new_tokens):
@@ -2292,10 +2298,41 @@ def auc(scores, labels):
     return float(np.mean(lo + 0.5 * (hi - lo)) / len(neg))
 
 
+def step_metrics(items):
+    """A process reward model's held-out quality (prm.py). items: [{labels, probs, prm, orm, correct}] (step labels,
+    the PRM's step probabilities, PRM score, ORM probability, outcome). Step accuracy, F1 of flagging bad steps, step
+    AUC, first-error localisation (first step with p < 0.5 == first bad step, over solutions with an error), outcome
+    AUC of the PRM and ORM scores, and the trivial baselines."""
+    y = np.array([l for it in items for l in it["labels"][-len(it["probs"]):] if it["probs"]], bool)
+    p = np.array([q for it in items for q in it["probs"]], float)
+    flag, bad = p < 0.5, ~y
+    f1 = 2 * (flag & bad).sum() / max(1, flag.sum() + bad.sum())
+    first = lambda xs: next((j for j, ok in enumerate(xs) if not ok), -1)
+    wrong = [it for it in items if not all(it["labels"]) and len(it["probs"]) == len(it["labels"])]
+    fe = [first(it["labels"]) == first([q >= 0.5 for q in it["probs"]]) for it in wrong]
+    fe_base = max(collections.Counter(first(it["labels"]) for it in wrong).values()) / len(wrong) if wrong else None
+    return dict(step_accuracy=float(np.mean(flag == bad)), step_f1_bad=float(f1), step_auc=auc(p, y),
+                step_majority_baseline=float(max(y.mean(), 1 - y.mean())),
+                first_error_accuracy=float(np.mean(fe)) if fe else None, first_error_baseline=fe_base,
+                outcome_auc_prm=auc([it["prm"] for it in items], [it["correct"] for it in items]),
+                outcome_auc_orm=auc([it["orm"] for it in items], [it["correct"] for it in items]))
+
+
 def before_after(before, after, keys):
     """{key_before, key_after} for each of keys (names, space-separated) that the evaluations before and after
     training (dicts) hold."""
     return {f"{k}_{w}": r[k] for k in keys.split() for w, r in (("before", before), ("after", after)) if k in r}
+
+
+def print_table(rows, keys, title=""):
+    """rows (dicts) as a markdown table of the columns `keys` (space-separated), widths to fit; floats as the
+    Logger prints them (4 significant digits), None or absent as '-'. Rank 0 prints."""
+    keys = keys.split()
+    cell = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+    cells = [[cell(r.get(k)) for k in keys] for r in rows]
+    width = [max([len(k)] + [len(c[j]) for c in cells]) for j, k in enumerate(keys)]
+    line = lambda cs: "| " + " | ".join(c.rjust(w) for c, w in zip(cs, width)) + " |"
+    print0("\n".join([title] * bool(title) + [line(keys), line(["-" * w for w in width])] + [*map(line, cells)]))
 
 
 def write_summary(out, summary):

@@ -259,11 +259,8 @@ def main(argv=None):
         table.append(dict(row, skipped_ties=ties, kl_to_initial=kl))
         logger.log(step - 1, **row, kl_to_initial=kl)  # after the round's last update
 
-    C.print0("\nround | judge score | gold accuracy (greedy) | sampled acc (T=1) | pairs kept | KL to initial")
-    for r in table:
-        js = "-" if r["judge_score"] is None else f"{r['judge_score']:.3f}"
-        C.print0(f"{r['round']:5d} | {js:>11} | {r['gold_accuracy']:22.3f} | {r['sampled_accuracy']:17.3f} | "
-                 f"{r['pairs']:10d} | {r['kl_to_initial']:.3f}")
+    C.print_table(table, "round judge_score gold_accuracy sampled_accuracy pairs kl_to_initial",
+                  "\nonline DPO (gold: greedy, checked by the verifier; sampled: T=1; pairs kept after ties)")
     C.plot(args.out, {"gold accuracy": ([r["round"] for r in table], [r["gold_accuracy"] for r in table]),
                       "judge score": ([r["round"] for r in table[1:]], [r["judge_score"] for r in table[1:]])},
            "rounds.png", xlabel="round", title="online DPO")

@@ -116,25 +116,6 @@ def bon_table(records, ns, subsets, seed):
     return table
 
 
-def step_metrics(items):
-    """items: [{labels, probs, prm, orm, correct}]. Step accuracy, F1 of flagging bad steps, step AUC, first-error
-    localisation (first step with p < 0.5 == first bad step, over solutions with an error), outcome AUC of the PRM
-    and ORM scores, and the trivial baselines."""
-    y = np.array([l for it in items for l in it["labels"][-len(it["probs"]):] if it["probs"]], bool)
-    p = np.array([q for it in items for q in it["probs"]], float)
-    flag, bad = p < 0.5, ~y
-    f1 = 2 * (flag & bad).sum() / max(1, flag.sum() + bad.sum())
-    first = lambda xs: next((j for j, ok in enumerate(xs) if not ok), -1)
-    wrong = [it for it in items if not all(it["labels"]) and len(it["probs"]) == len(it["labels"])]
-    fe = [first(it["labels"]) == first([q >= 0.5 for q in it["probs"]]) for it in wrong]
-    fe_base = max(collections.Counter(first(it["labels"]) for it in wrong).values()) / len(wrong) if wrong else None
-    return dict(step_accuracy=float(np.mean(flag == bad)), step_f1_bad=float(f1), step_auc=C.auc(p, y),
-                step_majority_baseline=float(max(y.mean(), 1 - y.mean())),
-                first_error_accuracy=float(np.mean(fe)) if fe else None, first_error_baseline=fe_base,
-                outcome_auc_prm=C.auc([it["prm"] for it in items], [it["correct"] for it in items]),
-                outcome_auc_orm=C.auc([it["orm"] for it in items], [it["correct"] for it in items]))
-
-
 @torch.no_grad()
 def evaluate(prm, orm, ref, tok, cands, heldout, sep, max_len, args, ns):
     """Score this rank's candidates and held-out labelled solutions (step probabilities, PRM score, ORM
@@ -156,7 +137,7 @@ def evaluate(prm, orm, ref, tok, cands, heldout, sep, max_len, args, ns):
                                       prm=[c["prm"] for c in g], orm=[c["orm"] for c in g]) for g in cands])
     labelled = C.all_gather_list([keep(it) for it in (heldout or [c for c in flat if c.get("labels")])])
     return dict(best_of_n=dict(N=ns, **bon_table(records, ns, args.subsets, args.seed)) if records else None,
-                **(step_metrics(labelled) if labelled else {}))
+                **(C.step_metrics(labelled) if labelled else {}))
 
 # ----------------------------------------------------------------------------- main
 
@@ -203,27 +184,26 @@ def main(argv=None):
     builtin, sep = not args.dataset, ";" if not args.dataset else "\n"  # built in: ';'-separated steps
 
     # ---- models: the policy (frozen) and two verifiers on the same pretrained backbone
-    kw = dict(trust_remote_code=args.trust_remote_code)
-    policy, ptok = C.load_model(args.model, **kw) if builtin or args.problems else (None, None)
-    backbone = args.rm_model or args.model
-    kw["flag"] = "--rm-model" if args.rm_model else "--model"
+    trc, backbone = args.trust_remote_code, args.rm_model or args.model
+    policy, ptok = C.load_model(args.model, trust_remote_code=trc) if builtin or args.problems else (None, None)
+    kw = dict(trust_remote_code=trc, flag="--rm-model" if args.rm_model else "--model")
     if args.head == "logratio":     # two trainable copies of the LM and the frozen original
         (prm, tok), (orm, _) = [C.load_model(backbone, **kw) for _ in range(2)]
         ref = policy if policy is not None and backbone == args.model else C.load_model(backbone, **kw)[0]
         ref.eval().requires_grad_(False)
     else:
         orm, tok = C.load_model(backbone, kind="reward", **kw)
-        prm, ref = C.token_classifier(orm, args.trust_remote_code), None
+        prm, ref = C.token_classifier(orm, trc), None
     max_len = C.context_len(orm, args.max_len)
 
     # ---- data: labelled training solutions, held-out candidates (sampled once)
     rng = random.Random(args.seed + 1000 * d.rank)
+    sample = lambda problems, n: C.generate_groups(policy, ptok, [p["prompt"] for p in problems], n,
+                                                   max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     if builtin:
-        mine, k = d.shard(C.make_task(args.task, args.train_n, args.seed, "train")), args.samples_per_problem
-        texts = C.generate(policy, ptok, [p["prompt"] for p in mine], n=k, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature)["texts"]
-        train, heldout = [C.task_item(p, t) for i, p in enumerate(mine)
-                          for t in texts[i * k:(i + 1) * k] + [p["solution"], C.corrupt(p, rng), C.slip(p, rng)]], []
+        mine = d.shard(C.make_task(args.task, args.train_n, args.seed, "train"))
+        train, heldout = [C.task_item(p, t) for p, texts in zip(mine, sample(mine, args.samples_per_problem))
+                          for t in texts + [p["solution"], C.corrupt(p, rng), C.slip(p, rng)]], []
     else:
         data = C.load_step_data(args.dataset, args.train_n, args.skip_bad_rows)
         C.warn_unknown_chars(tok, data, args.dataset)
@@ -234,11 +214,8 @@ def main(argv=None):
              C.load_problems(args.problems, "test", args.eval_n, args.skip_bad_rows, "--problems") if args.problems
              else [])
     C.warn_unknown_chars(ptok, probs, args.problems, "--problems")
-    cands, mine, k = [], d.shard(probs), args.max_n
-    if mine:  # --max-n candidates per held-out problem, sampled once
-        texts = C.generate(policy, ptok, [p["prompt"] for p in mine], n=k, max_new_tokens=args.max_new_tokens,
-                           temperature=args.temperature)["texts"]
-        cands = [[C.task_item(p, t, sep) for t in texts[i * k:(i + 1) * k]] for i, p in enumerate(mine)]
+    mine = d.shard(probs)   # --max-n candidates per held-out problem, sampled once
+    cands = [[C.task_item(p, t, sep) for t in texts] for p, texts in zip(mine, sample(mine, args.max_n))]
     ns = sorted({2**i for i in range(int(math.log2(args.max_n)) + 1)} | {args.max_n})
     frac = lambda xs: C.all_reduce_mean(float(np.mean(xs)) if xs else 0.0)
     C.print0(f"[prm] {len(train)} training solutions/rank ({frac([it['correct'] for it in train]):.0%} correct, "
@@ -282,11 +259,9 @@ def main(argv=None):
             C.clip_grad(prm, 1.0); C.clip_grad(orm, 1.0)                     # each verifier's own norm
             opt.step(); sched.step()
             if step % args.log_every == 0 or step == args.steps - 1:
-                sm = b["step_mask"].bool()
-                mean = lambda x: C.all_reduce_mean(x.float().mean().item())  # over the batch, then the ranks
-                logger.log(step, prm_loss=mean(l_prm), orm_loss=mean(l_orm),
-                           prm_step_acc=mean((z_step[sm] > 0) == (b["labels"][sm] > 0.5)),
-                           orm_acc=mean((z_out > 0) == (b["outcome"] > 0.5)),
+                sm, mean = b["step_mask"].bool(), lambda x: C.all_reduce_mean(x.float().mean().item())  # batch, ranks
+                logger.log(step, prm_loss=mean(l_prm), orm_loss=mean(l_orm), prm_step_acc=mean((z_step[sm] > 0) ==
+                           (b["labels"][sm] > 0.5)), orm_acc=mean((z_out > 0) == (b["outcome"] > 0.5)),
                            good_step_frac=mean(b["labels"][sm]), lr=sched.get_last_lr()[0])
             if args.save_every and (step + 1) % args.save_every == 0:
                 save(step + 1, C.all_gather_list([(order, rng.getstate())]))
@@ -295,21 +270,19 @@ def main(argv=None):
     after = evaluate(prm, orm, ref, tok, cands, heldout, sep, max_len, args, ns)
     C.save_pretrained_atomic(os.path.join(args.out, "model"), prm, tok)  # rank 0 writes
     C.save_pretrained_atomic(os.path.join(args.out, "orm"), orm, tok)
+    bon, bon_before = after.pop("best_of_n"), before.pop("best_of_n")
     summary = dict(dataset=args.dataset or args.task, head=args.head, beta=args.beta, reference_model=backbone,
                    prm_agg=args.prm_agg, train_solutions=len(train) * d.world_size, eval_problems=len(probs),
-                   samples_per_problem=args.max_n, **{k: v for k, v in after.items() if k != "best_of_n"},
-                   before={k: v for k, v in before.items() if k != "best_of_n"})
-    bon = after["best_of_n"]
+                   samples_per_problem=args.max_n, **after, before=before)
     if bon:
         at = {m: bon[m][-1] for m in METHODS}
         ranked = sorted(("prm", "orm", "majority"), key=lambda m: -at[m])
-        C.print0(f"best-of-N accuracy on {len(probs)} held-out problems (PRM score: {args.prm_agg} of step probs)")
-        C.print0("N        " + "".join(f"{n:>7}" for n in ns))
-        for m in METHODS:
-            C.print0(f"{m:<9}" + "".join(f"{v:7.3f}" for v in bon[m]))
+        C.print_table([dict(method=m, **{f"N={n}": v for n, v in zip(ns, bon[m])}) for m in METHODS],
+                      "method " + " ".join(f"N={n}" for n in ns),
+                      f"best-of-N accuracy on {len(probs)} held-out problems (PRM score: {args.prm_agg} of step probs)")
         C.plot(args.out, {m: ([math.log2(n) for n in ns], bon[m]) for m in METHODS}, "best_of_n.png",
                xlabel="log2 N (samples per problem)", ylabel="accuracy", title="best-of-N: PRM vs ORM vs majority")
-        summary.update(best_of_n=bon, before_best_of_n={m: before["best_of_n"][m][-1] for m in ("prm", "orm")},
+        summary.update(best_of_n=bon, before_best_of_n={m: bon_before[m][-1] for m in ("prm", "orm")},
                        policy_sample_accuracy=bon["random"][0], **{f"{m}_at_max_n": at[m] for m in METHODS},
                        ordering=" > ".join(f"{m} {at[m]:.3f}" for m in ranked),
                        reproduces_paper_ordering=ranked == ["prm", "orm", "majority"],

@@ -87,10 +87,9 @@ def verified_candidates(model, tok, problems, k, max_new_tokens, temperature):
     """Step 2-3: k samples per problem, each labelled by the verifier. Returns
     [(problem, [(completion, correct), ...]), ...] gathered from all ranks."""
     mine = C.DIST.shard(problems)
-    out = C.generate(model, tok, [p["prompt"] for p in mine], n=k, temperature=temperature,
-                     max_new_tokens=max_new_tokens)
-    cands = [(p, [(t, C.verify(p, t)) for t in out["texts"][i * k:(i + 1) * k]]) for i, p in enumerate(mine)]
-    return C.all_gather_list(cands)
+    groups = C.generate_groups(model, tok, [p["prompt"] for p in mine], k, temperature=temperature,
+                               max_new_tokens=max_new_tokens)
+    return C.all_gather_list([(p, [(t, C.verify(p, t)) for t in texts]) for p, texts in zip(mine, groups)])
 
 
 def evaluate(model, tok, test, args):
@@ -273,9 +272,7 @@ def main(argv=None):
             C.save_pretrained_atomic(os.path.join(args.out, f"model_{m}"), new, tok)
 
     k = f"pass@{args.pass_k}"
-    C.print0(f"\n{'stage':6} | accuracy | {k:8} | wall s")
-    for r in table:
-        C.print0(f"{r['stage']:6} | {r['accuracy']:8.3f} | {r[k]:8.3f} | {r['wall_s']:6.1f}")
+    C.print_table(table, f"stage accuracy {k} wall_s", "\nreasoning specialist, stage by stage (held-out)")
     C.plot(args.out, {"accuracy": (list(range(len(table))), [r["accuracy"] for r in table]),
                       k: (list(range(len(table))), [r[k] for r in table])},
            "stages.png", xlabel=" -> ".join(r["stage"] for r in table), title="reasoning specialist")

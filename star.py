@@ -95,12 +95,8 @@ def star_loss(logps, mask):
 
 def sample_and_filter(model, tok, problems, args):
     """Steps 1-3 on this rank's problems: direct samples, then hinted samples for the failures."""
-    k = args.samples
-
-    def samples(prompts):  # [the k samples of prompt i]: generate's row i*k+j is sample j of prompt i
-        texts = C.generate(model, tok, prompts, n=k, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_p=args.top_p)["texts"] if prompts else []
-        return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]
+    samples = lambda prompts: C.generate_groups(model, tok, prompts, args.samples, max_new_tokens=args.max_new_tokens,
+                                                temperature=args.temperature, top_p=args.top_p)  # [--samples each]
     kept_direct, failed = filter_kept(problems, samples([p["prompt"] for p in problems]))
     hinted = [rationalize_prompt(p["prompt"], p["answer"]) for p in failed] if args.rationalize else []
     kept_rat = filter_kept(failed, samples(hinted), hinted=True)[0] if hinted else []
@@ -273,11 +269,8 @@ def main(argv=None) -> dict:
 
     # ----------------------------------------------------------------------------- report
     col = lambda k: [r[k] for r in table]
-    C.print0("\n| iteration | kept by sampling | kept by rationalization | steps | held-out accuracy |"
-             f"\n|---|---|---|---|---|\n| 0 (start) | - | - | - | {acc_before:.3f} |")
-    for r in table:
-        C.print0(f"| {r['iteration']} | {r['kept_direct']}/{len(train)} | {r['kept_rationalized']}/{len(train)} | "
-                 f"{r['steps']} | {r['heldout_accuracy']:.3f} |")
+    C.print_table([dict(iteration="0 (start)", heldout_accuracy=acc_before)] + table, "iteration kept_direct "
+                  "kept_rationalized steps heldout_accuracy", f"\nSTaR: kept (of {len(train)} training problems)")
     its = list(range(len(table) + 1))
     C.plot(args.out, {"held-out accuracy": (its, [acc_before] + col("heldout_accuracy")),
                       "kept by sampling / train": (its[1:], [k / len(train) for k in col("kept_direct")]),

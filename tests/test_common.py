@@ -177,6 +177,15 @@ def test_generate_shapes_masks_and_sampling():
     eos_rows = out["has_eos"].nonzero().flatten()
     for i in eos_rows:  # the last unmasked token is the EOS
         assert out["completion_ids"][i, m[i].sum() - 1] == tok.eos_token_id
+    torch.manual_seed(0)   # generate_groups: the same draw, row i*n + j as group i's j-th text
+    groups = C.generate_groups(model, tok, ["Q: 1+2\nA: ", "Q: 33+4\nA: "], 3, max_new_tokens=10, temperature=1.0)
+    assert groups == [out["texts"][:3], out["texts"][3:]] and C.generate_groups(model, tok, [], 3) == []
+
+
+def test_print_table_fits_columns(capsys):
+    C.print_table([dict(a=1, b=0.12345, c=None), dict(a=22, b=12.5)], "a b c", "title")
+    assert capsys.readouterr().out.splitlines() == [
+        "title", "|  a |      b | c |", "| -- | ------ | - |", "|  1 | 0.1235 | - |", "| 22 |   12.5 | - |"]
 
 
 def test_token_logprobs_equal_naive_full_softmax():

@@ -84,7 +84,7 @@ def test_auc_and_step_metrics():
     assert C.auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == 0.75 and C.auc([1, 2], [1, 1]) is None
     items = [dict(labels=[True, False, False], probs=[0.9, 0.2, 0.6], prm=0.1, orm=0.3, correct=False),
              dict(labels=[True, True], probs=[0.8, 0.7], prm=0.6, orm=0.2, correct=True)]
-    m = prm.step_metrics(items)
+    m = C.step_metrics(items)
     assert m["step_accuracy"] == 0.8 and m["first_error_accuracy"] == 1.0 and m["outcome_auc_prm"] == 1.0
     assert m["outcome_auc_orm"] == 0.0 and abs(m["step_f1_bad"] - 2 / 3) < 1e-12
 
