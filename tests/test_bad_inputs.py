@@ -56,7 +56,6 @@ def test_missing_field_names_row_and_field(tmp_path):
 def test_skip_bad_rows_drops_and_counts(tmp_path, capsys):
     """Real data has a few bad rows (hh-rlhf: empty responses). The error names the row and the flag;
     --skip-bad-rows (dpo, kto_ipo, reward_model) drops exactly those rows and says how many."""
-    import kto_ipo
     good = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(12)]
     f = write_jsonl(tmp_path / "pairs.jsonl", good[:5] + [{"prompt": "q", "chosen": "", "rejected": "b"}] + good[5:])
     err = assert_one_line_error("dpo.py", ["--dataset", f, "--eval-n", "2", "--out", str(tmp_path / "o")], "pairs.jsonl row 6", "--skip-bad-rows")
@@ -263,7 +262,6 @@ def spy(monkeypatch, mod, name):
 
 @pytest.mark.parametrize("fmt", [".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz", ".parquet.gz"])
 def test_one_reader_reads_every_format_for_every_loader(tmp_path, fmt):
-    import kto_ipo, prm
     f = lambda rows, name: write_rows(tmp_path / (name + fmt), rows)
     assert C.read_rows(f(GSM, "q")) == GSM
     assert [p["answer"] for p in C.load_problems(f(GSM, "q"))] == [str(i + 1) for i in range(12)]

@@ -1,6 +1,6 @@
 """prm.py: losses by hand, step labels, the Math-Shepherd / PRM800K parsers, best-of-N selection,
 and seeded end-to-end runs (built-in task, real PRM800K rows, a GPT-2 backbone, two DDP ranks)."""
-import json, os, random, signal, subprocess, sys, time
+import json, os, random, subprocess, sys
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
 """star.py: the loss by hand, the hint never leaking into the kept data, an embedded run that
 raises held-out accuracy, a real architecture on real GSM8K rows, flag errors, torchrun."""
-import json, os, signal, subprocess, sys, time
+import json, os, subprocess, sys
 from types import SimpleNamespace
 
 import pytest
@@ -157,7 +157,7 @@ def test_resume_after_sigkill_continues_the_same_run(tmp_path, one_thread):
              "--log-every", "1", "--max-new-tokens", "40", "--device", "cpu"]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     a = star.main(flags + ["--out", full])
-    state = kill_at_first_checkpoint("star.py", flags, cut)
+    kill_at_first_checkpoint("star.py", flags, cut)
     b = star.main(flags + ["--out", cut, "--resume"])
     strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
     rows = strip(C.read_metrics(full))
