@@ -122,7 +122,8 @@ def run_dpo(sft_model, tok, cands, args):
              for p, cs in cands for good, bad in [([t for t, ok in cs if ok], [t for t, ok in cs if not ok])]
              if good and bad]
     C.check(len(pairs) >= args.batch_size,
-            f"dpo: only {len(pairs)} prompts have both a correct and an incorrect sample")
+            f"dpo: only {len(pairs)} prompts have both a correct and an incorrect sample, fewer than "
+            f"--batch-size {args.batch_size}: raise --train-n or --candidates")
     C.print0(f"[dpo] {len(pairs)} verified pairs (prompts with both outcomes among {args.candidates} samples)")
     model = copy.deepcopy(sft_model)
     model.eval()

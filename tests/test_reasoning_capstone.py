@@ -5,6 +5,7 @@ import json, math
 import pytest
 import torch
 
+import common as C
 import reasoning_capstone as cap
 
 
@@ -24,6 +25,14 @@ def test_group_advantages_and_grpo_loss_by_hand():
 def test_dpo_loss_by_hand():
     l = cap.dpo_loss(torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.5)
     assert l.item() == pytest.approx(-math.log(1 / (1 + math.exp(-1.0))), abs=1e-6)
+
+
+def test_too_few_dpo_pairs_is_one_error_naming_the_flags(tmp_path):
+    """2 prompts give at most 2 (correct, incorrect) pairs, fewer than one batch of 8: a clear stop, not a crash."""
+    with pytest.raises(C.InputError) as e:
+        cap.main(["--model", "tiny", "--task", "arithmetic", "--method", "dpo", "--sft-steps", "0", "--train-n", "2",
+                  "--candidates", "2", "--batch-size", "8", "--eval-n", "2", "--device", "cpu", "--out", str(tmp_path)])
+    assert "fewer than --batch-size 8: raise --train-n or --candidates" in str(e.value)
 
 
 def test_short_capstone_run_no_stage_breaks_the_model(tmp_path):
