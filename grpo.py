@@ -263,8 +263,11 @@ def main(argv=None) -> dict:
         with autocast():  # plain floats: state.pt loads with weights_only
             before = {k: float(v) for k, v in C.evaluate(model, tok, test, **eval_kw).items()}
     C.print0(f"[grpo] held-out before: {before}")
-    if args.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.grad_checkpointing:  # newer transformers renamed it: the old name warns there
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     policy = C.ddp(model.train())
     logger = C.Logger(args.out, config=vars(args), wandb=args.wandb, resume_step=start - 1 if args.resume else None)
     G, micro = args.group_size, args.micro_batch

@@ -1,7 +1,7 @@
 """grpo.py: advantages, the three loss aggregations by hand, flag errors, DDP gradient
 equivalence (2 gloo ranks), exact resume after SIGKILL, real architectures / GSM8K rows, and an
 embedded run that must raise held-out accuracy."""
-import json, math, os, signal, subprocess, sys, time
+import json, math, os, signal, subprocess, sys, time, warnings
 
 import pytest
 import torch
@@ -259,10 +259,14 @@ def test_resume_after_sigkill_continues_the_same_run(tmp_path):
 @pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
 def test_real_architectures_run_every_option(tmp_path, arch):
     folder = save_random_causal(str(tmp_path / arch), arch)
-    s = grpo.main(["--model", folder, "--steps", "2", "--prompts-per-step", "2", "--group-size", "3", "--max-new-tokens", "8",
-                   "--eval-n", "4", "--num-iterations", "2", "--beta", "0.1", "--loss-type", "dapo", "--scale-rewards", "batch",
-                   "--mask-truncated", "--grad-checkpointing", "--micro-batch", "4", "--format-reward", "0.1",
-                   "--eval-samples", "2", "--pass-k", "2", "--out", str(tmp_path / "out")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        s = grpo.main(["--model", folder, "--steps", "2", "--prompts-per-step", "2", "--group-size", "3",
+                       "--max-new-tokens", "8", "--eval-n", "4", "--num-iterations", "2", "--beta", "0.1",
+                       "--loss-type", "dapo", "--scale-rewards", "batch", "--mask-truncated", "--grad-checkpointing",
+                       "--micro-batch", "4", "--format-reward", "0.1", "--eval-samples", "2", "--pass-k", "2",
+                       "--out", str(tmp_path / "out")])
+    assert not [w for w in caught if "checkpointing" in str(w.message)]  # the current name, not the deprecated one
     assert {"accuracy_before", "accuracy_after", "pass@2_before", "pass@2_after", "wall_s", "steps"} <= set(s)
     rows = C.read_metrics(str(tmp_path / "out"))
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) and r["kl"] >= 0 for r in rows)
